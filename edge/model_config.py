@@ -1,0 +1,116 @@
+"""A model's configuration file: ``<repository>/<name>/config.json``.
+
+The semantics follow Triton's ``config.pbtxt`` (inputs and outputs without the batch
+dimension when ``max_batch_size > 0``, version policies), written as JSON so any tool can
+read it. A model without a config file gets one derived from its model file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from shared.datatypes import V2_TO_NUMPY
+from shared.errors import InvalidInput
+
+CONFIG_FILE = "config.json"
+
+Platform = Literal["onnxruntime_onnx", "tensorrt_plan"]
+
+
+class TensorConfig(BaseModel):
+    """One input or output: name, V2 datatype and dims (without the batch dimension)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    name: str
+    datatype: str
+    dims: list[int]
+    optional: bool = False
+
+    @model_validator(mode="after")
+    def _known_datatype(self) -> TensorConfig:
+        if self.datatype not in V2_TO_NUMPY:
+            raise ValueError(f"unknown datatype {self.datatype!r} for tensor {self.name!r}")
+        return self
+
+
+class LatestPolicy(BaseModel):
+    num_versions: int = Field(1, ge=1)
+
+
+class SpecificPolicy(BaseModel):
+    versions: list[int]
+
+
+class VersionPolicy(BaseModel):
+    """Which versions on disk are served: the latest N (default 1), all, or a specific set."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    latest: LatestPolicy | None = None
+    all: dict[str, Any] | None = None
+    specific: SpecificPolicy | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> VersionPolicy:
+        chosen = [k for k in ("latest", "all", "specific") if getattr(self, k) is not None]
+        if len(chosen) > 1:
+            raise ValueError(f"version_policy names more than one kind: {chosen}")
+        if not chosen:
+            self.latest = LatestPolicy(num_versions=1)
+        return self
+
+    def select(self, available: list[int]) -> list[int]:
+        """The versions this policy serves out of those on disk, ascending."""
+        ordered = sorted(set(available))
+        if self.all is not None:
+            return ordered
+        if self.specific is not None:
+            return [v for v in ordered if v in set(self.specific.versions)]
+        assert self.latest is not None
+        return ordered[-self.latest.num_versions :]
+
+
+class ModelConfig(BaseModel):
+    """What the repository knows about a model before loading it."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    name: str
+    platform: Platform = "onnxruntime_onnx"
+    max_batch_size: int = Field(0, ge=0)
+    input: list[TensorConfig] = Field(default_factory=list)
+    output: list[TensorConfig] = Field(default_factory=list)
+    version_policy: VersionPolicy = Field(default_factory=VersionPolicy)
+    #: Free-form facts about the model (accuracy, FLOPs, role) shown in model metadata.
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def model_filename(self) -> str:
+        return "model.plan" if self.platform == "tensorrt_plan" else "model.onnx"
+
+    def input_shape(self, tensor: TensorConfig) -> list[int]:
+        """The full shape clients see, with ``-1`` for the batch dimension when batched."""
+        return ([-1] if self.max_batch_size > 0 else []) + list(tensor.dims)
+
+
+def load_model_config(model_dir: Path) -> ModelConfig:
+    """Read ``<model_dir>/config.json``; a missing file gives a config named after the folder."""
+    path = model_dir / CONFIG_FILE
+    if not path.exists():
+        return ModelConfig(name=model_dir.name)
+    try:
+        raw = json.loads(path.read_text())
+        raw.setdefault("name", model_dir.name)
+        config = ModelConfig.model_validate(raw)
+    except (OSError, json.JSONDecodeError, ValidationError) as exc:
+        raise InvalidInput(f"bad model config {path}: {exc}") from exc
+    if config.name != model_dir.name:
+        raise InvalidInput(
+            f"model config {path} names {config.name!r} but lives in folder {model_dir.name!r}"
+        )
+    return config
