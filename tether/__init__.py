@@ -1,0 +1,1 @@
+"""The ``tether`` console command (the product's code lives in edge, cloud and shared)."""

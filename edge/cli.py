@@ -1,0 +1,42 @@
+"""``tether edge``: run the edge agent."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from edge.settings import load_settings
+
+
+@click.command("edge")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="TOML settings file.",
+)
+@click.option("--host", help="Address to bind (default 127.0.0.1).")
+@click.option("--port", type=int, help="Port to bind (default 8000).")
+@click.option(
+    "--repository",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Model repository folder (default models/repository).",
+)
+@click.option("--workers", type=int, help="Server worker processes (default 2).")
+def edge_command(
+    config_file: Path | None,
+    host: str | None,
+    port: int | None,
+    repository: Path | None,
+    workers: int | None,
+) -> None:
+    """Serve the model repository over the Open Inference Protocol (KServe V2)."""
+    from edge.http.server import serve
+
+    http = {k: v for k, v in {"host": host, "port": port, "workers": workers}.items() if v}
+    try:
+        settings = load_settings(config_file, repository=repository, http=http or None)
+    except (FileNotFoundError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    serve(settings)

@@ -1,0 +1,194 @@
+"""The data plane: the one place where inference requests are validated, routed and
+accounted for. Transports (the Flask API, the MQTT sensor bridge) only translate bytes
+to a :class:`~shared.codec.DecodedRequest` and a :class:`Prediction` back to bytes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from edge.metrics import EdgeMetrics
+from edge.repository import ModelRepository
+from edge.runtimes import Prediction, Runtime, TensorSpec
+from shared.codec import DecodedRequest
+from shared.datatypes import FLOAT_DATATYPES
+from shared.errors import InvalidInput, TetherError
+
+SERVER_NAME = "tether"
+
+#: Protocol extensions this server implements (reported by ``GET /v2``).
+EXTENSIONS = ["binary_tensor_data", "model_repository"]
+
+#: Resolves a model name (and optional version) to the runtime that will answer it.
+Resolver = Callable[[str, "str | None"], Runtime]
+
+
+class DataPlane:
+    """Validates, runs and accounts for inference requests; answers health and metadata."""
+
+    def __init__(
+        self,
+        repository: ModelRepository,
+        metrics: EdgeMetrics | None = None,
+        *,
+        version: str = "0",
+        resolver: Resolver | None = None,
+    ) -> None:
+        self.repository = repository
+        self.metrics = metrics or EdgeMetrics()
+        self.version = version
+        #: Routing hook: by default every model is served locally from the repository.
+        self.resolve: Resolver = resolver or repository.get
+        self._published: dict[tuple[str, str], str] = {}
+
+    # ------------------------------------------------------------------ health & metadata
+
+    def live(self) -> bool:
+        return True
+
+    def ready(self) -> bool:
+        self.repository.sync()
+        return self.repository.all_ready()
+
+    def server_metadata(self) -> dict[str, Any]:
+        return {"name": SERVER_NAME, "version": self.version, "extensions": EXTENSIONS}
+
+    def model_metadata(self, name: str, version: str | None = None) -> dict[str, Any]:
+        self.repository.sync()
+        return self.resolve(name, version).metadata()
+
+    def model_ready(self, name: str, version: str | None = None) -> bool:
+        self.repository.sync()
+        try:
+            return self.resolve(name, version).ready
+        except TetherError as exc:
+            if exc.status == 404:
+                raise
+            return False
+
+    # ------------------------------------------------------------------ inference
+
+    def infer(
+        self, name: str, version: str | None, request: DecodedRequest, started: float | None = None
+    ) -> Prediction:
+        """Validate ``request`` against the model, run it, record metrics."""
+        started = time.perf_counter() if started is None else started
+        metrics = self.metrics
+        try:
+            self.repository.sync()
+            runtime = self.resolve(name, version)
+            validate_inputs(runtime, request.inputs, request.datatypes)
+            wanted = [o.name for o in request.outputs] if request.outputs else None
+            if wanted:
+                known = {spec.name for spec in runtime.outputs}
+                unknown = [n for n in wanted if n not in known]
+                if unknown:
+                    raise InvalidInput(f"model {name!r} has no output {unknown[0]!r}")
+            prediction = runtime.infer(request.inputs, wanted)
+        except TetherError as exc:
+            metrics.failures.labels(name, exc.reason).inc()
+            raise
+        except Exception:
+            metrics.failures.labels(name, "internal").inc()
+            raise
+        elapsed = time.perf_counter() - started
+        served_version = prediction.model_version
+        route = str(prediction.parameters.get("route", "local"))
+        metrics.requests.labels(name, served_version, prediction.served_by, route).inc()
+        metrics.request_duration.labels(name, served_version).observe(elapsed)
+        metrics.compute_duration.labels(name, served_version, prediction.served_by).observe(
+            prediction.compute_ms / 1000.0
+        )
+        if runtime.flops:
+            metrics.inference_flops.labels(prediction.served_by).inc(
+                runtime.flops * _batch_size(request.inputs)
+            )
+        prediction.parameters.setdefault("served_by", prediction.served_by)
+        prediction.parameters.setdefault("route", route)
+        prediction.parameters.setdefault("edge_ms", round(elapsed * 1000.0, 3))
+        prediction.parameters.setdefault("compute_ms", round(prediction.compute_ms, 3))
+        return prediction
+
+    # ------------------------------------------------------------------ repository
+
+    def repository_index(self) -> list[dict[str, Any]]:
+        self.repository.sync()
+        return [entry.model_dump(exclude_none=True) for entry in self.repository.index()]
+
+    def load_model(self, name: str) -> None:
+        self.repository.load(name)
+        self.publish_readiness()
+
+    def unload_model(self, name: str) -> None:
+        self.repository.unload(name)
+        self.publish_readiness()
+
+    def publish_readiness(self) -> None:
+        """Set the ``tether_model_ready`` gauge from what this process serves."""
+        current: dict[tuple[str, str], str] = {}
+        for name, versions in self.repository.served().items():
+            for version, runtime in versions.items():
+                current[(name, version)] = runtime.provider
+                self.metrics.model_ready.labels(name, version, runtime.provider).set(
+                    1 if runtime.ready else 0
+                )
+        for (name, version), provider in self._published.items():
+            if (name, version) not in current:
+                self.metrics.model_ready.labels(name, version, provider).set(0)
+        self._published = current
+
+
+def _batch_size(inputs: Mapping[str, np.ndarray]) -> int:
+    for array in inputs.values():
+        return int(array.shape[0]) if array.ndim else 1
+    return 1
+
+
+def validate_inputs(
+    runtime: Runtime, inputs: Mapping[str, np.ndarray], datatypes: Mapping[str, str]
+) -> None:
+    """Check names, datatypes, shapes, batch size and finiteness against the model."""
+    specs = runtime.inputs
+    if len(inputs) != len(specs) or any(spec.name not in inputs for spec in specs):
+        expected = ", ".join(spec.name for spec in specs)
+        given = ", ".join(inputs) or "none"
+        raise InvalidInput(
+            f"model {runtime.name!r} takes inputs [{expected}], request gave [{given}]"
+        )
+    for spec in specs:
+        array = inputs[spec.name]
+        datatype = datatypes.get(spec.name)
+        if datatype != spec.datatype:
+            raise InvalidInput(
+                f"input {spec.name!r} of model {runtime.name!r} must be {spec.datatype}, "
+                f"got {datatype}"
+            )
+        _check_shape(runtime, spec, array)
+        if spec.datatype in FLOAT_DATATYPES and not np.isfinite(array).all():
+            raise InvalidInput(
+                f"input {spec.name!r} contains NaN or infinite values, which model "
+                f"{runtime.name!r} cannot take"
+            )
+
+
+def _check_shape(runtime: Runtime, spec: TensorSpec, array: np.ndarray) -> None:
+    shape = array.shape
+    ok = len(shape) == len(spec.shape) and all(
+        want < 0 or want == got for want, got in zip(spec.shape, shape, strict=True)
+    )
+    if not ok:
+        raise InvalidInput(
+            f"input {spec.name!r} of model {runtime.name!r} must have shape "
+            f"{list(spec.shape)}, got {list(shape)}"
+        )
+    if runtime.max_batch_size and shape and shape[0] > runtime.max_batch_size:
+        raise InvalidInput(
+            f"batch of {shape[0]} is over model {runtime.name!r}'s max_batch_size "
+            f"{runtime.max_batch_size}"
+        )
+    if shape and shape[0] == 0:
+        raise InvalidInput(f"input {spec.name!r} has an empty batch")

@@ -1,0 +1,98 @@
+"""Serving the edge API with gunicorn (threaded workers), never Flask's development server."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from gunicorn.app.base import BaseApplication
+
+from edge.control_file import ControlFile
+from edge.settings import EdgeSettings
+
+log = logging.getLogger(__name__)
+
+METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+class EdgeServer(BaseApplication):  # type: ignore[misc]
+    """gunicorn running the edge app in ``workers`` processes of ``threads`` threads each.
+
+    Each worker builds its own agent after the fork (ONNX Runtime sessions must not cross
+    a fork); they share the repository orders through a control file and the metrics
+    through prometheus_client's multiprocess directory.
+    """
+
+    def __init__(self, settings: EdgeSettings) -> None:
+        self.settings = settings
+        self.run_dir = settings.data_dir / "run"
+        self.metrics_dir = self.run_dir / "metrics"
+        self.control = ControlFile(self.run_dir / "repository.json")
+        super().__init__()
+
+    def load_config(self) -> None:
+        http = self.settings.http
+        metrics_dir = self.metrics_dir
+
+        def child_exit(server: Any, worker: Any) -> None:
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(worker.pid, str(metrics_dir))
+
+        options: dict[str, Any] = {
+            "bind": f"{_bracket(http.host)}:{http.port}",
+            "workers": http.workers,
+            "threads": http.threads,
+            "worker_class": "gthread",
+            "timeout": http.timeout_s,
+            "graceful_timeout": 10,
+            "keepalive": 5,
+            "proc_name": "tether-edge",
+            "accesslog": None,
+            "errorlog": "-",
+            "loglevel": "info",
+            "child_exit": child_exit,
+            "worker_tmp_dir": str(self.run_dir),
+        }
+        for key, value in options.items():
+            self.cfg.set(key, value)
+
+    def load(self) -> Any:
+        from edge.agent import build_app
+
+        return build_app(
+            self.settings, control=self.control, multiprocess_dir=self.metrics_dir
+        )
+
+    def prepare(self, models: list[str]) -> None:
+        """Reset this run's shared state: fresh metrics, the start-up models to load."""
+        shutil.rmtree(self.metrics_dir, ignore_errors=True)
+        self.metrics_dir.mkdir(parents=True, exist_ok=True)
+        os.environ[METRICS_ENV] = str(self.metrics_dir)
+        self.control.reset(models)
+
+
+def _bracket(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def serve(settings: EdgeSettings) -> None:
+    """Run the edge agent's HTTP API until stopped (blocks)."""
+    from edge.agent import startup_models
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    server = EdgeServer(settings)
+    server.prepare(startup_models(settings))
+    log.info(
+        "tether edge %s serving %s on http://%s:%d",
+        settings.device_id,
+        settings.repository,
+        settings.http.host,
+        settings.http.port,
+    )
+    server.run()
+
+

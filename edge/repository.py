@@ -1,0 +1,212 @@
+"""The model repository: ``<root>/<name>/<version>/model.*`` plus ``<name>/config.json``.
+
+Triton's semantics: each model's version policy (latest N, all, specific) picks the
+versions on disk to serve; models are loaded and unloaded explicitly; a model is ready
+only once every served version is loaded and warmed up. A reload loads and warms the new
+versions first and then switches atomically, so no request fails during a switch.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from edge.control_file import ControlFile
+from edge.model_config import ModelConfig, load_model_config
+from edge.runtimes import Runtime, RuntimeOptions, create_runtime
+from shared.errors import InvalidInput, ModelNotFound, ModelNotReady, TetherError, Unavailable
+from shared.protocol import RepositoryIndexEntry
+
+log = logging.getLogger(__name__)
+
+RuntimeFactory = Callable[[ModelConfig, str, Path, RuntimeOptions, str], Runtime]
+
+
+class ModelRepository:
+    """Loads, serves and unloads the model versions found under ``root``."""
+
+    def __init__(
+        self,
+        root: Path,
+        options: RuntimeOptions | None = None,
+        *,
+        backend: str = "auto",
+        control: ControlFile | None = None,
+        runtime_factory: RuntimeFactory = create_runtime,
+    ) -> None:
+        self.root = root
+        self.options = options or RuntimeOptions()
+        self.backend = backend
+        self.control = control
+        self._factory = runtime_factory
+        #: name -> {version: runtime}; replaced whole on change, so readers need no lock.
+        self._served: dict[str, dict[str, Runtime]] = {}
+        self._configs: dict[str, ModelConfig] = {}
+        self._failures: dict[str, str] = {}
+        self._applied: dict[str, int] = {}
+        self._lock = threading.RLock()
+
+    # ------------------------------------------------------------------ discovery
+
+    def model_names(self) -> list[str]:
+        """Models on disk: folders holding at least one numeric version folder."""
+        if not self.root.is_dir():
+            return []
+        return sorted(
+            d.name
+            for d in self.root.iterdir()
+            if d.is_dir() and not d.name.startswith(".") and self._versions_on_disk(d)
+        )
+
+    @staticmethod
+    def _versions_on_disk(model_dir: Path) -> list[int]:
+        return sorted(
+            int(d.name) for d in model_dir.iterdir() if d.is_dir() and d.name.isdigit()
+        )
+
+    # ------------------------------------------------------------------ control
+
+    def load(self, name: str) -> list[str]:
+        """Load (or reload) a model's policy versions; returns the versions now served."""
+        if self.control is not None:
+            self._applied[name] = self.control.record(name, "load")
+        return self._load(name)
+
+    def unload(self, name: str) -> None:
+        """Stop serving a model; in-flight requests on it still finish."""
+        if self.control is not None:
+            self._applied[name] = self.control.record(name, "unload")
+        self._unload(name)
+
+    def sync(self) -> None:
+        """Apply load/unload orders other worker processes recorded (cheap when none)."""
+        if self.control is None or not self.control.changed():
+            return
+        with self._lock:
+            for name, order in self.control.read().items():
+                generation = int(order.get("generation", 0))  # type: ignore[call-overload]
+                if self._applied.get(name) == generation:
+                    continue
+                self._applied[name] = generation
+                try:
+                    if order.get("action") == "unload":
+                        self._unload(name)
+                    else:
+                        self._load(name)
+                except TetherError as exc:
+                    log.warning("could not apply %s of %s: %s", order.get("action"), name, exc)
+
+    def _load(self, name: str) -> list[str]:
+        model_dir = self._model_dir(name)
+        with self._lock:
+            try:
+                config = load_model_config(model_dir)
+                versions = config.version_policy.select(self._versions_on_disk(model_dir))
+                if not versions:
+                    raise Unavailable(f"model {name!r}: its version policy selects no version")
+                current = self._served.get(name, {})
+                loaded: dict[str, Runtime] = {}
+                for number in versions:
+                    version = str(number)
+                    loaded[version] = self._start(config, version, model_dir / version)
+            except TetherError as exc:
+                self._failures[name] = exc.message
+                raise
+            self._configs[name] = config
+            self._failures.pop(name, None)
+            self._served = {**self._served, name: loaded}
+            for version, old in current.items():
+                if loaded.get(version) is not old:
+                    old.unload()
+            log.info("model %s ready, versions %s", name, ", ".join(loaded))
+            return list(loaded)
+
+    def _start(self, config: ModelConfig, version: str, version_dir: Path) -> Runtime:
+        try:
+            runtime = self._factory(config, version, version_dir, self.options, self.backend)
+            runtime.load()
+            runtime.warm_up(self.options.warmup_batch_sizes)
+        except TetherError as exc:
+            raise Unavailable(f"model {config.name!r} v{version} failed to load: {exc}") from exc
+        except Exception as exc:
+            raise Unavailable(
+                f"model {config.name!r} v{version} failed to load: {type(exc).__name__}: {exc}"
+            ) from exc
+        runtime.mark_ready()
+        return runtime
+
+    def _unload(self, name: str) -> None:
+        with self._lock:
+            if name not in self._served and name not in self.model_names():
+                raise ModelNotFound(f"unknown model {name!r}")
+            served = self._served
+            old = served.get(name, {})
+            self._served = {k: v for k, v in served.items() if k != name}
+            self._failures.pop(name, None)
+            for runtime in old.values():
+                runtime.unload()
+
+    def _model_dir(self, name: str) -> Path:
+        if not name or "/" in name or name.startswith(".") or "\\" in name:
+            raise InvalidInput(f"invalid model name {name!r}")
+        model_dir = self.root / name
+        if not model_dir.is_dir() or not self._versions_on_disk(model_dir):
+            raise ModelNotFound(f"unknown model {name!r}")
+        return model_dir
+
+    # ------------------------------------------------------------------ serving
+
+    def get(self, name: str, version: str | None = None) -> Runtime:
+        """The runtime serving ``name`` (its latest served version unless one is named)."""
+        versions = self._served.get(name)
+        if not versions:
+            if name in self._failures:
+                raise ModelNotReady(f"model {name!r} is not ready: {self._failures[name]}")
+            if self._is_on_disk(name):
+                raise ModelNotReady(f"model {name!r} is not loaded")
+            raise ModelNotFound(f"unknown model {name!r}")
+        if version is None:
+            return versions[max(versions, key=int)]
+        runtime = versions.get(version)
+        if runtime is None:
+            raise ModelNotFound(f"model {name!r} has no served version {version!r}")
+        return runtime
+
+    def served(self) -> dict[str, dict[str, Runtime]]:
+        """A snapshot of what is served: name -> version -> runtime."""
+        return self._served
+
+    def _is_on_disk(self, name: str) -> bool:
+        try:
+            self._model_dir(name)
+        except TetherError:
+            return False
+        return True
+
+    def all_ready(self) -> bool:
+        """True when every model that was asked to load is loaded and warmed up."""
+        served = self._served
+        if self._failures:
+            return False
+        return all(r.ready for versions in served.values() for r in versions.values())
+
+    def index(self) -> list[RepositoryIndexEntry]:
+        """Every model on disk or served, with each version's state (Triton's index)."""
+        entries: list[RepositoryIndexEntry] = []
+        served = self._served
+        for name in sorted(set(self.model_names()) | set(served)):
+            if name in served:
+                for version, runtime in sorted(served[name].items(), key=lambda kv: int(kv[0])):
+                    state = "READY" if runtime.ready else "UNAVAILABLE"
+                    entries.append(RepositoryIndexEntry(name=name, version=version, state=state))
+            elif name in self._failures:
+                entries.append(
+                    RepositoryIndexEntry(
+                        name=name, state="UNAVAILABLE", reason=self._failures[name]
+                    )
+                )
+            else:
+                entries.append(RepositoryIndexEntry(name=name, state="UNAVAILABLE", reason="unloaded"))
+        return entries

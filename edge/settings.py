@@ -1,0 +1,132 @@
+"""The edge agent's settings: one typed object, from a TOML file and ``TETHER_*`` variables.
+
+Precedence, highest first: values passed in code (command-line flags), environment
+variables (``TETHER_HTTP__PORT=9000`` for nested fields), the TOML file, the defaults.
+Nothing else in the agent reads the environment; this object is passed in.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from edge.runtimes.base import DEFAULT_PROVIDERS, RuntimeOptions
+
+
+class Section(BaseModel):
+    """Base of a settings section: unknown keys are an error, so typos are caught."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class HttpSettings(Section):
+    """The local Open Inference Protocol HTTP API."""
+
+    host: str = Field("127.0.0.1", description="Address to bind.")
+    port: int = Field(8000, ge=0, le=65535, description="Port to bind (0 picks a free one).")
+    workers: int = Field(2, ge=1, le=64, description="Server worker processes.")
+    threads: int = Field(4, ge=1, le=256, description="Threads per worker process.")
+    max_body_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 past it)."
+    )
+    max_tensor_elements: int = Field(
+        16 * 1024 * 1024, ge=1, description="Largest element count of one input tensor."
+    )
+    timeout_s: int = Field(60, ge=1, description="A worker silent this long is restarted.")
+
+
+class RuntimeSettings(Section):
+    """How models are run on this host."""
+
+    backend: Literal["auto", "onnxruntime", "tensorrt"] = Field(
+        "auto",
+        description="'auto' uses native TensorRT when it and a GPU are present, else ONNX Runtime.",
+    )
+    providers: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_PROVIDERS),
+        description="ONNX Runtime execution providers in order of preference; first that works wins.",
+    )
+    intra_op_threads: int = Field(1, ge=0, description="ONNX Runtime intra-op threads (0 = all).")
+    fp16: bool = Field(True, description="Allow FP16 kernels in TensorRT engines.")
+    int8: bool = Field(False, description="Allow INT8 kernels in TensorRT engines (needs calibration).")
+    engine_cache_dir: Path | None = Field(
+        None, description="Where TensorRT engines are cached (default: <data_dir>/engines)."
+    )
+
+
+class EdgeSettings(BaseSettings):
+    """Everything the edge agent is configured with."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="TETHER_", env_nested_delimiter="__", extra="forbid", validate_default=True
+    )
+
+    device_id: str = Field(
+        default_factory=socket.gethostname, description="This device's id (default: host name)."
+    )
+    data_dir: Path = Field(Path(".tether"), description="Where the agent keeps its state.")
+    mqtt_url: str = Field("mqtt://127.0.0.1:1883", description="The MQTT broker to talk to.")
+    repository: Path = Field(
+        Path("models/repository"), description="The model repository folder."
+    )
+    models: list[str] | None = Field(
+        None, description="Models to load at start (default: every model in the repository)."
+    )
+    http: HttpSettings = Field(default_factory=HttpSettings)
+    runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        toml_file = _TOML_FILE.get("path")
+        if toml_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+        return tuple(sources)
+
+    def runtime_options(self) -> RuntimeOptions:
+        """The runtime layer's options, derived from these settings."""
+        return RuntimeOptions(
+            providers=tuple(self.runtime.providers),
+            intra_op_threads=self.runtime.intra_op_threads,
+            engine_cache_dir=self.runtime.engine_cache_dir or self.data_dir / "engines",
+            fp16=self.runtime.fp16,
+            int8=self.runtime.int8,
+        )
+
+
+# The TOML file for the settings being built; set only inside load_settings.
+_TOML_FILE: dict[str, Path] = {}
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> EdgeSettings:
+    """Build the settings from ``config_file`` (TOML), ``TETHER_*`` variables and overrides.
+
+    ``overrides`` with the value ``None`` are ignored, so unset command-line flags fall
+    through to the file and the environment.
+    """
+    if config_file is not None and not config_file.is_file():
+        raise FileNotFoundError(f"config file {config_file} does not exist")
+    given = {k: v for k, v in overrides.items() if v is not None}
+    _TOML_FILE.clear()
+    if config_file is not None:
+        _TOML_FILE["path"] = config_file
+    try:
+        return EdgeSettings(**given)
+    finally:
+        _TOML_FILE.clear()

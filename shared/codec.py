@@ -1,0 +1,375 @@
+"""Tensor codecs: Open Inference Protocol JSON tensors and Triton's binary extension.
+
+The same functions serve the HTTP API and the MQTT envelopes, so a tensor is framed the
+same way on every transport. Decoding is symmetric with encoding:
+
+* :func:`decode_request` turns a request body (JSON header, optionally followed by binary
+  tensor data as Triton's binary tensor data extension lays it out) into numpy arrays;
+* :func:`encode_response` turns numpy outputs into a body, binary where asked.
+
+Binary layout: ``<JSON header><tensor 0 bytes><tensor 1 bytes>...``; the header length
+travels out of band (HTTP header ``Inference-Header-Content-Length``); each binary tensor
+says its byte size in ``parameters.binary_data_size``. ``BYTES`` elements are each
+prefixed by a 4-byte little-endian length.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import orjson
+
+from shared.datatypes import from_numpy_dtype, to_numpy_dtype
+from shared.errors import InvalidInput, PayloadTooLarge, Unsupported
+from shared.protocol import PROTOCOL_SCHEMA, InferenceRequest, RequestInput
+
+HEADER_LENGTH_HEADER = "Inference-Header-Content-Length"
+BINARY_CONTENT_TYPE = "application/octet-stream"
+JSON_CONTENT_TYPE = "application/json"
+
+_JSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
+
+
+@dataclass(frozen=True)
+class TensorLimits:
+    """Bounds on what one request may carry."""
+
+    max_elements: int = 16 * 1024 * 1024
+    max_inputs: int = 64
+
+
+@dataclass(frozen=True)
+class OutputRequest:
+    """An output the client named, and whether it wants it as binary data."""
+
+    name: str
+    binary: bool | None = None
+
+
+@dataclass
+class DecodedRequest:
+    """An inference request with its tensors as numpy arrays."""
+
+    inputs: dict[str, np.ndarray]
+    datatypes: dict[str, str]
+    id: str | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+    outputs: list[OutputRequest] | None = None
+
+    @property
+    def binary_output_default(self) -> bool:
+        return bool(self.parameters.get("binary_data_output", False))
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def split_body(body: bytes, header_length: int | None) -> tuple[bytes, memoryview]:
+    """Split a body into its JSON header and the binary tail."""
+    if header_length is None:
+        return body, memoryview(b"")
+    if header_length < 0 or header_length > len(body):
+        raise InvalidInput(
+            f"{HEADER_LENGTH_HEADER} is {header_length} but the body has {len(body)} bytes"
+        )
+    view = memoryview(body)
+    return bytes(view[:header_length]), view[header_length:]
+
+
+def decode_request(
+    body: bytes, header_length: int | None = None, limits: TensorLimits | None = None
+) -> DecodedRequest:
+    """Decode an inference request body (JSON, or JSON header + binary tensors)."""
+    limits = limits or TensorLimits()
+    header, tail = split_body(body, header_length)
+    request = InferenceRequest.parse(header)
+    if len(request.inputs) > limits.max_inputs:
+        raise InvalidInput(f"too many inputs: {len(request.inputs)} > {limits.max_inputs}")
+    inputs: dict[str, np.ndarray] = {}
+    datatypes: dict[str, str] = {}
+    offset = 0
+    for spec in request.inputs:
+        if spec.name in inputs:
+            raise InvalidInput(f"input {spec.name!r} appears twice")
+        count = _element_count(spec.name, spec.shape, limits)
+        dtype = to_numpy_dtype(spec.datatype)
+        params = spec.parameters or {}
+        if "shared_memory_region" in params:
+            raise Unsupported("the shared-memory extension is not supported; send tensor data")
+        size = params.get("binary_data_size")
+        if size is not None:
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                raise InvalidInput(f"input {spec.name!r}: binary_data_size must be an integer")
+            if offset + size > len(tail):
+                raise InvalidInput(
+                    f"input {spec.name!r}: binary_data_size {size} runs past the body "
+                    f"({len(tail) - offset} bytes left)"
+                )
+            chunk = tail[offset : offset + size]
+            offset += size
+            array = _from_binary(spec, dtype, count, chunk)
+        else:
+            if spec.data is None:
+                raise InvalidInput(f"input {spec.name!r} has neither data nor binary_data_size")
+            array = _from_json(spec, dtype, count)
+        inputs[spec.name] = array.reshape(spec.shape)
+        datatypes[spec.name] = spec.datatype
+    if offset != len(tail):
+        raise InvalidInput(f"{len(tail) - offset} bytes of binary data belong to no input")
+    outputs = None
+    if request.outputs is not None:
+        outputs = [
+            OutputRequest(o.name, _binary_flag((o.parameters or {}).get("binary_data")))
+            for o in request.outputs
+        ]
+        if any("classification" in (o.parameters or {}) for o in request.outputs):
+            raise Unsupported("the classification extension is not supported")
+    return DecodedRequest(
+        inputs=inputs,
+        datatypes=datatypes,
+        id=request.id,
+        parameters=dict(request.parameters or {}),
+        outputs=outputs,
+    )
+
+
+def _binary_flag(value: Any) -> bool | None:
+    if value is None or isinstance(value, bool):
+        return value
+    raise InvalidInput("parameters.binary_data must be true or false")
+
+
+def _element_count(name: str, shape: Sequence[int], limits: TensorLimits) -> int:
+    if any(d < 0 for d in shape):
+        raise InvalidInput(f"input {name!r}: shape {list(shape)} has a negative dimension")
+    count = math.prod(shape)
+    if count > limits.max_elements:
+        raise PayloadTooLarge(
+            f"input {name!r}: {count} elements is over the limit of {limits.max_elements}"
+        )
+    return count
+
+
+def _from_json(spec: RequestInput, dtype: np.dtype, count: int) -> np.ndarray:
+    data = spec.data
+    if not isinstance(data, list):
+        data = [data]
+    try:
+        if spec.datatype == "BYTES":
+            flat = np.asarray(data, dtype=object).ravel()
+            array = np.empty(flat.shape, dtype=object)
+            for i, item in enumerate(flat):
+                if isinstance(item, str):
+                    array[i] = item.encode()
+                else:
+                    raise InvalidInput(f"input {spec.name!r}: BYTES data must be strings")
+        else:
+            array = np.asarray(data, dtype=dtype)
+            if dtype.kind in "iub" and count and np.asarray(data).dtype.kind == "f":
+                raise InvalidInput(
+                    f"input {spec.name!r}: {spec.datatype} data must be "
+                    f"{'booleans' if dtype.kind == 'b' else 'integers'}, got numbers with "
+                    "fractions"
+                )
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise InvalidInput(
+            f"input {spec.name!r}: data does not fit datatype {spec.datatype}: {exc}"
+        ) from None
+    if array.size != count:
+        raise InvalidInput(
+            f"input {spec.name!r}: shape {spec.shape} needs {count} elements, data has "
+            f"{array.size}"
+        )
+    return array.ravel()
+
+
+def _from_binary(spec: RequestInput, dtype: np.dtype, count: int, chunk: memoryview) -> np.ndarray:
+    if spec.datatype == "BYTES":
+        items = deserialize_bytes(chunk)
+        if len(items) != count:
+            raise InvalidInput(
+                f"input {spec.name!r}: shape {spec.shape} needs {count} elements, binary "
+                f"data has {len(items)}"
+            )
+        return items
+    expected = count * dtype.itemsize
+    if len(chunk) != expected:
+        raise InvalidInput(
+            f"input {spec.name!r}: shape {spec.shape} of {spec.datatype} needs {expected} "
+            f"bytes, binary_data_size is {len(chunk)}"
+        )
+    return np.frombuffer(chunk, dtype=dtype.newbyteorder("<")).astype(dtype, copy=False)
+
+
+def serialize_bytes(array: np.ndarray) -> bytes:
+    """BYTES tensor -> length-prefixed elements (4-byte little-endian length each)."""
+    parts = []
+    for item in array.ravel():
+        raw = item if isinstance(item, bytes) else str(item).encode()
+        parts.append(struct.pack("<I", len(raw)))
+        parts.append(raw)
+    return b"".join(parts)
+
+
+def deserialize_bytes(buffer: memoryview | bytes) -> np.ndarray:
+    """Length-prefixed elements -> BYTES tensor (a flat object array of ``bytes``)."""
+    view = memoryview(buffer)
+    items: list[bytes] = []
+    offset = 0
+    while offset < len(view):
+        if offset + 4 > len(view):
+            raise InvalidInput("BYTES data ends inside an element's length prefix")
+        (length,) = struct.unpack_from("<I", view, offset)
+        offset += 4
+        if offset + length > len(view):
+            raise InvalidInput("BYTES element length runs past the data")
+        items.append(bytes(view[offset : offset + length]))
+        offset += length
+    array = np.empty(len(items), dtype=object)
+    array[:] = items
+    return array
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+def tensor_bytes(array: np.ndarray, datatype: str) -> bytes:
+    """A tensor's raw binary-extension bytes (little-endian, row-major)."""
+    if datatype == "BYTES":
+        return serialize_bytes(array)
+    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+
+
+def json_data(array: np.ndarray, datatype: str) -> Any:
+    """A tensor's data as JSON-ready flat row-major data."""
+    if datatype == "BYTES":
+        return [
+            item.decode("utf-8", "replace") if isinstance(item, bytes) else str(item)
+            for item in array.ravel()
+        ]
+    return np.ascontiguousarray(array).ravel()
+
+
+def encode_response(
+    *,
+    model_name: str,
+    model_version: str | None,
+    outputs: Mapping[str, np.ndarray],
+    datatypes: Mapping[str, str] | None = None,
+    request_id: str | None = None,
+    parameters: Mapping[str, Any] | None = None,
+    requested: Sequence[OutputRequest] | None = None,
+    binary_default: bool = False,
+) -> tuple[bytes, int | None]:
+    """Encode an inference response; returns the body and the JSON header length.
+
+    The header length is ``None`` when every output is JSON (a plain JSON body).
+    """
+    names = [r.name for r in requested] if requested else list(outputs)
+    wanted_binary = {r.name: r.binary for r in requested or ()}
+    header_outputs: list[dict[str, Any]] = []
+    blobs: list[bytes] = []
+    for name in names:
+        array = outputs[name]
+        datatype = (datatypes or {}).get(name) or from_numpy_dtype(array.dtype)
+        entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
+        binary = wanted_binary.get(name)
+        if binary is None:
+            binary = binary_default
+        if binary:
+            blob = tensor_bytes(array, datatype)
+            entry["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            entry["data"] = json_data(array, datatype)
+        header_outputs.append(entry)
+    body: dict[str, Any] = {"model_name": model_name}
+    if model_version is not None:
+        body["model_version"] = model_version
+    if request_id is not None:
+        body["id"] = request_id
+    if parameters:
+        body["parameters"] = dict(parameters)
+    body["outputs"] = header_outputs
+    body["schema_version"] = str(PROTOCOL_SCHEMA)
+    header = orjson.dumps(body, option=_JSON_OPTIONS)
+    if not blobs:
+        return header, None
+    return header + b"".join(blobs), len(header)
+
+
+def encode_request(
+    inputs: Mapping[str, np.ndarray],
+    datatypes: Mapping[str, str] | None = None,
+    *,
+    request_id: str | None = None,
+    parameters: Mapping[str, Any] | None = None,
+    outputs: Sequence[OutputRequest] | None = None,
+    binary: bool = True,
+) -> tuple[bytes, int | None]:
+    """Encode an inference request (the client side, used by the uplink and tests)."""
+    header_inputs: list[dict[str, Any]] = []
+    blobs: list[bytes] = []
+    for name, array in inputs.items():
+        datatype = (datatypes or {}).get(name) or from_numpy_dtype(array.dtype)
+        entry: dict[str, Any] = {"name": name, "shape": list(array.shape), "datatype": datatype}
+        if binary:
+            blob = tensor_bytes(array, datatype)
+            entry["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            entry["data"] = json_data(array, datatype)
+        header_inputs.append(entry)
+    body: dict[str, Any] = {"inputs": header_inputs}
+    if request_id is not None:
+        body["id"] = request_id
+    if parameters:
+        body["parameters"] = dict(parameters)
+    if outputs:
+        body["outputs"] = [
+            {"name": o.name, **({"parameters": {"binary_data": o.binary}} if o.binary else {})}
+            for o in outputs
+        ]
+    header = orjson.dumps(body, option=_JSON_OPTIONS)
+    if not blobs:
+        return header, None
+    return header + b"".join(blobs), len(header)
+
+
+def decode_response(body: bytes, header_length: int | None = None) -> dict[str, Any]:
+    """Decode a response body into its JSON header with outputs' ``data`` as numpy arrays."""
+    header, tail = split_body(body, header_length)
+    try:
+        parsed = orjson.loads(header)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"malformed JSON response: {exc}") from None
+    if not isinstance(parsed, dict) or not isinstance(parsed.get("outputs"), list):
+        raise InvalidInput("response has no outputs list")
+    offset = 0
+    for out in parsed["outputs"]:
+        if not isinstance(out, dict):
+            raise InvalidInput("response output must be an object")
+        try:
+            datatype = str(out["datatype"])
+            shape = [int(d) for d in out["shape"]]
+        except (KeyError, TypeError, ValueError):
+            raise InvalidInput("response output lacks datatype or shape") from None
+        dtype = to_numpy_dtype(datatype)
+        size = (out.get("parameters") or {}).get("binary_data_size")
+        spec = RequestInput(name=str(out.get("name")), shape=shape, datatype=datatype)
+        count = _element_count(spec.name, shape, TensorLimits())
+        if size is not None:
+            if not isinstance(size, int) or offset + size > len(tail):
+                raise InvalidInput("response binary_data_size runs past the body")
+            array = _from_binary(spec, dtype, count, tail[offset : offset + size])
+            offset += size
+        else:
+            spec.data = out.get("data")
+            array = _from_json(spec, dtype, count)
+        out["data"] = array.reshape(shape)
+    return parsed
