@@ -1,0 +1,404 @@
+"""The one adapter around paho-mqtt (MQTT 5): every paho callback lives in this module.
+
+The rest of Tether sees plain calls (:meth:`MqttClient.publish`, :meth:`MqttClient.subscribe`),
+handler functions that receive :class:`Message` objects, and Tether errors. The client
+reconnects by itself with exponential backoff, resubscribes everything after a reconnect,
+and sets ``TCP_NODELAY`` on its socket: without it, small QoS 1 packets (PUBLISH, PUBACK)
+wait on Nagle's algorithm and the peer's delayed ACK, costing ~40 ms per hop (see
+docs/troubleshooting.md).
+
+Handlers run on paho's network thread: they must be quick and hand real work to a queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from shared.errors import InvalidInput, Unavailable
+
+log = logging.getLogger(__name__)
+
+
+class MqttError(Unavailable):
+    """The broker cannot be reached, or refused what was asked."""
+
+    reason = "mqtt"
+
+
+class ConnectError(MqttError):
+    """Connecting to the broker failed (unreachable, bad credentials, not authorised)."""
+
+
+class NegativeAckError(MqttError):
+    """The broker answered with a failing reason code."""
+
+    def __init__(self, message: str, reason_code: int) -> None:
+        super().__init__(message)
+        self.reason_code = reason_code
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """TLS for the broker connection: CA bundle, and a client certificate if used."""
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    insecure: bool = False
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    """Where the broker is and how to log in: ``mqtt[s]://[user[:password]@]host[:port]``."""
+
+    host: str = "127.0.0.1"
+    port: int = 1883
+    tls: bool = False
+    username: str | None = None
+    password: str | None = None
+
+    @classmethod
+    def parse(cls, url: str) -> BrokerAddress:
+        parts = urlsplit(url)
+        if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
+            raise InvalidInput(f"broker URL must start with mqtt:// or mqtts://, got {url!r}")
+        tls = parts.scheme in ("mqtts", "ssl")
+        try:
+            port = parts.port or (8883 if tls else 1883)
+        except ValueError:
+            raise InvalidInput(f"bad port in broker URL {url!r}") from None
+        return cls(
+            host=parts.hostname or "127.0.0.1",
+            port=port,
+            tls=tls,
+            username=unquote(parts.username) if parts.username else None,
+            password=unquote(parts.password) if parts.password else None,
+        )
+
+    def url(self) -> str:
+        """The URL without the password (for logs)."""
+        user = f"{self.username}@" if self.username else ""
+        return f"{'mqtts' if self.tls else 'mqtt'}://{user}{self.host}:{self.port}"
+
+
+@dataclass
+class Message:
+    """A received MQTT message, with the MQTT 5 properties Tether uses."""
+
+    topic: str
+    payload: bytes
+    qos: int = 0
+    retain: bool = False
+    response_topic: str | None = None
+    correlation_data: bytes | None = None
+    user_properties: dict[str, str] = field(default_factory=dict)
+    content_type: str | None = None
+    mid: int = 0
+    _client: MqttClient | None = field(default=None, repr=False)
+
+    def ack(self) -> None:
+        """Acknowledge a QoS 1 message (only for clients created with ``manual_ack``)."""
+        if self._client is not None and self.qos > 0:
+            self._client.ack(self)
+
+
+@dataclass(frozen=True)
+class Will:
+    """The last-will message the broker publishes if this client drops off."""
+
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = True
+
+
+Handler = Callable[[Message], None]
+ConnectionListener = Callable[[bool], None]
+
+
+class MqttClient:
+    """One MQTT 5 connection with automatic reconnect and resubscription."""
+
+    def __init__(
+        self,
+        address: BrokerAddress | str,
+        client_id: str,
+        *,
+        tls: TlsConfig | None = None,
+        keepalive: int = 15,
+        manual_ack: bool = False,
+        clean_start: bool = True,
+        session_expiry_s: int = 0,
+        will: Will | None = None,
+        reconnect_min_s: float = 0.1,
+        reconnect_max_s: float = 2.0,
+        max_inflight: int = 1000,
+    ) -> None:
+        self.address = BrokerAddress.parse(address) if isinstance(address, str) else address
+        self.client_id = client_id
+        self._connected = threading.Event()
+        self._stopping = False
+        self._subscriptions: dict[str, tuple[int, Handler]] = {}
+        self._listeners: list[ConnectionListener] = []
+        self._last_error: str = "not connected yet"
+        self._session_expiry_s = session_expiry_s
+        self._clean_start = clean_start
+        self._reconnect = (reconnect_min_s, reconnect_max_s)
+        self._thread: threading.Thread | None = None
+        self._client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=paho.MQTTv5,
+            reconnect_on_failure=False,
+            manual_ack=manual_ack,
+        )
+        self._client.max_inflight_messages_set(max_inflight)
+        self._client.max_queued_messages_set(0)
+        self._keepalive = keepalive
+        if self.address.username:
+            self._client.username_pw_set(self.address.username, self.address.password)
+        if self.address.tls or tls is not None:
+            tls = tls or TlsConfig()
+            self._client.tls_set(
+                ca_certs=tls.ca_file,
+                certfile=tls.cert_file,
+                keyfile=tls.key_file,
+                cert_reqs=ssl.CERT_REQUIRED,
+            )
+            self._client.tls_insecure_set(tls.insecure)
+        if will is not None:
+            self._client.will_set(will.topic, will.payload, will.qos, will.retain)
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_message = self._on_message
+        self._client.on_socket_open = _on_socket_open
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    @property
+    def last_error(self) -> str:
+        return self._last_error
+
+    def start(self, wait_s: float | None = 5.0) -> None:
+        """Connect in the background; wait up to ``wait_s`` for the first connection.
+
+        With ``wait_s=None`` it returns at once and keeps trying. A connection refused
+        for bad credentials or authorisation raises :class:`ConnectError` when waiting.
+        """
+        self._stopping = False
+        self._thread = threading.Thread(
+            target=self._run, name=f"mqtt-{self.client_id}", daemon=True
+        )
+        self._thread.start()
+        if wait_s is not None and not self._connected.wait(wait_s):
+            raise ConnectError(
+                f"could not connect to {self.address.url()} within {wait_s:g}s: "
+                f"{self._last_error}"
+            )
+
+    def wait_connected(self, timeout_s: float) -> bool:
+        return self._connected.wait(timeout_s)
+
+    def stop(self) -> None:
+        """Disconnect cleanly (no last will) and stop the network thread."""
+        self._stopping = True
+        try:
+            self._client.disconnect()
+        except Exception:  # noqa: BLE001 - best effort on shutdown
+            pass
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self._connected.clear()
+
+    def add_connection_listener(self, listener: ConnectionListener) -> None:
+        """Call ``listener(True/False)`` on every connect and disconnect."""
+        self._listeners.append(listener)
+
+    def _run(self) -> None:
+        delay = self._reconnect[0]
+        while not self._stopping:
+            try:
+                properties = Properties(PacketTypes.CONNECT)
+                properties.SessionExpiryInterval = self._session_expiry_s
+                self._client.connect(
+                    self.address.host,
+                    self.address.port,
+                    keepalive=self._keepalive,
+                    clean_start=self._clean_start,
+                    properties=properties,
+                )
+                delay = self._reconnect[0]
+                self._client.loop_forever(retry_first_connection=False)
+            except (OSError, ssl.SSLError) as exc:
+                self._last_error = f"{type(exc).__name__}: {exc}"
+            except Exception as exc:  # noqa: BLE001 - the loop must survive anything
+                self._last_error = f"{type(exc).__name__}: {exc}"
+                log.exception("MQTT loop of %s failed", self.client_id)
+            self._set_connected(False)
+            if self._stopping:
+                break
+            time.sleep(delay)
+            delay = min(delay * 2, self._reconnect[1])
+
+    # ------------------------------------------------------------------ paho callbacks
+
+    def _on_connect(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        flags: Any,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        if reason_code.is_failure:
+            self._last_error = f"broker refused the connection: {reason_code}"
+            log.warning("%s: %s", self.client_id, self._last_error)
+            client.disconnect()
+            return
+        for topic, (qos, _handler) in list(self._subscriptions.items()):
+            client.subscribe(topic, qos)
+        self._set_connected(True)
+
+    def _on_disconnect(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        flags: Any,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        if not self._stopping and self._connected.is_set():
+            self._last_error = f"disconnected: {reason_code}"
+            log.info("%s lost the broker: %s", self.client_id, reason_code)
+        self._set_connected(False)
+
+    def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        message = _to_message(msg, self)
+        for topic_filter, (_qos, handler) in list(self._subscriptions.items()):
+            if topic_matches(topic_filter, message.topic):
+                try:
+                    handler(message)
+                except Exception:  # noqa: BLE001 - a handler bug must not kill the loop
+                    log.exception("handler for %s failed on %s", topic_filter, message.topic)
+                return
+
+    def _set_connected(self, connected: bool) -> None:
+        was = self._connected.is_set()
+        if connected:
+            self._connected.set()
+        else:
+            self._connected.clear()
+        if was != connected:
+            for listener in list(self._listeners):
+                try:
+                    listener(connected)
+                except Exception:  # noqa: BLE001
+                    log.exception("connection listener failed")
+
+    # ------------------------------------------------------------------ operations
+
+    def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
+        """Deliver messages matching ``topic_filter`` to ``handler``; kept across reconnects."""
+        self._subscriptions[topic_filter] = (qos, handler)
+        if self.connected:
+            result, _mid = self._client.subscribe(topic_filter, qos)
+            if result != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                log.warning("subscribe to %s failed now (%s); retried on reconnect", topic_filter, result)
+
+    def unsubscribe(self, topic_filter: str) -> None:
+        self._subscriptions.pop(topic_filter, None)
+        if self.connected:
+            self._client.unsubscribe(topic_filter)
+
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        response_topic: str | None = None,
+        correlation_data: bytes | None = None,
+        expiry_s: float | None = None,
+        user_properties: dict[str, str] | None = None,
+        content_type: str | None = None,
+    ) -> paho.MQTTMessageInfo:
+        """Publish; raises :class:`MqttError` at once when not connected.
+
+        Returns paho's message info (``wait_for_publish()`` waits for the broker's PUBACK).
+        """
+        if not self.connected:
+            raise MqttError(f"not connected to {self.address.url()}: {self._last_error}")
+        properties: Properties | None = None
+        if response_topic or correlation_data or expiry_s or user_properties or content_type:
+            properties = Properties(PacketTypes.PUBLISH)
+            if response_topic:
+                properties.ResponseTopic = response_topic
+            if correlation_data:
+                properties.CorrelationData = correlation_data
+            if expiry_s:
+                properties.MessageExpiryInterval = max(1, int(expiry_s + 0.999))
+            if content_type:
+                properties.ContentType = content_type
+            if user_properties:
+                properties.UserProperty = list(user_properties.items())
+        info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
+        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            raise MqttError(f"publish to {topic} failed: {paho.error_string(info.rc)}")
+        return info
+
+    def ack(self, message: Message) -> None:
+        """Send the PUBACK for a manually acknowledged message."""
+        self._client.ack(message.mid, message.qos)
+
+
+def _on_socket_open(client: paho.Client, userdata: Any, sock: Any) -> None:
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (OSError, AttributeError):  # TLS-wrapped or non-TCP sockets
+        pass
+
+
+def _to_message(msg: paho.MQTTMessage, client: MqttClient) -> Message:
+    props = getattr(msg, "properties", None)
+    response_topic = getattr(props, "ResponseTopic", None) if props else None
+    correlation = getattr(props, "CorrelationData", None) if props else None
+    content_type = getattr(props, "ContentType", None) if props else None
+    user_props = dict(getattr(props, "UserProperty", []) or []) if props else {}
+    return Message(
+        topic=msg.topic,
+        payload=bytes(msg.payload),
+        qos=msg.qos,
+        retain=bool(msg.retain),
+        response_topic=response_topic,
+        correlation_data=bytes(correlation) if correlation is not None else None,
+        user_properties=user_props,
+        content_type=content_type,
+        mid=msg.mid,
+        _client=client,
+    )
+
+
+def topic_matches(topic_filter: str, topic: str) -> bool:
+    """MQTT topic-filter matching (``+`` and ``#``), including shared subscriptions."""
+    if topic_filter.startswith("$share/"):
+        topic_filter = topic_filter.split("/", 2)[2]
+    return bool(paho.topic_matches_sub(topic_filter, topic))
