@@ -85,9 +85,16 @@ def decode_request(
     body: bytes, header_length: int | None = None, limits: TensorLimits | None = None
 ) -> DecodedRequest:
     """Decode an inference request body (JSON, or JSON header + binary tensors)."""
-    limits = limits or TensorLimits()
     header, tail = split_body(body, header_length)
-    request = InferenceRequest.parse(header)
+    return decode_request_parts(InferenceRequest.parse(header), tail, limits)
+
+
+def decode_request_parts(
+    request: InferenceRequest, tail: memoryview | bytes, limits: TensorLimits | None = None
+) -> DecodedRequest:
+    """Decode a parsed request header plus the binary data that followed it."""
+    limits = limits or TensorLimits()
+    tail = memoryview(tail)
     if len(request.inputs) > limits.max_inputs:
         raise InvalidInput(f"too many inputs: {len(request.inputs)} > {limits.max_inputs}")
     inputs: dict[str, np.ndarray] = {}
@@ -255,7 +262,7 @@ def json_data(array: np.ndarray, datatype: str) -> Any:
     return np.ascontiguousarray(array).ravel()
 
 
-def encode_response(
+def build_response(
     *,
     model_name: str,
     model_version: str | None,
@@ -265,11 +272,8 @@ def encode_response(
     parameters: Mapping[str, Any] | None = None,
     requested: Sequence[OutputRequest] | None = None,
     binary_default: bool = False,
-) -> tuple[bytes, int | None]:
-    """Encode an inference response; returns the body and the JSON header length.
-
-    The header length is ``None`` when every output is JSON (a plain JSON body).
-    """
+) -> tuple[dict[str, Any], list[bytes]]:
+    """An inference response as its JSON header (a dict) and its binary blobs, in order."""
     names = [r.name for r in requested] if requested else list(outputs)
     wanted_binary = {r.name: r.binary for r in requested or ()}
     header_outputs: list[dict[str, Any]] = []
@@ -297,13 +301,20 @@ def encode_response(
         body["parameters"] = dict(parameters)
     body["outputs"] = header_outputs
     body["schema_version"] = str(PROTOCOL_SCHEMA)
-    header = orjson.dumps(body, option=_JSON_OPTIONS)
-    if not blobs:
-        return header, None
-    return header + b"".join(blobs), len(header)
+    return body, blobs
 
 
-def encode_request(
+def encode_response(**kwargs: Any) -> tuple[bytes, int | None]:
+    """Encode an inference response (see :func:`build_response` for the arguments).
+
+    Returns the body and the JSON header length, which is ``None`` when every output is
+    JSON (a plain JSON body).
+    """
+    header, blobs = build_response(**kwargs)
+    return join_parts(header, blobs)
+
+
+def build_request(
     inputs: Mapping[str, np.ndarray],
     datatypes: Mapping[str, str] | None = None,
     *,
@@ -311,8 +322,8 @@ def encode_request(
     parameters: Mapping[str, Any] | None = None,
     outputs: Sequence[OutputRequest] | None = None,
     binary: bool = True,
-) -> tuple[bytes, int | None]:
-    """Encode an inference request (the client side, used by the uplink and tests)."""
+) -> tuple[dict[str, Any], list[bytes]]:
+    """An inference request (the client side) as its JSON header and binary blobs."""
     header_inputs: list[dict[str, Any]] = []
     blobs: list[bytes] = []
     for name, array in inputs.items():
@@ -335,10 +346,23 @@ def encode_request(
             {"name": o.name, **({"parameters": {"binary_data": o.binary}} if o.binary else {})}
             for o in outputs
         ]
-    header = orjson.dumps(body, option=_JSON_OPTIONS)
+    return body, blobs
+
+
+def encode_request(
+    inputs: Mapping[str, np.ndarray], datatypes: Mapping[str, str] | None = None, **kwargs: Any
+) -> tuple[bytes, int | None]:
+    """Encode an inference request body (see :func:`build_request`)."""
+    header, blobs = build_request(inputs, datatypes, **kwargs)
+    return join_parts(header, blobs)
+
+
+def join_parts(header: dict[str, Any], blobs: Sequence[bytes]) -> tuple[bytes, int | None]:
+    """JSON header + blobs -> body and header length (``None`` for a plain JSON body)."""
+    encoded = orjson.dumps(header, option=_JSON_OPTIONS)
     if not blobs:
-        return header, None
-    return header + b"".join(blobs), len(header)
+        return encoded, None
+    return encoded + b"".join(blobs), len(encoded)
 
 
 def decode_response(body: bytes, header_length: int | None = None) -> dict[str, Any]:
@@ -348,6 +372,12 @@ def decode_response(body: bytes, header_length: int | None = None) -> dict[str, 
         parsed = orjson.loads(header)
     except orjson.JSONDecodeError as exc:
         raise InvalidInput(f"malformed JSON response: {exc}") from None
+    return decode_response_parts(parsed, tail)
+
+
+def decode_response_parts(parsed: Any, tail: memoryview | bytes) -> dict[str, Any]:
+    """Fill a parsed response header's outputs with numpy arrays from JSON data or ``tail``."""
+    tail = memoryview(tail)
     if not isinstance(parsed, dict) or not isinstance(parsed.get("outputs"), list):
         raise InvalidInput("response has no outputs list")
     offset = 0
@@ -364,7 +394,7 @@ def decode_response(body: bytes, header_length: int | None = None) -> dict[str, 
         spec = RequestInput(name=str(out.get("name")), shape=shape, datatype=datatype)
         count = _element_count(spec.name, shape, TensorLimits())
         if size is not None:
-            if not isinstance(size, int) or offset + size > len(tail):
+            if not isinstance(size, int) or size < 0 or offset + size > len(tail):
                 raise InvalidInput("response binary_data_size runs past the body")
             array = _from_binary(spec, dtype, count, tail[offset : offset + size])
             offset += size

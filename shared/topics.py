@@ -1,0 +1,69 @@
+"""MQTT topic names: the one place they are spelled.
+
+Every device-scoped topic starts with ``tether/<device>/`` so a broker ACL pattern
+``tether/%u/#`` confines a device to its own topics. Cloud inference requests go to
+``tether/cloud/infer/<device>/<model>``, which cloud workers consume through one shared
+subscription; the device id a worker trusts is the one in the topic, which the broker's
+ACL authorised, never one in the payload.
+"""
+
+from __future__ import annotations
+
+from shared.errors import InvalidInput
+
+ROOT = "tether"
+CLOUD_SHARE_GROUP = "tether-cloud"
+
+
+def check_segment(value: str, what: str) -> str:
+    """Reject ids that would break topic structure (``/``, ``+``, ``#``, empty)."""
+    if not value or any(c in value for c in "/+#\x00") or len(value) > 128:
+        raise InvalidInput(f"{what} {value!r} cannot be used in an MQTT topic")
+    return value
+
+
+def cloud_request(device: str, model: str) -> str:
+    """Where a device publishes a cloud inference request."""
+    return f"{ROOT}/cloud/infer/{check_segment(device, 'device id')}/{check_segment(model, 'model')}"
+
+
+def cloud_request_filter(group: str = CLOUD_SHARE_GROUP) -> str:
+    """The shared subscription all cloud workers join, so they split the load."""
+    return f"$share/{group}/{ROOT}/cloud/infer/+/+"
+
+
+def parse_cloud_request(topic: str) -> tuple[str, str]:
+    """``(device, model)`` of a cloud request topic."""
+    parts = topic.split("/")
+    if len(parts) != 5 or parts[:3] != [ROOT, "cloud", "infer"]:
+        raise InvalidInput(f"{topic!r} is not a cloud request topic")
+    return parts[3], parts[4]
+
+
+def cloud_replies(device: str, client: str) -> str:
+    """Where the cloud answers one uplink connection of a device."""
+    return f"{ROOT}/{check_segment(device, 'device id')}/cloud/replies/{check_segment(client, 'client id')}"
+
+
+def sensor_data_filter(device: str) -> str:
+    return f"{ROOT}/{check_segment(device, 'device id')}/sensors/+/data"
+
+
+def sensor_topic(device: str, sensor: str, kind: str) -> str:
+    """``tether/<device>/sensors/<sensor>/<kind>`` with kind data, inference or errors."""
+    return f"{ROOT}/{check_segment(device, 'device id')}/sensors/{check_segment(sensor, 'sensor id')}/{kind}"
+
+
+def device_status(device: str) -> str:
+    """The device's retained status (and its last will)."""
+    return f"{ROOT}/{check_segment(device, 'device id')}/status"
+
+
+def device_rollout(device: str) -> str:
+    """Rollout orders for one device (published by the rollout controller only)."""
+    return f"{ROOT}/{check_segment(device, 'device id')}/rollout"
+
+
+def device_rollout_events(device: str) -> str:
+    """A device's reports on rollout steps."""
+    return f"{ROOT}/{check_segment(device, 'device id')}/rollout/events"
