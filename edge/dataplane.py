@@ -90,7 +90,7 @@ class DataPlane:
                     raise InvalidInput(f"model {name!r} has no output {unknown[0]!r}")
             prediction = runtime.infer(request.inputs, wanted)
         except TetherError as exc:
-            metrics.failures.labels(name, exc.reason).inc()
+            self.count_failure(name, exc)
             raise
         except Exception:
             metrics.failures.labels(name, "internal").inc()
@@ -112,6 +112,10 @@ class DataPlane:
         prediction.parameters.setdefault("edge_ms", round(elapsed * 1000.0, 3))
         prediction.parameters.setdefault("compute_ms", round(prediction.compute_ms, 3))
         return prediction
+
+    def count_failure(self, name: str, exc: TetherError) -> None:
+        """Count a failed request (also used by transports for bodies they cannot decode)."""
+        self.metrics.failures.labels(name, exc.reason).inc()
 
     # ------------------------------------------------------------------ repository
 

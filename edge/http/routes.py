@@ -8,8 +8,14 @@ from flask import Blueprint, Response, current_app, request
 
 from edge.dataplane import DataPlane
 from edge.http.responses import json_response, tensor_response
-from shared.codec import HEADER_LENGTH_HEADER, TensorLimits, decode_request, encode_response
-from shared.errors import InvalidInput
+from shared.codec import (
+    HEADER_LENGTH_HEADER,
+    DecodedRequest,
+    TensorLimits,
+    decode_request,
+    encode_response,
+)
+from shared.errors import InvalidInput, TetherError
 
 DATAPLANE_KEY = "tether.dataplane"
 LIMITS_KEY = "tether.limits"
@@ -62,17 +68,13 @@ def model_ready(model: str, version: str | None = None) -> Response:
 @v2.post("/v2/models/<model>/versions/<version>/infer")
 def infer(model: str, version: str | None = None) -> Response:
     started = time.perf_counter()
-    raw_length = request.headers.get(HEADER_LENGTH_HEADER)
-    header_length = None
-    if raw_length is not None:
-        try:
-            header_length = int(raw_length)
-        except ValueError:
-            raise InvalidInput(f"{HEADER_LENGTH_HEADER} must be an integer") from None
-    limits: TensorLimits = current_app.extensions[LIMITS_KEY]
     plane = _dataplane()
     plane.resolve(model, version)  # an unknown model is a 404 whatever the body says
-    decoded = decode_request(request.get_data(cache=False), header_length, limits)
+    try:
+        decoded = _decode(current_app.extensions[LIMITS_KEY])
+    except TetherError as exc:
+        plane.count_failure(model, exc)
+        raise
     prediction = plane.infer(model, version, decoded, started)
     payload, length = encode_response(
         model_name=model,
@@ -84,6 +86,17 @@ def infer(model: str, version: str | None = None) -> Response:
         binary_default=decoded.binary_output_default,
     )
     return tensor_response(payload, length)
+
+
+def _decode(limits: TensorLimits) -> DecodedRequest:
+    raw_length = request.headers.get(HEADER_LENGTH_HEADER)
+    header_length = None
+    if raw_length is not None:
+        try:
+            header_length = int(raw_length)
+        except ValueError:
+            raise InvalidInput(f"{HEADER_LENGTH_HEADER} must be an integer") from None
+    return decode_request(request.get_data(cache=False), header_length, limits)
 
 
 # ---------------------------------------------------------------------- repository

@@ -1,0 +1,116 @@
+"""The model repository: version policies, load/unload, failures, atomic switches."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge.control_file import ControlFile
+from edge.model_config import VersionPolicy
+from edge.repository import ModelRepository
+from shared.errors import ModelNotFound, ModelNotReady, Unavailable
+from tests.onnx_models import dense_model, write_model
+
+
+@pytest.mark.parametrize(
+    ("policy", "expected"),
+    [
+        ({}, [3]),
+        ({"latest": {"num_versions": 2}}, [2, 3]),
+        ({"all": {}}, [1, 2, 3]),
+        ({"specific": {"versions": [1, 3, 7]}}, [1, 3]),
+    ],
+)
+def test_version_policies(policy: dict[str, object], expected: list[int]) -> None:
+    assert VersionPolicy.model_validate(policy).select([3, 1, 2]) == expected
+
+
+def test_serves_policy_versions_and_latest_by_default(tmp_path: Path) -> None:
+    for version in (1, 2, 3):
+        write_model(tmp_path, "m", dense_model(seed=version), version=version)
+    (tmp_path / "m" / "config.json").write_text(
+        json.dumps({"name": "m", "version_policy": {"specific": {"versions": [1, 2]}}})
+    )
+    repo = ModelRepository(tmp_path)
+    assert repo.load("m") == ["1", "2"]
+    assert repo.get("m").version == "2"
+    assert repo.get("m", "1").version == "1"
+    with pytest.raises(ModelNotFound):
+        repo.get("m", "3")
+
+
+def test_broken_model_is_reported_and_others_keep_serving(tmp_path: Path) -> None:
+    write_model(tmp_path, "good", dense_model())
+    broken = tmp_path / "broken" / "1"
+    broken.mkdir(parents=True)
+    (broken / "model.onnx").write_bytes(b"this is not onnx")
+    repo = ModelRepository(tmp_path)
+    repo.load("good")
+    with pytest.raises(Unavailable, match="failed to load"):
+        repo.load("broken")
+    assert not repo.all_ready()
+    with pytest.raises(ModelNotReady, match="failed to load"):
+        repo.get("broken")
+    entries = {e.name: e for e in repo.index()}
+    assert entries["broken"].state == "UNAVAILABLE" and "failed to load" in entries["broken"].reason
+    assert repo.get("good").ready
+
+
+def test_reload_switches_atomically_under_traffic(tmp_path: Path) -> None:
+    write_model(tmp_path, "m", dense_model(seed=1), version=1)
+    repo = ModelRepository(tmp_path)
+    repo.load("m")
+    x = {"x": np.ones((1, 4), np.float32)}
+    errors: list[BaseException] = []
+    versions: set[str] = set()
+    stop = threading.Event()
+
+    def traffic() -> None:
+        while not stop.is_set():
+            try:
+                versions.add(repo.get("m").infer(x).model_version)
+            except BaseException as exc:  # noqa: BLE001
+                errors.append(exc)
+
+    threads = [threading.Thread(target=traffic) for _ in range(3)]
+    for t in threads:
+        t.start()
+    write_model(tmp_path, "m", dense_model(seed=2), version=2)
+    repo.load("m")
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert repo.get("m").version == "2"
+    assert versions <= {"1", "2"}
+
+
+def test_worker_processes_agree_through_the_control_file(tmp_path: Path) -> None:
+    write_model(tmp_path / "repo", "m", dense_model())
+    control_path = tmp_path / "run" / "repository.json"
+    ControlFile(control_path).reset(["m"])
+    first = ModelRepository(tmp_path / "repo", control=ControlFile(control_path))
+    second = ModelRepository(tmp_path / "repo", control=ControlFile(control_path))
+    first.sync()
+    second.sync()
+    assert first.get("m").ready and second.get("m").ready
+    first.unload("m")
+    second.sync()
+    with pytest.raises(ModelNotReady):
+        second.get("m")
+    second.load("m")
+    first.sync()
+    assert first.get("m").ready
+
+
+def test_unknown_and_unsafe_names(tmp_path: Path) -> None:
+    repo = ModelRepository(tmp_path)
+    for name in ("ghost", ""):
+        with pytest.raises((ModelNotFound, Exception)):
+            repo.load(name)
+    with pytest.raises(Exception, match="invalid model name"):
+        repo.load("../etc")
