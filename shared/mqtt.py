@@ -107,6 +107,8 @@ class Message:
     correlation_data: bytes | None = None
     user_properties: dict[str, str] = field(default_factory=dict)
     content_type: str | None = None
+    #: Seconds left of the publisher's message expiry when the broker delivered it.
+    expiry_s: int | None = None
     mid: int = 0
     _client: MqttClient | None = field(default=None, repr=False)
 
@@ -383,6 +385,7 @@ def _to_message(msg: paho.MQTTMessage, client: MqttClient) -> Message:
     correlation = getattr(props, "CorrelationData", None) if props else None
     content_type = getattr(props, "ContentType", None) if props else None
     user_props = dict(getattr(props, "UserProperty", []) or []) if props else {}
+    expiry = getattr(props, "MessageExpiryInterval", None) if props else None
     return Message(
         topic=msg.topic,
         payload=bytes(msg.payload),
@@ -392,6 +395,7 @@ def _to_message(msg: paho.MQTTMessage, client: MqttClient) -> Message:
         correlation_data=bytes(correlation) if correlation is not None else None,
         user_properties=user_props,
         content_type=content_type,
+        expiry_s=int(expiry) if expiry is not None else None,
         mid=msg.mid,
         _client=client,
     )
