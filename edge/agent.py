@@ -11,6 +11,7 @@ from edge.control_file import ControlFile
 from edge.dataplane import DataPlane
 from edge.http.app import create_app
 from edge.metrics import EdgeMetrics
+from edge.model_config import list_models
 from edge.repository import ModelRepository
 from edge.settings import EdgeSettings
 from shared import __version__
@@ -29,7 +30,7 @@ def startup_models(settings: EdgeSettings) -> list[str]:
     """The models to load at start: the configured list, or every model on disk."""
     if settings.models is not None:
         return list(settings.models)
-    return ModelRepository(settings.repository).model_names()
+    return list_models(settings.repository)
 
 
 class EdgeAgent:

@@ -114,3 +114,19 @@ def load_model_config(model_dir: Path) -> ModelConfig:
             f"model config {path} names {config.name!r} but lives in folder {model_dir.name!r}"
         )
     return config
+
+
+def list_models(root: Path) -> list[str]:
+    """Models in a repository folder: folders holding at least one numeric version folder."""
+    if not root.is_dir():
+        return []
+    return sorted(
+        d.name
+        for d in root.iterdir()
+        if d.is_dir() and not d.name.startswith(".") and list_versions(d)
+    )
+
+
+def list_versions(model_dir: Path) -> list[int]:
+    """The numeric version folders of a model, ascending."""
+    return sorted(int(d.name) for d in model_dir.iterdir() if d.is_dir() and d.name.isdigit())

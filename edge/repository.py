@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from edge.control_file import ControlFile
-from edge.model_config import ModelConfig, load_model_config
+from edge.model_config import ModelConfig, list_models, list_versions, load_model_config
 from edge.runtimes import Runtime, RuntimeOptions, create_runtime
 from shared.errors import InvalidInput, ModelNotFound, ModelNotReady, TetherError, Unavailable
 from shared.protocol import RepositoryIndexEntry
@@ -52,19 +52,11 @@ class ModelRepository:
 
     def model_names(self) -> list[str]:
         """Models on disk: folders holding at least one numeric version folder."""
-        if not self.root.is_dir():
-            return []
-        return sorted(
-            d.name
-            for d in self.root.iterdir()
-            if d.is_dir() and not d.name.startswith(".") and self._versions_on_disk(d)
-        )
+        return list_models(self.root)
 
     @staticmethod
     def _versions_on_disk(model_dir: Path) -> list[int]:
-        return sorted(
-            int(d.name) for d in model_dir.iterdir() if d.is_dir() and d.name.isdigit()
-        )
+        return list_versions(model_dir)
 
     # ------------------------------------------------------------------ control
 

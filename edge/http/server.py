@@ -56,6 +56,7 @@ class EdgeServer(BaseApplication):  # type: ignore[misc]
             "loglevel": "info",
             "child_exit": child_exit,
             "worker_tmp_dir": str(self.run_dir),
+            "control_socket_disable": True,
         }
         for key, value in options.items():
             self.cfg.set(key, value)
@@ -80,12 +81,18 @@ def _bracket(host: str) -> str:
 
 
 def serve(settings: EdgeSettings) -> None:
-    """Run the edge agent's HTTP API until stopped (blocks)."""
-    from edge.agent import startup_models
+    """Run the edge agent's HTTP API until stopped (blocks).
+
+    The server process itself stays light: it imports no runtime, model or metrics code
+    (prometheus_client must first be imported after ``PROMETHEUS_MULTIPROC_DIR`` is set,
+    which happens in :meth:`EdgeServer.prepare`); each worker imports them after the fork.
+    """
+    from edge.model_config import list_models
 
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     server = EdgeServer(settings)
-    server.prepare(startup_models(settings))
+    models = list(settings.models) if settings.models is not None else list_models(settings.repository)
+    server.prepare(models)
     log.info(
         "tether edge %s serving %s on http://%s:%d",
         settings.device_id,
