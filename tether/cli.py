@@ -8,6 +8,7 @@ import click
 
 from edge.cli import edge_command
 from shared import __version__
+from tether.up import up_command
 
 
 @click.group()
@@ -21,6 +22,7 @@ def cli(log_level: str) -> None:
 
 
 cli.add_command(edge_command)
+cli.add_command(up_command)
 
 
 def _add_optional_commands() -> None:
