@@ -40,6 +40,11 @@ def parse_cloud_request(topic: str) -> tuple[str, str]:
     return parts[3], parts[4]
 
 
+def cloud_worker_barrier(worker: str) -> str:
+    """A cloud worker's private topic, to learn when the broker has applied its (un)subscribe."""
+    return f"{ROOT}/cloud/workers/{check_segment(worker, 'worker id')}/barrier"
+
+
 def cloud_replies(device: str, client: str) -> str:
     """Where the cloud answers one uplink connection of a device."""
     return f"{ROOT}/{check_segment(device, 'device id')}/cloud/replies/{check_segment(client, 'client id')}"
