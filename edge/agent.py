@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 from pathlib import Path
 
@@ -13,7 +14,9 @@ from edge.http.app import create_app
 from edge.metrics import EdgeMetrics
 from edge.model_config import list_models
 from edge.repository import ModelRepository
+from edge.router import Router, cloud_only_models, needs_uplink
 from edge.settings import EdgeSettings
+from edge.uplink import Uplink
 from shared import __version__
 from shared.codec import TensorLimits
 from shared.errors import TetherError
@@ -27,14 +30,18 @@ def control_file_path(settings: EdgeSettings) -> Path:
 
 
 def startup_models(settings: EdgeSettings) -> list[str]:
-    """The models to load at start: the configured list, or every model on disk."""
+    """The models to load at start: the configured list, or every model on disk.
+
+    Models routed to the cloud only are not loaded, even when their files are here.
+    """
     if settings.models is not None:
         return list(settings.models)
-    return list_models(settings.repository)
+    remote = cloud_only_models(settings.routes)
+    return [name for name in list_models(settings.repository) if name not in remote]
 
 
 class EdgeAgent:
-    """One worker's repository and data plane (and, later, router and uplink)."""
+    """One worker's repository, uplink to the cloud, router and data plane."""
 
     def __init__(
         self,
@@ -51,14 +58,32 @@ class EdgeAgent:
             control=control,
         )
         self.metrics = EdgeMetrics(multiprocess_dir)
-        self.dataplane = DataPlane(self.repository, self.metrics, version=__version__)
+        self.uplink: Uplink | None = None
+        enabled = settings.uplink.enabled
+        if enabled or (enabled is None and needs_uplink(settings.routes)):
+            self.uplink = Uplink(
+                settings.mqtt_url, settings.device_id, settings.uplink, metrics=self.metrics
+            )
+        self.router = Router(
+            self.repository,
+            settings.routes,
+            self.uplink,
+            metrics=self.metrics,
+            price_per_1000=settings.cloud_price_per_1000,
+        )
+        self.dataplane = DataPlane(
+            self.repository, self.metrics, version=__version__, resolver=self.router.resolve
+        )
 
     def start(self) -> None:
         """Load the start-up models; a model that fails is reported, the rest still serve.
 
         With a control file (several worker processes), the server has written the
-        start-up models into it and every worker loads what it says.
+        start-up models into it and every worker loads what it says. The uplink connects
+        in the background: a broker that is down only makes cloud routes fail fast.
         """
+        if self.uplink is not None:
+            self.uplink.start()
         if self.repository.control is not None:
             self.repository.sync()
         else:
@@ -68,6 +93,11 @@ class EdgeAgent:
                 except TetherError as exc:
                     log.error("model %s not loaded: %s", name, exc.message)
         self.dataplane.publish_readiness()
+
+    def close(self) -> None:
+        """Release what the agent holds: the uplink's connection (idempotent)."""
+        if self.uplink is not None:
+            self.uplink.close()
 
     def app(self) -> Flask:
         return create_app(
@@ -86,6 +116,7 @@ def build_app(
     """Build a started agent and return its Flask app (used by the server and tests)."""
     agent = EdgeAgent(settings, control=control, multiprocess_dir=multiprocess_dir)
     agent.start()
+    atexit.register(agent.close)
     app = agent.app()
     app.extensions["tether.agent"] = agent
     return app

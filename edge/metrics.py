@@ -8,6 +8,7 @@ With several server worker processes, values live in ``multiprocess_dir`` and
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 from prometheus_client import (
@@ -19,6 +20,8 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 disable_created_metrics()
 
@@ -74,6 +77,39 @@ class EdgeMetrics:
             ["served_by"],
             registry=r,
         )
+        self.cloud_requests = Counter(
+            "tether_cloud_requests",
+            "Requests sent up the uplink, by cloud model and outcome "
+            "(ok, error, timeout, unreachable, rejected by the open breaker).",
+            ["model", "outcome"],
+            registry=r,
+        )
+        self.cloud_round_trip = Histogram(
+            "tether_cloud_round_trip_seconds",
+            "Time from publishing a cloud request to its reply (network + cloud).",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.cloud_cost = Counter(
+            "tether_cloud_cost_estimate",
+            "Estimated cloud cost: cloud-served requests times the operator's price per 1,000.",
+            ["model"],
+            registry=r,
+        )
+        self.escalations = Counter(
+            "tether_cascade_rows",
+            "Rows a cascade saw, by route model and outcome (local, escalated, degraded).",
+            ["model", "outcome"],
+            registry=r,
+        )
+        self.breaker_open = Gauge(
+            "tether_cloud_breaker_open",
+            "1 while the uplink's circuit breaker refuses cloud calls.",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.registry.register(OffloadRatioCollector(self.requests))
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type, merged over worker processes."""
@@ -82,5 +118,43 @@ class EdgeMetrics:
         from prometheus_client import multiprocess
 
         merged = CollectorRegistry()
-        multiprocess.MultiProcessCollector(merged, path=str(self.multiprocess_dir))
+        source = multiprocess.MultiProcessCollector(merged, path=str(self.multiprocess_dir))
+        merged.register(OffloadRatioCollector(source))
         return generate_latest(merged), CONTENT_TYPE_LATEST
+
+
+class OffloadRatioCollector(Collector):
+    """``tether_offload_ratio{model}``: the share of answered requests served by the cloud.
+
+    Derived at scrape time from ``tether_requests`` (merged over worker processes), so it
+    is exact however many processes serve.
+    """
+
+    def __init__(self, source: Collector) -> None:
+        self._source = source
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        totals: dict[str, float] = {}
+        cloud: dict[str, float] = {}
+        for family in self._source.collect():
+            if family.name != "tether_requests":
+                continue
+            for sample in family.samples:
+                if not sample.name.endswith("_total"):
+                    continue
+                model = sample.labels.get("model", "")
+                totals[model] = totals.get(model, 0.0) + sample.value
+                if sample.labels.get("served_by") == "cloud":
+                    cloud[model] = cloud.get(model, 0.0) + sample.value
+        gauge = GaugeMetricFamily(
+            "tether_offload_ratio",
+            "Share of answered requests that the cloud served, by model.",
+            labels=["model"],
+        )
+        for model, total in sorted(totals.items()):
+            if total > 0:
+                gauge.add_metric([model], cloud.get(model, 0.0) / total)
+        yield gauge

@@ -63,6 +63,75 @@ class RuntimeSettings(Section):
     )
 
 
+RouteMode = Literal["local", "cloud", "cascade", "local-first", "cloud-first"]
+ConfidenceMeasure = Literal["max_probability", "margin", "entropy"]
+
+
+class RouteTensor(Section):
+    """A tensor a route declares for a model the edge does not hold (its full shape)."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class RouteSettings(Section):
+    """How one model name is served: on the device, in the cloud, or a mix (docs/routing.md)."""
+
+    mode: RouteMode = Field("local", description="local, cloud, cascade, local-first, cloud-first.")
+    local_model: str | None = Field(
+        None, description="The edge model that answers (default: the route's name)."
+    )
+    cloud_model: str | None = Field(
+        None, description="The cloud model that answers (default: the route's name)."
+    )
+    cloud_version: str | None = Field(None, description="Cloud model version (default: latest).")
+    confidence: ConfidenceMeasure = Field(
+        "max_probability", description="Cascade: how the local answer's confidence is measured."
+    )
+    threshold: float = Field(
+        0.9, ge=0.0, le=1.0, description="Cascade: escalate rows whose confidence is below this."
+    )
+    confidence_output: str | None = Field(
+        None, description="Cascade: the probabilities output (default: the first output)."
+    )
+    max_queue: int = Field(
+        8, ge=0, description="local-first: local requests in flight past which the cloud answers."
+    )
+    timeout_s: float | None = Field(
+        None, gt=0, description="Deadline of the cloud part (default: uplink.timeout_s)."
+    )
+    inputs: list[RouteTensor] | None = Field(
+        None, description="cloud: input metadata when the model is not in the local repository."
+    )
+    outputs: list[RouteTensor] | None = Field(
+        None, description="cloud: output metadata when the model is not in the local repository."
+    )
+
+
+class UplinkSettings(Section):
+    """The MQTT request/response client to the cloud inference service."""
+
+    enabled: bool | None = Field(
+        None, description="Connect to the cloud (default: when a route needs the cloud)."
+    )
+    timeout_s: float = Field(5.0, gt=0, description="Default deadline of one cloud request.")
+    attempt_timeout_s: float = Field(
+        1.5, gt=0, description="How long to wait for one reply before sending the request again."
+    )
+    max_attempts: int = Field(2, ge=1, description="Sends of one request within its deadline.")
+    breaker_failures: int = Field(
+        5, ge=1, description="Consecutive cloud failures that open the circuit breaker."
+    )
+    breaker_cooldown_s: float = Field(
+        2.0, ge=0, description="How long an open breaker refuses calls before a trial call."
+    )
+    connect_wait_s: float = Field(
+        2.0, ge=0, description="How long start-up waits for the first broker connection."
+    )
+    max_pending: int = Field(1024, ge=1, description="Cloud requests in flight per process.")
+
+
 class EdgeSettings(BaseSettings):
     """Everything the edge agent is configured with."""
 
@@ -83,6 +152,13 @@ class EdgeSettings(BaseSettings):
     )
     http: HttpSettings = Field(default_factory=HttpSettings)
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
+    routes: dict[str, RouteSettings] = Field(
+        default_factory=dict, description="Per model name: how it is served (default: local)."
+    )
+    uplink: UplinkSettings = Field(default_factory=UplinkSettings)
+    cloud_price_per_1000: float = Field(
+        0.0, ge=0, description="Operator's price of 1,000 cloud requests, for the cost estimate."
+    )
 
     @classmethod
     def settings_customise_sources(
