@@ -1,0 +1,181 @@
+"""The cloud worker's settings: one typed object, from a TOML file and environment variables.
+
+Precedence, highest first: values passed in code (command-line flags), environment
+variables, the TOML file, the defaults. The broker URL is ``TETHER_MQTT_URL`` (the same
+variable the edge reads); everything else is ``TETHER_CLOUD_*``, with ``__`` for nested
+fields (``TETHER_CLOUD_BATCHING__MAX_BATCH_SIZE=16``). Nothing else in the worker reads
+the environment; this object is passed in.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from edge.runtimes.base import RuntimeOptions
+from edge.settings import RuntimeSettings, Section
+from shared.errors import InvalidInput
+from shared.topics import CLOUD_SHARE_GROUP, check_segment
+
+DEFAULT_MODELS = ["digits-teacher", "digits-student"]
+
+
+def default_worker_id() -> str:
+    """``<host>-<pid>``: unique per process, readable in logs and broker client lists."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class BatchPolicy(Section):
+    """Triton's dynamic batcher for one model: off when ``max_batch_size`` is 0."""
+
+    max_batch_size: int = Field(
+        0, ge=0, le=4096, description="Most rows run together; 0 turns batching off."
+    )
+    max_queue_delay_ms: float = Field(
+        0.0, ge=0, le=10_000, description="How long a request may wait for others to join it."
+    )
+
+
+class BatchingSettings(BatchPolicy):
+    """The default batch policy, and per-model overrides under ``models.<name>``."""
+
+    models: dict[str, BatchPolicy] = Field(
+        default_factory=dict, description="Per-model policies that replace the default."
+    )
+
+    def for_model(self, name: str) -> BatchPolicy:
+        """The policy that applies to ``name``."""
+        return self.models.get(name) or BatchPolicy(
+            max_batch_size=self.max_batch_size, max_queue_delay_ms=self.max_queue_delay_ms
+        )
+
+
+class CloudSettings(BaseSettings):
+    """Everything a cloud inference worker is configured with."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="TETHER_CLOUD_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+        populate_by_name=True,
+    )
+
+    mqtt_url: str = Field(
+        "mqtt://127.0.0.1:1883",
+        validation_alias="TETHER_MQTT_URL",
+        description="The MQTT broker (env TETHER_MQTT_URL, shared with the edge).",
+    )
+    worker_id: str = Field(
+        default_factory=default_worker_id,
+        description="This worker's MQTT client id and name in replies (default host-pid).",
+    )
+    repository: Path = Field(Path("models/repository"), description="The model repository.")
+    models: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: list(DEFAULT_MODELS),
+        description="Models to load and serve (a JSON list or comma-separated in the env).",
+    )
+    share_group: str = Field(
+        CLOUD_SHARE_GROUP, description="The shared-subscription group all workers join."
+    )
+    batching: BatchingSettings = Field(default_factory=BatchingSettings)
+    worker_threads: int = Field(2, ge=1, le=256, description="Threads that run batches.")
+    queue_limit: int = Field(
+        256, ge=1, description="Requests waiting over all models before answering 503."
+    )
+    max_tensor_elements: int = Field(
+        16 * 1024 * 1024, ge=1, description="Largest element count of one input tensor."
+    )
+    metrics_host: str = Field("127.0.0.1", description="Address of the Prometheus endpoint.")
+    metrics_port: int = Field(
+        9100, ge=0, le=65535, description="Port of the Prometheus endpoint; 0 turns it off."
+    )
+    drain_timeout_s: float = Field(
+        30.0, ge=0, description="On SIGTERM, how long queued and running work may take."
+    )
+    dedupe_ttl_s: float = Field(
+        120.0, ge=0, description="How long a request id is remembered after its answer."
+    )
+    dedupe_max_entries: int = Field(
+        100_000, ge=1, description="Most request ids remembered for deduplication."
+    )
+    connect_timeout_s: float = Field(10.0, gt=0, description="How long start() waits for MQTT.")
+    runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
+    data_dir: Path = Field(Path(".tether-cloud"), description="Engine caches and other state.")
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _split_models(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    @field_validator("worker_id", "share_group")
+    @classmethod
+    def _topic_safe(cls, value: str) -> str:
+        try:
+            return check_segment(value, "worker id or share group")
+        except InvalidInput as exc:
+            raise ValueError(exc.message) from None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        toml_file = _TOML_FILE.get("path")
+        if toml_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+        return tuple(sources)
+
+    def runtime_options(self) -> RuntimeOptions:
+        """The runtime layer's options (the same layer the edge uses)."""
+        return RuntimeOptions(
+            providers=tuple(self.runtime.providers),
+            intra_op_threads=self.runtime.intra_op_threads,
+            engine_cache_dir=self.runtime.engine_cache_dir or self.data_dir / "engines",
+            fp16=self.runtime.fp16,
+            int8=self.runtime.int8,
+        )
+
+
+# The TOML file for the settings being built; set only inside load_cloud_settings.
+_TOML_FILE: dict[str, Path] = {}
+
+
+def load_cloud_settings(config_file: Path | None = None, **overrides: Any) -> CloudSettings:
+    """Build the settings from ``config_file`` (TOML), the environment and ``overrides``.
+
+    ``overrides`` with the value ``None`` are ignored, so unset command-line flags fall
+    through to the environment and the file.
+    """
+    if config_file is not None and not config_file.is_file():
+        raise FileNotFoundError(f"config file {config_file} does not exist")
+    given = {k: v for k, v in overrides.items() if v is not None}
+    _TOML_FILE.clear()
+    if config_file is not None:
+        _TOML_FILE["path"] = config_file
+    try:
+        return CloudSettings(**given)
+    finally:
+        _TOML_FILE.clear()

@@ -1,0 +1,550 @@
+"""The cloud inference worker: MQTT requests in, batched runs on the runtime layer, replies out.
+
+A :class:`CloudWorker` is stateless: it loads its own model repository (the same
+:class:`~edge.repository.ModelRepository` and runtimes as the edge), joins the shared
+subscription ``$share/<group>/tether/cloud/infer/+/+`` so that every worker of the group
+gets a share of the requests, and answers each on the requester's MQTT 5 response topic
+with the requester's correlation data.
+
+The MQTT handler (paho's network thread) only decodes the envelope, checks deadline,
+duplicate and model, and queues the request; worker threads take batches from the
+:class:`~cloud.batcher.DynamicBatcher`, decode and validate the tensors, run the model
+once per batch and publish one reply per request. The device id comes from the topic the
+broker authorised, never from the payload.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from paho.mqtt.client import MQTTMessageInfo
+
+from cloud.batcher import Batch, DynamicBatcher, Queued
+from cloud.dedupe import Arrival, Key, ReplyAddress, ReplyCache
+from cloud.metrics import CloudMetrics, MetricsServer
+from cloud.settings import BatchPolicy, CloudSettings
+from edge.dataplane import validate_inputs
+from edge.repository import ModelRepository
+from edge.runtimes import Prediction, Runtime
+from shared import topics
+from shared.codec import DecodedRequest, TensorLimits, build_response, decode_request_parts
+from shared.envelopes import (
+    ErrorEnvelope,
+    InferRequestEnvelope,
+    InferResponseEnvelope,
+    decode_envelope,
+    frame,
+    request_id_of,
+)
+from shared.errors import InternalError, InvalidInput, TetherError, Unavailable
+from shared.mqtt import Message, MqttClient, MqttError
+
+log = logging.getLogger(__name__)
+
+#: Statuses after which a retry of the same request id is run afresh, not deduplicated.
+TRANSIENT_STATUSES = frozenset({429, 503})
+
+
+@dataclass
+class CloudRequest:
+    """A request accepted from MQTT, waiting for or inside a batch."""
+
+    key: Key
+    device: str
+    envelope: InferRequestEnvelope
+    tail: memoryview
+    runtime: Runtime
+    address: ReplyAddress | None
+
+    @property
+    def request_id(self) -> str:
+        return self.envelope.request_id
+
+
+class CloudWorker:
+    """One cloud inference worker process's serving machinery."""
+
+    def __init__(
+        self,
+        settings: CloudSettings,
+        *,
+        repository: ModelRepository | None = None,
+        metrics: CloudMetrics | None = None,
+    ) -> None:
+        self.settings = settings
+        self.worker_id = settings.worker_id
+        self.repository = repository or ModelRepository(
+            settings.repository, settings.runtime_options(), backend=settings.runtime.backend
+        )
+        self.metrics = metrics or CloudMetrics()
+        self.limits = TensorLimits(max_elements=settings.max_tensor_elements)
+        self.request_filter = topics.cloud_request_filter(settings.share_group)
+        self.batcher: DynamicBatcher[CloudRequest] = DynamicBatcher(
+            self._batch_policy, settings.queue_limit
+        )
+        self.replies = ReplyCache(settings.dedupe_ttl_s, settings.dedupe_max_entries)
+        self.client = MqttClient(settings.mqtt_url, settings.worker_id)
+        self._metrics_server: MetricsServer | None = None
+        self._threads: list[threading.Thread] = []
+        self._policies: dict[str, BatchPolicy] = {}
+        self._barrier_topic = topics.cloud_worker_barrier(settings.worker_id)
+        self._barriers: dict[bytes, threading.Event] = {}
+        self._unanswered: list[MQTTMessageInfo] = []
+        self._lock = threading.Lock()
+        self._started = False
+        self._stopped = threading.Event()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The port the Prometheus endpoint listens on, when it is on."""
+        return self._metrics_server.port if self._metrics_server else None
+
+    def start(self) -> None:
+        """Load the models, start the threads, connect and subscribe; returns once subscribed."""
+        if self._started:
+            return
+        for name in self.settings.models:
+            self.repository.load(name)
+        self._publish_readiness()
+        for name in self.settings.models:
+            self._policies[name] = self._capped_policy(name)
+        if self.settings.metrics_port:
+            self._metrics_server = MetricsServer(
+                self.metrics, self.settings.metrics_host, self.settings.metrics_port
+            )
+            self._metrics_server.start()
+        for index in range(self.settings.worker_threads):
+            thread = threading.Thread(target=self._serve, name=f"cloud-worker-{index}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        self._started = True
+        try:
+            self.client.start(wait_s=self.settings.connect_timeout_s)
+            self.client.subscribe(self._barrier_topic, self._on_barrier, qos=1)
+            self.client.subscribe(self.request_filter, self._on_request, qos=1)
+            self._barrier(self.settings.connect_timeout_s)
+        except BaseException:
+            self.stop(drain=False)
+            raise
+        log.info(
+            "cloud worker %s ready: models %s, subscribed to %s on %s",
+            self.worker_id,
+            ", ".join(self.settings.models) or "none",
+            self.request_filter,
+            self.client.address.url(),
+        )
+
+    def stop(self, drain: bool = True, timeout_s: float | None = None) -> None:
+        """Stop taking requests; with ``drain``, answer every accepted request first.
+
+        Draining unsubscribes, waits until the broker has applied that (so every request
+        it routed here has arrived), then lets the worker threads finish the queue and
+        the running batches and waits for their replies' PUBACKs, all within
+        ``timeout_s`` (default ``drain_timeout_s``). Without ``drain`` queued requests are
+        answered 503 at once so the edge can retry them elsewhere.
+        """
+        if not self._started or self._stopped.is_set():
+            return
+        self._stopped.set()
+        limit = self.settings.drain_timeout_s if timeout_s is None else timeout_s
+        until = time.monotonic() + limit
+        if self.client.connected:
+            self.client.unsubscribe(self.request_filter)
+            if drain:
+                try:
+                    self._barrier(max(0.1, min(2.0, until - time.monotonic())))
+                except Unavailable as exc:
+                    log.warning("drain: %s", exc.message)
+        if drain:
+            self.batcher.close()
+        else:
+            for job in self.batcher.discard():
+                self._fail(job.item, Unavailable("the cloud worker is stopping"), job.deadline)
+        for thread in self._threads:
+            thread.join(timeout=max(0.0, until - time.monotonic()))
+        if any(thread.is_alive() for thread in self._threads):
+            log.warning("drain: work still running after %.1fs; leaving it", limit)
+        self._wait_published(max(0.5, until - time.monotonic()))
+        self.client.stop()
+        if self._metrics_server is not None:
+            self._metrics_server.stop()
+        log.info("cloud worker %s stopped", self.worker_id)
+
+    def __enter__(self) -> CloudWorker:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop(drain=True)
+
+    # ------------------------------------------------------------------ MQTT side
+
+    def _on_request(self, message: Message) -> None:
+        """Decode, dedupe and queue one request (paho's network thread: quick, never raises)."""
+        arrived = time.monotonic()
+        address = (
+            (message.response_topic, message.correlation_data) if message.response_topic else None
+        )
+        model = "unknown"
+        try:
+            device, model = topics.parse_cloud_request(message.topic)
+            envelope, tail = decode_envelope(message.payload)
+            if not isinstance(envelope, InferRequestEnvelope):
+                raise InvalidInput(f"expected an infer_request envelope, got {envelope.kind!r}")
+            if envelope.model != model:
+                raise InvalidInput(
+                    f"the envelope names model {envelope.model!r} but was sent to {model!r}"
+                )
+        except TetherError as exc:
+            self.metrics.failures.labels(model, exc.reason).inc()
+            request_id = request_id_of(message.payload) or "unknown"
+            log.info("rejected %s on %s: %s", request_id, message.topic, exc.message)
+            self._send(address, _error_payload(request_id, exc), None)
+            return
+        key = (device, envelope.request_id)
+        action, cached = self.replies.arrive(key, address)
+        if action is not Arrival.NEW:
+            self.metrics.duplicates.labels(action.value).inc()
+            if action is Arrival.RESEND and cached is not None:
+                self._send(address, cached, None)
+            return
+        deadline = _deadline(envelope, message, arrived)
+        try:
+            runtime = self.repository.get(model, envelope.version)
+        except TetherError as exc:
+            self._fail_unqueued(key, model, envelope.request_id, address, exc)
+            return
+        request = CloudRequest(key, device, envelope, tail, runtime, address)
+        job = Queued(request, model, _batch_key(runtime, envelope), _rows(envelope), arrived)
+        job.deadline = deadline
+        self.metrics.inflight.inc()
+        if job.expired(arrived):
+            self._expire(job)
+            return
+        try:
+            self.batcher.put(job)
+        except TetherError as exc:
+            self.metrics.inflight.dec()
+            self._fail_unqueued(key, model, envelope.request_id, address, exc)
+
+    def _fail_unqueued(
+        self,
+        key: Key,
+        model: str,
+        request_id: str,
+        address: ReplyAddress | None,
+        exc: TetherError,
+    ) -> None:
+        self.metrics.failures.labels(model, exc.reason).inc()
+        payload = _error_payload(request_id, exc)
+        if exc.status in TRANSIENT_STATUSES:
+            self.replies.forget(key)
+            self._send(address, payload, None)
+            return
+        for target in self.replies.finish(key, payload, address):
+            self._send(target, payload, None)
+
+    def _send(self, address: ReplyAddress | None, payload: bytes, deadline: float | None) -> None:
+        """Publish a reply (QoS 1), expiring with the request's deadline; never raises."""
+        if address is None:
+            return
+        topic, correlation = address
+        expiry = None if deadline is None else max(1.0, deadline - time.monotonic())
+        try:
+            info = self.client.publish(
+                topic, payload, qos=1, correlation_data=correlation, expiry_s=expiry
+            )
+        except (MqttError, ValueError) as exc:
+            log.warning("could not reply on %s: %s", topic, exc)
+            self.metrics.failures.labels("unknown", "reply_failed").inc()
+            return
+        with self._lock:
+            self._unanswered = [i for i in self._unanswered if not i.is_published()]
+            self._unanswered.append(info)
+
+    def _wait_published(self, timeout_s: float) -> None:
+        until = time.monotonic() + timeout_s
+        with self._lock:
+            pending = list(self._unanswered)
+        for info in pending:
+            remaining = until - time.monotonic()
+            if remaining <= 0:
+                break
+            with contextlib.suppress(RuntimeError, ValueError):
+                info.wait_for_publish(remaining)
+
+    def _on_barrier(self, message: Message) -> None:
+        event = self._barriers.get(message.payload)
+        if event is not None:
+            event.set()
+
+    def _barrier(self, timeout_s: float) -> None:
+        """Wait until the broker has applied every (un)subscribe sent before this call.
+
+        A broker handles one connection's packets in order, so once a message published
+        to our own barrier topic comes back, earlier SUBSCRIBE/UNSUBSCRIBE packets are in
+        force, and every request routed to us before them has been received.
+        """
+        token = secrets.token_hex(8).encode()
+        event = threading.Event()
+        self._barriers[token] = event
+        until = time.monotonic() + timeout_s
+        try:
+            while not event.is_set():
+                remaining = until - time.monotonic()
+                if remaining <= 0:
+                    raise Unavailable(
+                        f"the broker did not confirm the subscription in {timeout_s}s"
+                    )
+                try:
+                    self.client.publish(self._barrier_topic, token, qos=1)
+                except MqttError:
+                    self.client.wait_connected(min(remaining, 0.5))
+                    continue
+                event.wait(min(remaining, 1.0))
+        finally:
+            self._barriers.pop(token, None)
+
+    # ------------------------------------------------------------------ worker threads
+
+    def _serve(self) -> None:
+        while True:
+            batch = self.batcher.take()
+            if batch is None:
+                return
+            try:
+                for job in batch.expired:
+                    self._expire(job)
+                if batch.jobs:
+                    self._run(batch)
+            except Exception:  # a bug must not take a worker thread down
+                log.exception("worker thread failed on a batch")
+
+    def _expire(self, job: Queued[CloudRequest]) -> None:
+        """Drop a request whose deadline passed: never run, never answered (nobody waits)."""
+        request = job.item
+        log.info("dropped %s of %s: its deadline passed", request.request_id, request.device)
+        self.metrics.failures.labels(job.model, "expired").inc()
+        self.replies.finish(request.key, None, None)
+        self.metrics.inflight.dec()
+
+    def _run(self, batch: Batch[CloudRequest]) -> None:
+        """Decode and validate each request, run the valid ones in one call, reply to each."""
+        model = batch.jobs[0].model
+        runtime = batch.jobs[0].item.runtime
+        ready: list[tuple[Queued[CloudRequest], DecodedRequest]] = []
+        for job in batch.jobs:
+            self.metrics.queue_time.labels(model).observe(batch.formed - job.arrived)
+            try:
+                decoded = decode_request_parts(
+                    job.item.envelope.request, job.item.tail, self.limits
+                )
+                _validate(runtime, decoded)
+            except TetherError as exc:
+                self._finish_error(job, exc)
+                continue
+            ready.append((job, decoded))
+        if not ready:
+            return
+        try:
+            results = self._predict(runtime, [decoded for _job, decoded in ready])
+        except TetherError as exc:
+            for job, _decoded in ready:
+                self._finish_error(job, exc)
+            return
+        except Exception as exc:  # a runtime bug is the request's 500
+            log.exception("model %s failed", model)
+            error = InternalError(f"model {model!r} failed: {type(exc).__name__}")
+            for job, _decoded in ready:
+                self._finish_error(job, error)
+            return
+        rows = sum(_batch_rows(decoded) for _job, decoded in ready)
+        for (job, decoded), (outputs, prediction) in zip(ready, results, strict=True):
+            self._finish_ok(job, decoded, outputs, prediction, batch.formed, rows)
+
+    def _predict(
+        self, runtime: Runtime, requests: Sequence[DecodedRequest]
+    ) -> list[tuple[dict[str, np.ndarray], Prediction]]:
+        """Run requests in one call when batched; each request's outputs and the run."""
+        wanted = [o.name for o in requests[0].outputs] if requests[0].outputs else None
+        model = runtime.name
+        if len(requests) == 1:
+            prediction = runtime.infer(requests[0].inputs, wanted)
+            self._observe_run(runtime, prediction, 1, _batch_rows(requests[0]))
+            return [(prediction.outputs, prediction)]
+        counts = [_batch_rows(r) for r in requests]
+        total = sum(counts)
+        inputs = {
+            name: np.concatenate([r.inputs[name] for r in requests], axis=0)
+            for name in requests[0].inputs
+        }
+        prediction = runtime.infer(inputs, wanted)
+        if any(a.ndim == 0 or a.shape[0] != total for a in prediction.outputs.values()):
+            log.warning("model %s: outputs are not batch-major; running requests one by one", model)
+            return [self._predict(runtime, [r])[0] for r in requests]
+        self._observe_run(runtime, prediction, len(requests), total)
+        bounds = np.cumsum([0, *counts])
+        return [
+            ({k: v[bounds[i] : bounds[i + 1]] for k, v in prediction.outputs.items()}, prediction)
+            for i in range(len(requests))
+        ]
+
+    def _observe_run(
+        self, runtime: Runtime, prediction: Prediction, requests: int, rows: int
+    ) -> None:
+        m = self.metrics
+        m.compute_time.labels(runtime.name, prediction.model_version).observe(
+            prediction.compute_ms / 1000.0
+        )
+        m.batch_size.labels(runtime.name).observe(rows)
+        m.batch_requests.labels(runtime.name).observe(requests)
+
+    def _finish_ok(
+        self,
+        job: Queued[CloudRequest],
+        decoded: DecodedRequest,
+        outputs: Mapping[str, np.ndarray],
+        prediction: Prediction,
+        formed: float,
+        rows: int,
+    ) -> None:
+        request = job.item
+        runtime = request.runtime
+        queue_ms = round((formed - job.arrived) * 1000.0, 3)
+        compute_ms = round(prediction.compute_ms, 3)
+        header, blobs = build_response(
+            model_name=prediction.model_name,
+            model_version=prediction.model_version,
+            outputs=outputs,
+            datatypes={spec.name: spec.datatype for spec in runtime.outputs},
+            request_id=decoded.id,
+            parameters={
+                "served_by": "cloud",
+                "worker": self.worker_id,
+                "execution_provider": runtime.provider,
+                "queue_ms": queue_ms,
+                "compute_ms": compute_ms,
+                "batch_size": rows,
+            },
+            requested=decoded.outputs,
+            binary_default=decoded.binary_output_default,
+        )
+        envelope = InferResponseEnvelope(
+            request_id=request.request_id,
+            worker=self.worker_id,
+            queue_ms=queue_ms,
+            compute_ms=compute_ms,
+            batch_size=rows,
+            response=header,
+        )
+        payload = frame(envelope.dump(), blobs)
+        self.metrics.requests.labels(job.model, prediction.model_version).inc()
+        self._answer(job, payload)
+
+    def _finish_error(self, job: Queued[CloudRequest], exc: TetherError) -> None:
+        self.metrics.failures.labels(job.model, exc.reason).inc()
+        self._fail(job.item, exc, job.deadline)
+
+    def _fail(self, request: CloudRequest, exc: TetherError, deadline: float | None) -> None:
+        payload = _error_payload(request.request_id, exc)
+        if exc.status in TRANSIENT_STATUSES:
+            self.replies.forget(request.key)
+            self._send(request.address, payload, deadline)
+        else:
+            for target in self.replies.finish(request.key, payload, request.address):
+                self._send(target, payload, deadline)
+        self.metrics.inflight.dec()
+
+    def _answer(self, job: Queued[CloudRequest], payload: bytes) -> None:
+        for target in self.replies.finish(job.item.key, payload, job.item.address):
+            self._send(target, payload, job.deadline)
+        self.metrics.inflight.dec()
+
+    # ------------------------------------------------------------------ models
+
+    def _batch_policy(self, model: str) -> BatchPolicy:
+        policy = self._policies.get(model)
+        if policy is None:
+            policy = self._policies[model] = self._capped_policy(model)
+        return policy
+
+    def _capped_policy(self, model: str) -> BatchPolicy:
+        """The configured policy, capped by the model's own ``max_batch_size`` when it has one."""
+        policy = self.settings.batching.for_model(model)
+        try:
+            runtime = self.repository.get(model)
+        except TetherError:
+            return policy
+        if runtime.max_batch_size and policy.max_batch_size > runtime.max_batch_size:
+            return BatchPolicy(
+                max_batch_size=runtime.max_batch_size, max_queue_delay_ms=policy.max_queue_delay_ms
+            )
+        return policy
+
+    def _publish_readiness(self) -> None:
+        for name, versions in self.repository.served().items():
+            for version, runtime in versions.items():
+                self.metrics.model_ready.labels(name, version, runtime.provider).set(
+                    1 if runtime.ready else 0
+                )
+
+
+# ---------------------------------------------------------------------- request facts
+
+
+def _deadline(envelope: InferRequestEnvelope, message: Message, arrived: float) -> float | None:
+    """The monotonic deadline: the envelope's (Unix time), or the MQTT expiry if sooner."""
+    candidates: list[float] = []
+    if envelope.deadline is not None:
+        candidates.append(arrived + (envelope.deadline - time.time()))
+    if message.expiry_s is not None:
+        candidates.append(arrived + message.expiry_s)
+    return min(candidates) if candidates else None
+
+
+def _rows(envelope: InferRequestEnvelope) -> int:
+    inputs = envelope.request.inputs
+    return inputs[0].shape[0] if inputs and inputs[0].shape else 1
+
+
+def _batch_key(runtime: Runtime, envelope: InferRequestEnvelope) -> Hashable | None:
+    """What must match for two requests to share one run; ``None`` when it cannot batch."""
+    if not runtime.inputs or any(not s.shape or s.shape[0] != -1 for s in runtime.inputs):
+        return None
+    request = envelope.request
+    if any(not spec.shape for spec in request.inputs):
+        return None
+    inputs = tuple(
+        sorted((spec.name, spec.datatype, tuple(spec.shape[1:])) for spec in request.inputs)
+    )
+    outputs = tuple(o.name for o in request.outputs) if request.outputs else None
+    return (runtime, inputs, outputs)
+
+
+def _batch_rows(request: DecodedRequest) -> int:
+    for array in request.inputs.values():
+        return int(array.shape[0]) if array.ndim else 1
+    return 1
+
+
+def _validate(runtime: Runtime, request: DecodedRequest) -> None:
+    """The edge data plane's input checks, plus unknown requested outputs."""
+    validate_inputs(runtime, request.inputs, request.datatypes)
+    if request.outputs:
+        known = {spec.name for spec in runtime.outputs}
+        for output in request.outputs:
+            if output.name not in known:
+                raise InvalidInput(f"model {runtime.name!r} has no output {output.name!r}")
+
+
+def _error_payload(request_id: str, exc: TetherError) -> bytes:
+    return frame(ErrorEnvelope.from_error(request_id, exc).dump())
