@@ -200,7 +200,7 @@ def test_broker_down_fails_fast_and_recovers(fresh_broker: Broker) -> None:
         def hang() -> None:
             try:
                 uplink.request("big", {"x": X}, timeout_s=10.0)
-            except BaseException as exc:  # noqa: BLE001 - recorded for the assertion
+            except BaseException as exc:
                 pending.append(exc)
 
         waiter = threading.Thread(target=hang)
