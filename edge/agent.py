@@ -12,9 +12,8 @@ from edge.control_file import ControlFile
 from edge.dataplane import DataPlane
 from edge.http.app import create_app
 from edge.metrics import EdgeMetrics
-from edge.model_config import list_models
 from edge.repository import ModelRepository
-from edge.router import Router, cloud_only_models, needs_uplink
+from edge.router import Router, needs_uplink
 from edge.settings import EdgeSettings
 from edge.uplink import Uplink
 from shared import __version__
@@ -30,14 +29,8 @@ def control_file_path(settings: EdgeSettings) -> Path:
 
 
 def startup_models(settings: EdgeSettings) -> list[str]:
-    """The models to load at start: the configured list, or every model on disk.
-
-    Models routed to the cloud only are not loaded, even when their files are here.
-    """
-    if settings.models is not None:
-        return list(settings.models)
-    remote = cloud_only_models(settings.routes)
-    return [name for name in list_models(settings.repository) if name not in remote]
+    """The models to load at start (see :meth:`EdgeSettings.startup_models`)."""
+    return settings.startup_models()
 
 
 class EdgeAgent:

@@ -96,17 +96,17 @@ class DataPlane:
             metrics.failures.labels(name, "internal").inc()
             raise
         elapsed = time.perf_counter() - started
-        served_version = prediction.model_version
         route = str(prediction.parameters.get("route", "local"))
-        metrics.requests.labels(name, served_version, prediction.served_by, route).inc()
-        metrics.request_duration.labels(name, served_version).observe(elapsed)
-        metrics.compute_duration.labels(name, served_version, prediction.served_by).observe(
-            prediction.compute_ms / 1000.0
+        flops = runtime.flops * _batch_size(request.inputs) if runtime.flops else 0
+        metrics.record_success(
+            name,
+            prediction.model_version,
+            prediction.served_by,
+            route,
+            elapsed,
+            prediction.compute_ms / 1000.0,
+            flops,
         )
-        if runtime.flops:
-            metrics.inference_flops.labels(prediction.served_by).inc(
-                runtime.flops * _batch_size(request.inputs)
-            )
         prediction.parameters.setdefault("served_by", prediction.served_by)
         prediction.parameters.setdefault("route", route)
         prediction.parameters.setdefault("edge_ms", round(elapsed * 1000.0, 3))

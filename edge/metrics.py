@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -36,6 +37,7 @@ class EdgeMetrics:
 
     def __init__(self, multiprocess_dir: Path | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self._children: dict[tuple[str, str, str, str], tuple[Any, Any, Any, Any]] = {}
         self.multiprocess_dir = multiprocess_dir
         r = self.registry
         self.requests = Counter(
@@ -110,6 +112,34 @@ class EdgeMetrics:
             multiprocess_mode="livemax",
         )
         self.registry.register(OffloadRatioCollector(self.requests))
+
+    def record_success(
+        self,
+        model: str,
+        version: str,
+        served_by: str,
+        route: str,
+        request_s: float,
+        compute_s: float,
+        flops: int,
+    ) -> None:
+        """Count one answered request (label children are cached: this is the hot path)."""
+        key = (model, version, served_by, route)
+        children = self._children.get(key)
+        if children is None:
+            children = (
+                self.requests.labels(model, version, served_by, route),
+                self.request_duration.labels(model, version),
+                self.compute_duration.labels(model, version, served_by),
+                self.inference_flops.labels(served_by),
+            )
+            self._children[key] = children
+        requests, request_duration, compute_duration, inference_flops = children
+        requests.inc()
+        request_duration.observe(request_s)
+        compute_duration.observe(compute_s)
+        if flops:
+            inference_flops.inc(flops)
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type, merged over worker processes."""

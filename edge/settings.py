@@ -175,6 +175,16 @@ class EdgeSettings(BaseSettings):
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
         return tuple(sources)
 
+    def startup_models(self) -> list[str]:
+        """The models to load at start: the configured list, or every model on disk except
+        those routed to the cloud only (even when their files are here)."""
+        from edge.model_config import list_models
+
+        if self.models is not None:
+            return list(self.models)
+        remote = {name for name, route in self.routes.items() if route.mode == "cloud"}
+        return [name for name in list_models(self.repository) if name not in remote]
+
     def runtime_options(self) -> RuntimeOptions:
         """The runtime layer's options, derived from these settings."""
         return RuntimeOptions(

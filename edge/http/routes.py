@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from flask import Blueprint, Response, current_app, request
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from edge.dataplane import DataPlane
 from edge.http.responses import json_response, tensor_response
@@ -96,7 +97,21 @@ def _decode(limits: TensorLimits) -> DecodedRequest:
             header_length = int(raw_length)
         except ValueError:
             raise InvalidInput(f"{HEADER_LENGTH_HEADER} must be an integer") from None
-    return decode_request(request.get_data(cache=False), header_length, limits)
+    return decode_request(_body(), header_length, limits)
+
+
+def _body() -> bytes:
+    """The request body, read straight from the WSGI input when its length is known."""
+    length = request.content_length
+    if length is None:
+        return request.get_data(cache=False)  # chunked: werkzeug enforces the size limit
+    limit = current_app.config["MAX_CONTENT_LENGTH"]
+    if limit is not None and length > limit:
+        raise RequestEntityTooLarge()
+    body: bytes = request.environ["wsgi.input"].read(length)
+    if len(body) != length:
+        raise InvalidInput(f"body ended after {len(body)} of {length} bytes")
+    return body
 
 
 # ---------------------------------------------------------------------- repository

@@ -87,12 +87,9 @@ def serve(settings: EdgeSettings) -> None:
     (prometheus_client must first be imported after ``PROMETHEUS_MULTIPROC_DIR`` is set,
     which happens in :meth:`EdgeServer.prepare`); each worker imports them after the fork.
     """
-    from edge.model_config import list_models
-
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     server = EdgeServer(settings)
-    models = list(settings.models) if settings.models is not None else list_models(settings.repository)
-    server.prepare(models)
+    server.prepare(settings.startup_models())
     log.info(
         "tether edge %s serving %s on http://%s:%d",
         settings.device_id,
