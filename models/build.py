@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,15 @@ STUDENT_TRAINING = TrainConfig(epochs=200, seed=0, temperature=4.0, alpha=0.9)
 
 
 @dataclass(frozen=True)
+class TrainedModels:
+    """The three trained networks of a build."""
+
+    teacher: MLP
+    hard_student: MLP
+    student: MLP
+
+
+@dataclass(frozen=True)
 class ModelReport:
     """One exported model's facts, as recorded in its config."""
 
@@ -70,7 +79,8 @@ class BuildReport:
     hard_label_accuracy: float
     temperature: float
     alpha: float
-    skipped: bool = False
+    #: The trained networks themselves (float32), for checks against the exports.
+    trained: TrainedModels = field(repr=False, compare=False)
 
     @property
     def flops_ratio(self) -> float:
@@ -112,15 +122,6 @@ def _row(model: ModelReport) -> tuple[str, str, str, str, str]:
         f"{model.params:,}",
         f"{model.flops:,}",
     )
-
-
-@dataclass(frozen=True)
-class TrainedModels:
-    """The three trained networks of a build."""
-
-    teacher: MLP
-    hard_student: MLP
-    student: MLP
 
 
 def train_models() -> TrainedModels:
@@ -250,6 +251,7 @@ def build(output_dir: Path, *, quiet: bool = False) -> BuildReport:
         hard_label_accuracy=hard_accuracy,
         temperature=STUDENT_TRAINING.temperature,
         alpha=STUDENT_TRAINING.alpha,
+        trained=trained,
     )
     if not quiet:
         click.echo(report.table())
