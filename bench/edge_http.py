@@ -106,7 +106,16 @@ def _ms(text: str) -> float:
 def wrk(url: str, script: Path, concurrency: int, seconds: float) -> Result:
     threads = min(concurrency, 2)
     out = subprocess.run(
-        ["wrk", f"-t{threads}", f"-c{concurrency}", f"-d{seconds}s", "--latency", "-s", str(script), url],
+        [
+            "wrk",
+            f"-t{threads}",
+            f"-c{concurrency}",
+            f"-d{seconds}s",
+            "--latency",
+            "-s",
+            str(script),
+            url,
+        ],
         capture_output=True,
         text=True,
         check=True,
@@ -145,7 +154,9 @@ def bare_onnxruntime(x: np.ndarray, concurrency: int, seconds: float) -> Result:
     for t in threads:
         t.join()
     flat = sorted(v for lat in latencies for v in lat)
-    return Result(len(flat) / seconds, flat[len(flat) // 2] * 1e3, flat[int(len(flat) * 0.99)] * 1e3)
+    return Result(
+        len(flat) / seconds, flat[len(flat) // 2] * 1e3, flat[int(len(flat) * 0.99)] * 1e3
+    )
 
 
 class Gunicorn:
@@ -159,8 +170,20 @@ class Gunicorn:
 
     def __enter__(self) -> Gunicorn:
         self.process = subprocess.Popen(
-            [GUNICORN, "-w", "2", "--threads", "4", "-k", "gthread", "-b", f"127.0.0.1:{self.port}",
-             "--chdir", str(self.workdir), "minimal_app:app"],
+            [
+                GUNICORN,
+                "-w",
+                "2",
+                "--threads",
+                "4",
+                "-k",
+                "gthread",
+                "-b",
+                f"127.0.0.1:{self.port}",
+                "--chdir",
+                str(self.workdir),
+                "minimal_app:app",
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -188,7 +211,9 @@ def memory_of(pids: list[int]) -> tuple[float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--concurrency", default="1,8,32")
@@ -201,23 +226,43 @@ def main() -> None:
     x = rng.integers(0, 17, size=(1, 64)).astype(np.float32)
     json_body = work / "digits.json"
     json_body.write_bytes(
-        orjson.dumps({"inputs": [{"name": "pixels", "shape": [1, 64], "datatype": "FP32", "data": x.ravel().tolist()}]})
+        orjson.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": "pixels",
+                        "shape": [1, 64],
+                        "datatype": "FP32",
+                        "data": x.ravel().tolist(),
+                    }
+                ]
+            }
+        )
     )
     script = work / "digits.lua"
-    script.write_text(WRK_SCRIPT.format(body=str(json_body), content_type="application/json", extra=""))
+    script.write_text(
+        WRK_SCRIPT.format(body=str(json_body), content_type="application/json", extra="")
+    )
 
     rows: dict[str, dict[int, Result]] = {}
     rows["bare onnxruntime session.run"] = {
-        c: median_of([bare_onnxruntime(x, c, args.seconds) for _ in range(args.runs)]) for c in levels
+        c: median_of([bare_onnxruntime(x, c, args.seconds) for _ in range(args.runs)])
+        for c in levels
     }
     with Gunicorn(work) as g:
         base = f"http://127.0.0.1:{g.port}"
         rows["minimal Flask+ORT (gunicorn 2x4)"] = {
-            c: median_of([wrk(base + "/v2/models/digits-student/infer", script, c, args.seconds) for _ in range(args.runs)])
+            c: median_of(
+                [
+                    wrk(base + "/v2/models/digits-student/infer", script, c, args.seconds)
+                    for _ in range(args.runs)
+                ]
+            )
             for c in levels
         }
         rows["empty Flask route (gunicorn 2x4)"] = {
-            c: median_of([wrk(base + "/empty", script, c, args.seconds) for _ in range(args.runs)]) for c in levels
+            c: median_of([wrk(base + "/empty", script, c, args.seconds) for _ in range(args.runs)])
+            for c in levels
         }
     agent = AgentProcess(work / "agent", repository=REPOSITORY)
     ready_s = agent.start()
@@ -225,7 +270,12 @@ def main() -> None:
     rss, pss = memory_of(agent.pids())
     try:
         rows["Tether edge agent (2x4)"] = {
-            c: median_of([wrk(agent.url + "/v2/models/digits-student/infer", script, c, args.seconds) for _ in range(args.runs)])
+            c: median_of(
+                [
+                    wrk(agent.url + "/v2/models/digits-student/infer", script, c, args.seconds)
+                    for _ in range(args.runs)
+                ]
+            )
             for c in levels
         }
     finally:
@@ -237,14 +287,27 @@ def main() -> None:
     image = rng.random((1, 3, 224, 224), dtype=np.float32)
     image_json = work / "image.json"
     image_json.write_bytes(
-        orjson.dumps({"inputs": [{"name": "image", "shape": [1, 3, 224, 224], "datatype": "FP32", "data": image.ravel()}]},
-                     option=orjson.OPT_SERIALIZE_NUMPY)
+        orjson.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": "image",
+                        "shape": [1, 3, 224, 224],
+                        "datatype": "FP32",
+                        "data": image.ravel(),
+                    }
+                ]
+            },
+            option=orjson.OPT_SERIALIZE_NUMPY,
+        )
     )
     body, length = encode_request({"image": image}, parameters={"binary_data_output": True})
     image_bin = work / "image.bin"
     image_bin.write_bytes(body)
     json_script = work / "image-json.lua"
-    json_script.write_text(WRK_SCRIPT.format(body=str(image_json), content_type="application/json", extra=""))
+    json_script.write_text(
+        WRK_SCRIPT.format(body=str(image_json), content_type="application/json", extra="")
+    )
     bin_script = work / "image-bin.lua"
     bin_script.write_text(
         WRK_SCRIPT.format(

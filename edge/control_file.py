@@ -14,7 +14,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 Action = Literal["load", "unload"]
 
@@ -42,7 +42,7 @@ class ControlFile:
             self._write(state)
             return generation
 
-    def read(self) -> dict[str, dict[str, object]]:
+    def read(self) -> dict[str, dict[str, Any]]:
         try:
             data = json.loads(self.path.read_text())
         except FileNotFoundError:
@@ -60,7 +60,7 @@ class ControlFile:
         self._seen_mtime = mtime
         return True
 
-    def _write(self, state: dict[str, dict[str, object]]) -> None:
+    def _write(self, state: dict[str, dict[str, Any]]) -> None:
         tmp = self.path.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text(json.dumps(state, sort_keys=True))
         os.replace(tmp, self.path)

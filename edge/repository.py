@@ -78,7 +78,7 @@ class ModelRepository:
             return
         with self._lock:
             for name, order in self.control.read().items():
-                generation = int(order.get("generation", 0))  # type: ignore[call-overload]
+                generation = int(order.get("generation", 0))
                 if self._applied.get(name) == generation:
                     continue
                 self._applied[name] = generation
@@ -200,5 +200,7 @@ class ModelRepository:
                     )
                 )
             else:
-                entries.append(RepositoryIndexEntry(name=name, state="UNAVAILABLE", reason="unloaded"))
+                entries.append(
+                    RepositoryIndexEntry(name=name, state="UNAVAILABLE", reason="unloaded")
+                )
         return entries

@@ -57,7 +57,9 @@ class RuntimeSettings(Section):
     )
     intra_op_threads: int = Field(1, ge=0, description="ONNX Runtime intra-op threads (0 = all).")
     fp16: bool = Field(True, description="Allow FP16 kernels in TensorRT engines.")
-    int8: bool = Field(False, description="Allow INT8 kernels in TensorRT engines (needs calibration).")
+    int8: bool = Field(
+        False, description="Allow INT8 kernels in TensorRT engines (needs calibration)."
+    )
     engine_cache_dir: Path | None = Field(
         None, description="Where TensorRT engines are cached (default: <data_dir>/engines)."
     )
@@ -144,9 +146,7 @@ class EdgeSettings(BaseSettings):
     )
     data_dir: Path = Field(Path(".tether"), description="Where the agent keeps its state.")
     mqtt_url: str = Field("mqtt://127.0.0.1:1883", description="The MQTT broker to talk to.")
-    repository: Path = Field(
-        Path("models/repository"), description="The model repository folder."
-    )
+    repository: Path = Field(Path("models/repository"), description="The model repository folder.")
     models: list[str] | None = Field(
         None, description="Models to load at start (default: every model in the repository)."
     )

@@ -189,8 +189,7 @@ def _from_json(spec: RequestInput, dtype: np.dtype, count: int) -> np.ndarray:
         ) from None
     if array.size != count:
         raise InvalidInput(
-            f"input {spec.name!r}: shape {spec.shape} needs {count} elements, data has "
-            f"{array.size}"
+            f"input {spec.name!r}: shape {spec.shape} needs {count} elements, data has {array.size}"
         )
     return array.ravel()
 

@@ -12,6 +12,7 @@ Handlers run on paho's network thread: they must be quick and hand real work to 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import ssl
@@ -212,8 +213,7 @@ class MqttClient:
         self._thread.start()
         if wait_s is not None and not self._connected.wait(wait_s):
             raise ConnectError(
-                f"could not connect to {self.address.url()} within {wait_s:g}s: "
-                f"{self._last_error}"
+                f"could not connect to {self.address.url()} within {wait_s:g}s: {self._last_error}"
             )
 
     def wait_connected(self, timeout_s: float) -> bool:
@@ -222,10 +222,8 @@ class MqttClient:
     def stop(self) -> None:
         """Disconnect cleanly (no last will) and stop the network thread."""
         self._stopping = True
-        try:
+        with contextlib.suppress(Exception):  # best effort on shutdown
             self._client.disconnect()
-        except Exception:  # noqa: BLE001 - best effort on shutdown
-            pass
         if self._thread is not None:
             self._thread.join(timeout=5)
         self._connected.clear()
@@ -251,7 +249,7 @@ class MqttClient:
                 self._client.loop_forever(retry_first_connection=False)
             except (OSError, ssl.SSLError) as exc:
                 self._last_error = f"{type(exc).__name__}: {exc}"
-            except Exception as exc:  # noqa: BLE001 - the loop must survive anything
+            except Exception as exc:
                 self._last_error = f"{type(exc).__name__}: {exc}"
                 log.exception("MQTT loop of %s failed", self.client_id)
             self._set_connected(False)
@@ -298,7 +296,7 @@ class MqttClient:
             if topic_matches(topic_filter, message.topic):
                 try:
                     handler(message)
-                except Exception:  # noqa: BLE001 - a handler bug must not kill the loop
+                except Exception:
                     log.exception("handler for %s failed on %s", topic_filter, message.topic)
                 return
 
@@ -312,7 +310,7 @@ class MqttClient:
             for listener in list(self._listeners):
                 try:
                     listener(connected)
-                except Exception:  # noqa: BLE001
+                except Exception:
                     log.exception("connection listener failed")
 
     # ------------------------------------------------------------------ operations
@@ -323,7 +321,9 @@ class MqttClient:
         if self.connected:
             result, _mid = self._client.subscribe(topic_filter, qos)
             if result != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                log.warning("subscribe to %s failed now (%s); retried on reconnect", topic_filter, result)
+                log.warning(
+                    "subscribe to %s failed now (%s); retried on reconnect", topic_filter, result
+                )
 
     def unsubscribe(self, topic_filter: str) -> None:
         self._subscriptions.pop(topic_filter, None)
@@ -373,10 +373,8 @@ class MqttClient:
 
 
 def _on_socket_open(client: paho.Client, userdata: Any, sock: Any) -> None:
-    try:
+    with contextlib.suppress(OSError, AttributeError):  # TLS-wrapped or non-TCP sockets
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except (OSError, AttributeError):  # TLS-wrapped or non-TCP sockets
-        pass
 
 
 def _to_message(msg: paho.MQTTMessage, client: MqttClient) -> Message:

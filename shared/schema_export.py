@@ -21,7 +21,9 @@ def schema_files() -> dict[str, str]:
     for cls in types:
         schema = cls.model_json_schema()
         schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
-        schema["$id"] = f"https://tether.dev/schemas/{cls.SCHEMA.major}.{cls.SCHEMA.minor}/{cls.__name__}.json"
+        schema["$id"] = (
+            f"https://tether.dev/schemas/{cls.SCHEMA.major}.{cls.SCHEMA.minor}/{cls.__name__}.json"
+        )
         schema["x-schema-version"] = str(cls.SCHEMA)
         name = f"{cls.__name__}.v{cls.SCHEMA.major}.{cls.SCHEMA.minor}.json"
         files[name] = json.dumps(schema, indent=2, sort_keys=True) + "\n"

@@ -24,7 +24,9 @@ def check_segment(value: str, what: str) -> str:
 
 def cloud_request(device: str, model: str) -> str:
     """Where a device publishes a cloud inference request."""
-    return f"{ROOT}/cloud/infer/{check_segment(device, 'device id')}/{check_segment(model, 'model')}"
+    return (
+        f"{ROOT}/cloud/infer/{check_segment(device, 'device id')}/{check_segment(model, 'model')}"
+    )
 
 
 def cloud_request_filter(group: str = CLOUD_SHARE_GROUP) -> str:

@@ -45,7 +45,11 @@ def image_model(channels: int = 3, size: int = 224, classes: int = 10) -> onnx.M
     graph = helper.make_graph(
         nodes,
         "image",
-        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", channels, size, size])],
+        [
+            helper.make_tensor_value_info(
+                "image", TensorProto.FLOAT, ["batch", channels, size, size]
+            )
+        ],
         [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", classes])],
         initializer=[numpy_helper.from_array(weight, "W")],
     )

@@ -61,9 +61,7 @@ def broker_service(settings: EdgeSettings) -> Service | None:
     data.mkdir(parents=True, exist_ok=True)
     config = data / "mosquitto.conf"
     config.write_text(BROKER_CONFIG.format(port=address.port, host=address.host, data=data))
-    return Service(
-        "mosquitto", [binary, "-c", str(config)], ready=lambda: broker_answers(address)
-    )
+    return Service("mosquitto", [binary, "-c", str(config)], ready=lambda: broker_answers(address))
 
 
 def http_ready(url: str) -> bool:

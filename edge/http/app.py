@@ -9,10 +9,10 @@ from flask import Flask, Response
 from werkzeug.exceptions import HTTPException
 
 from edge.dataplane import DataPlane
+from edge.http.responses import json_response
 from edge.http.routes import DATAPLANE_KEY, LIMITS_KEY, v2
 from shared.codec import TensorLimits
 from shared.errors import TetherError, TooManyRequests
-from edge.http.responses import json_response
 
 log = logging.getLogger(__name__)
 

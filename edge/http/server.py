@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from pathlib import Path
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
@@ -18,7 +17,7 @@ log = logging.getLogger(__name__)
 METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
-class EdgeServer(BaseApplication):  # type: ignore[misc]
+class EdgeServer(BaseApplication):
     """gunicorn running the edge app in ``workers`` processes of ``threads`` threads each.
 
     Each worker builds its own agent after the fork (ONNX Runtime sessions must not cross
@@ -64,9 +63,7 @@ class EdgeServer(BaseApplication):  # type: ignore[misc]
     def load(self) -> Any:
         from edge.agent import build_app
 
-        return build_app(
-            self.settings, control=self.control, multiprocess_dir=self.metrics_dir
-        )
+        return build_app(self.settings, control=self.control, multiprocess_dir=self.metrics_dir)
 
     def prepare(self, models: list[str]) -> None:
         """Reset this run's shared state: fresh metrics, the start-up models to load."""
@@ -98,5 +95,3 @@ def serve(settings: EdgeSettings) -> None:
         settings.http.port,
     )
     server.run()
-
-

@@ -64,7 +64,7 @@ class OnnxRuntime(Runtime):
                     sess_options=self._session_options(),
                     providers=[(provider, self._provider_options(provider))],
                 )
-            except Exception as exc:  # noqa: BLE001 - any provider failure means try the next
+            except Exception as exc:
                 errors.append(f"{provider}: {exc}")
                 continue
             chosen = session.get_providers()[0]
@@ -145,7 +145,7 @@ def _count_flops(path: Path, config: ModelConfig) -> int | None:
         from edge.runtimes.flops import count_flops
 
         return int(count_flops(path))
-    except Exception:  # noqa: BLE001 - cost accounting must never stop a model loading
+    except Exception:
         log.warning("could not count FLOPs of %s", path, exc_info=True)
     declared = config.parameters.get("flops")
     return declared if isinstance(declared, int) else None

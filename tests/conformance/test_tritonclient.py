@@ -121,7 +121,10 @@ def test_metrics_endpoint_merges_worker_processes(agent: AgentProcess) -> None:
         if line.startswith("tether_requests_total{") and 'model="digits-student"' in line
     ]
     assert sum(counts) >= 20
-    assert 'tether_model_ready{model="digits-student",provider="CPUExecutionProvider",version="1"} 1.0' in text
+    assert (
+        'tether_model_ready{model="digits-student",provider="CPUExecutionProvider",version="1"} 1.0'
+        in text
+    )
 
 
 def test_agent_survives_garbage(agent: AgentProcess) -> None:

@@ -49,7 +49,9 @@ def test_infer_json_matches_onnxruntime(client: FlaskClient, repository: object)
     assert body is not None
     session = ort.InferenceSession(str(repository) + "/dense/2/model.onnx")  # type: ignore[operator]
     expected = session.run(None, {"x": x})[0]
-    np.testing.assert_allclose(np.array(body["outputs"][0]["data"]).reshape(2, 3), expected, rtol=1e-6)
+    np.testing.assert_allclose(
+        np.array(body["outputs"][0]["data"]).reshape(2, 3), expected, rtol=1e-6
+    )
     assert body["model_name"] == "dense" and body["model_version"] == "2"
     params = body["parameters"]
     assert params["served_by"] == "edge" and params["route"] == "local"
@@ -58,7 +60,9 @@ def test_infer_json_matches_onnxruntime(client: FlaskClient, repository: object)
 
 def test_infer_binary_in_and_out(client: FlaskClient) -> None:
     x = np.ones((3, 4), dtype=np.float32)
-    body, length = encode_request({"x": x}, parameters={"binary_data_output": True}, request_id="r-7")
+    body, length = encode_request(
+        {"x": x}, parameters={"binary_data_output": True}, request_id="r-7"
+    )
     response = client.post(
         "/v2/models/dense/infer", data=body, headers={HEADER_LENGTH_HEADER: str(length)}
     )
@@ -80,7 +84,9 @@ def test_infer_binary_in_and_out(client: FlaskClient) -> None:
         (orjson.dumps(_infer_json([1, 2, 3], [1, 3])), 400, "must have shape"),
         (orjson.dumps(_infer_json([0.0] * 40, [10, 4])), 400, "max_batch_size"),
         (
-            orjson.dumps({"inputs": [{"name": "z", "shape": [1, 4], "datatype": "FP32", "data": [1] * 4}]}),
+            orjson.dumps(
+                {"inputs": [{"name": "z", "shape": [1, 4], "datatype": "FP32", "data": [1] * 4}]}
+            ),
             400,
             "takes inputs",
         ),
@@ -135,7 +141,9 @@ def test_body_over_the_limit_is_413(settings: object) -> None:
     from edge.settings import EdgeSettings
 
     assert isinstance(settings, EdgeSettings)
-    small = settings.model_copy(update={"http": settings.http.model_copy(update={"max_body_bytes": 2048})})
+    small = settings.model_copy(
+        update={"http": settings.http.model_copy(update={"max_body_bytes": 2048})}
+    )
     client = build_app(small).test_client()
     response = client.post("/v2/models/dense/infer", data=b"{" + b" " * 5000 + b"}")
     assert response.status_code == 413
@@ -161,8 +169,13 @@ def test_metrics_split_request_and_compute_time(client: FlaskClient) -> None:
     client.post("/v2/models/dense/infer", json=_infer_json([1] * 4, [1, 4]))
     client.post("/v2/models/dense/infer", json=_infer_json([1] * 3, [1, 4]))
     text = client.get("/metrics").data.decode()
-    assert 'tether_requests_total{model="dense",route="local",served_by="edge",version="2"} 1.0' in text
+    assert (
+        'tether_requests_total{model="dense",route="local",served_by="edge",version="2"} 1.0'
+        in text
+    )
     assert 'tether_request_failures_total{model="dense",reason="invalid_input"} 1.0' in text
     assert "tether_request_duration_seconds_bucket" in text
     assert "tether_compute_duration_seconds_bucket" in text
-    assert 'tether_model_ready{model="dense",provider="CPUExecutionProvider",version="2"} 1.0' in text
+    assert (
+        'tether_model_ready{model="dense",provider="CPUExecutionProvider",version="2"} 1.0' in text
+    )

@@ -18,7 +18,9 @@ from tests.onnx_models import dense_model, write_model
 
 def _runtime(tmp_path: Path, providers: tuple[str, ...]) -> OnnxRuntime:
     path = write_model(tmp_path, "m", dense_model())
-    return OnnxRuntime("m", "1", path.parent, ModelConfig(name="m"), RuntimeOptions(providers=providers))
+    return OnnxRuntime(
+        "m", "1", path.parent, ModelConfig(name="m"), RuntimeOptions(providers=providers)
+    )
 
 
 def test_first_working_provider_wins_and_is_reported(tmp_path: Path, mocker: MockerFixture) -> None:
@@ -41,7 +43,9 @@ def test_first_working_provider_wins_and_is_reported(tmp_path: Path, mocker: Moc
         return real(path, sess_options=sess_options, providers=[name])
 
     mocker.patch.object(ort, "InferenceSession", side_effect=session)
-    runtime = _runtime(tmp_path, ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"))
+    runtime = _runtime(
+        tmp_path, ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+    )
     runtime.load()
     assert tried == ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
     assert runtime.provider == "CPUExecutionProvider"

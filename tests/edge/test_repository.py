@@ -73,7 +73,7 @@ def test_reload_switches_atomically_under_traffic(tmp_path: Path) -> None:
         while not stop.is_set():
             try:
                 versions.add(repo.get("m").infer(x).model_version)
-            except BaseException as exc:  # noqa: BLE001
+            except BaseException as exc:
                 errors.append(exc)
 
     threads = [threading.Thread(target=traffic) for _ in range(3)]

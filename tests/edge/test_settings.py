@@ -18,7 +18,9 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.device_id
 
 
-def test_precedence_file_then_env_then_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_precedence_file_then_env_then_flags(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     config = tmp_path / "edge.toml"
     config.write_text(
         'device_id = "from-file"\nmqtt_url = "mqtt://broker:1884"\n[http]\nport = 9001\nworkers = 3\n'

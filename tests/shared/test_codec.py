@@ -99,12 +99,32 @@ def _body(inputs: list[dict[str, object]], **extra: object) -> bytes:
         (b"[]", None, "must be a JSON object"),
         (b'{"inputs": 3}', None, "invalid InferenceRequest"),
         (_body([{"name": "x", "shape": [2], "datatype": "FP32", "data": [1]}]), None, "needs 2"),
-        (_body([{"name": "x", "shape": [1], "datatype": "FP99", "data": [1]}]), None, "unknown datatype"),
+        (
+            _body([{"name": "x", "shape": [1], "datatype": "FP99", "data": [1]}]),
+            None,
+            "unknown datatype",
+        ),
         (_body([{"name": "x", "shape": [-1], "datatype": "FP32", "data": [1]}]), None, "negative"),
-        (_body([{"name": "x", "shape": [1], "datatype": "FP32", "data": ["a"]}]), None, "does not fit"),
-        (_body([{"name": "x", "shape": [1], "datatype": "INT32", "data": [1.5]}]), None, "integers"),
-        (_body([{"name": "x", "shape": [1], "datatype": "UINT8", "data": [300]}]), None, "does not fit"),
-        (_body([{"name": "x", "shape": [2], "datatype": "FP32", "data": [[1], [2, 3]]}]), None, "does not fit"),
+        (
+            _body([{"name": "x", "shape": [1], "datatype": "FP32", "data": ["a"]}]),
+            None,
+            "does not fit",
+        ),
+        (
+            _body([{"name": "x", "shape": [1], "datatype": "INT32", "data": [1.5]}]),
+            None,
+            "integers",
+        ),
+        (
+            _body([{"name": "x", "shape": [1], "datatype": "UINT8", "data": [300]}]),
+            None,
+            "does not fit",
+        ),
+        (
+            _body([{"name": "x", "shape": [2], "datatype": "FP32", "data": [[1], [2, 3]]}]),
+            None,
+            "does not fit",
+        ),
         (_body([{"name": "x", "shape": [1], "datatype": "FP32"}]), None, "neither data"),
         (_body([{"name": "x", "shape": [1], "datatype": "FP32", "data": [1]}] * 2), None, "twice"),
         (b'{"inputs": []}', 100, "body has"),
@@ -141,7 +161,14 @@ def test_limits_and_unsupported_extensions() -> None:
     with pytest.raises(PayloadTooLarge):
         decode_request(big, None, TensorLimits(max_elements=1000))
     shm = _body(
-        [{"name": "x", "shape": [1], "datatype": "FP32", "parameters": {"shared_memory_region": "r"}}]
+        [
+            {
+                "name": "x",
+                "shape": [1],
+                "datatype": "FP32",
+                "parameters": {"shared_memory_region": "r"},
+            }
+        ]
     )
     with pytest.raises(Unsupported):
         decode_request(shm)
