@@ -1,17 +1,52 @@
-"""The ``tether`` command: one entry point whose subcommands live with their packages."""
+"""The ``tether`` command: one entry point whose subcommands live with their packages.
+
+Subcommands are imported only when used, so ``tether edge`` (whose process becomes the
+HTTP server's master) does not carry the cloud worker's or the trainer's imports.
+"""
 
 from __future__ import annotations
 
+import importlib
 import logging
+from typing import Any
 
 import click
 
-from edge.cli import edge_command
 from shared import __version__
-from tether.up import up_command
+
+#: command name -> "module:attribute" of its click command.
+COMMANDS: dict[str, str] = {
+    "edge": "edge.cli:edge_command",
+    "cloud": "cloud.cli:cloud_command",
+    "up": "tether.up:up_command",
+    "models": "models.cli:models_group",
+    "calibrate": "edge.calibrate_cli:calibrate_command",
+}
 
 
-@click.group()
+class LazyGroup(click.Group):
+    """A click group that imports each subcommand's module on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = COMMANDS.get(cmd_name)
+        if target is None:
+            return None
+        module_name, _, attribute = target.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise click.ClickException(
+                f"`tether {cmd_name}` is not available in this install: {exc}"
+            ) from exc
+        command: Any = getattr(module, attribute)
+        assert isinstance(command, click.Command)
+        return command
+
+
+@click.group(cls=LazyGroup)
 @click.version_option(__version__, prog_name="tether")
 @click.option("--log-level", default="INFO", show_default=True, help="Logging level.")
 def cli(log_level: str) -> None:
@@ -19,21 +54,6 @@ def cli(log_level: str) -> None:
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-
-
-cli.add_command(edge_command)
-cli.add_command(up_command)
-
-
-def _add_optional_commands() -> None:
-    try:
-        from models.cli import models_group
-    except ImportError:  # the models build lives in the source tree, not every install
-        return
-    cli.add_command(models_group)
-
-
-_add_optional_commands()
 
 
 def main() -> None:
