@@ -33,12 +33,28 @@ class ControlFile:
         with self._locked():
             self._write({name: {"action": "load", "generation": 0} for name in models})
 
-    def record(self, name: str, action: Action) -> int:
-        """Record an order; returns its generation (higher than any before for ``name``)."""
+    def record(
+        self,
+        name: str,
+        action: Action,
+        *,
+        versions: list[int] | None = None,
+        split: dict[str, float] | None = None,
+    ) -> int:
+        """Record an order; returns its generation (higher than any before for ``name``).
+
+        ``versions`` pins the versions to serve (instead of the model's version policy);
+        ``split`` weights the traffic between served versions (A/B tests).
+        """
         with self._locked():
             state = self.read()
             generation = int(state.get(name, {}).get("generation", 0)) + 1
-            state[name] = {"action": action, "generation": generation}
+            order: dict[str, Any] = {"action": action, "generation": generation}
+            if versions is not None:
+                order["versions"] = sorted(versions)
+            if split:
+                order["split"] = split
+            state[name] = order
             self._write(state)
             return generation
 

@@ -9,6 +9,7 @@ versions first and then switches atomically, so no request fails during a switch
 from __future__ import annotations
 
 import logging
+import random
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -46,6 +47,8 @@ class ModelRepository:
         self._configs: dict[str, ModelConfig] = {}
         self._failures: dict[str, str] = {}
         self._applied: dict[str, int] = {}
+        #: name -> [(cumulative weight, version)] for A/B traffic splits.
+        self._splits: dict[str, list[tuple[float, str]]] = {}
         self._lock = threading.RLock()
 
     # ------------------------------------------------------------------ discovery
@@ -60,11 +63,24 @@ class ModelRepository:
 
     # ------------------------------------------------------------------ control
 
-    def load(self, name: str) -> list[str]:
-        """Load (or reload) a model's policy versions; returns the versions now served."""
+    def load(
+        self,
+        name: str,
+        *,
+        versions: list[int] | None = None,
+        split: dict[str, float] | None = None,
+    ) -> list[str]:
+        """Load (or reload) a model; returns the versions now served.
+
+        By default the model's version policy picks the versions; ``versions`` pins them
+        (the fleet agent switches versions this way) and ``split`` weights the traffic
+        between them when no version is asked for (``{"1": 0.9, "2": 0.1}``).
+        """
+        if split:
+            _check_split(split, versions)
         if self.control is not None:
-            self._applied[name] = self.control.record(name, "load")
-        return self._load(name)
+            self._applied[name] = self.control.record(name, "load", versions=versions, split=split)
+        return self._load(name, versions, split)
 
     def unload(self, name: str) -> None:
         """Stop serving a model; in-flight requests on it still finish."""
@@ -86,16 +102,28 @@ class ModelRepository:
                     if order.get("action") == "unload":
                         self._unload(name)
                     else:
-                        self._load(name)
+                        self._load(name, order.get("versions"), order.get("split"))
                 except TetherError as exc:
                     log.warning("could not apply %s of %s: %s", order.get("action"), name, exc)
 
-    def _load(self, name: str) -> list[str]:
+    def _load(
+        self,
+        name: str,
+        pinned: list[int] | None = None,
+        split: dict[str, float] | None = None,
+    ) -> list[str]:
         model_dir = self._model_dir(name)
         with self._lock:
             try:
                 config = load_model_config(model_dir)
-                versions = config.version_policy.select(self._versions_on_disk(model_dir))
+                on_disk = self._versions_on_disk(model_dir)
+                if pinned is not None:
+                    missing = sorted(set(pinned) - set(on_disk))
+                    if missing:
+                        raise ModelNotFound(f"model {name!r} has no version {missing[0]} on disk")
+                    versions = sorted(set(pinned))
+                else:
+                    versions = config.version_policy.select(on_disk)
                 if not versions:
                     raise Unavailable(f"model {name!r}: its version policy selects no version")
                 current = self._served.get(name, {})
@@ -108,6 +136,9 @@ class ModelRepository:
                 raise
             self._configs[name] = config
             self._failures.pop(name, None)
+            self._splits.pop(name, None)
+            if split:
+                self._splits[name] = _cumulative(split, loaded)
             self._served = {**self._served, name: loaded}
             for version, old in current.items():
                 if loaded.get(version) is not old:
@@ -160,6 +191,12 @@ class ModelRepository:
                 raise ModelNotReady(f"model {name!r} is not loaded")
             raise ModelNotFound(f"unknown model {name!r}")
         if version is None:
+            split = self._splits.get(name)
+            if split is not None:
+                draw = random.random()
+                for bound, chosen in split:
+                    if draw < bound and chosen in versions:
+                        return versions[chosen]
             return versions[max(versions, key=int)]
         runtime = versions.get(version)
         if runtime is None:
@@ -204,3 +241,24 @@ class ModelRepository:
                     RepositoryIndexEntry(name=name, state="UNAVAILABLE", reason="unloaded")
                 )
         return entries
+
+
+def _check_split(split: dict[str, float], versions: list[int] | None) -> None:
+    if any(w < 0 for w in split.values()) or sum(split.values()) <= 0:
+        raise InvalidInput(f"traffic split weights must be >= 0 and not all 0: {split}")
+    if versions is not None and not {int(v) for v in split} <= set(versions):
+        raise InvalidInput(f"traffic split {split} names versions not in {versions}")
+
+
+def _cumulative(split: dict[str, float], loaded: dict[str, Runtime]) -> list[tuple[float, str]]:
+    """Normalised cumulative weights over the split's versions that are loaded."""
+    weights = [(str(v), w) for v, w in split.items() if str(v) in loaded and w > 0]
+    total = sum(w for _, w in weights) or 1.0
+    bounds: list[tuple[float, str]] = []
+    running = 0.0
+    for version, weight in weights:
+        running += weight / total
+        bounds.append((running, version))
+    if bounds:
+        bounds[-1] = (1.0, bounds[-1][1])
+    return bounds

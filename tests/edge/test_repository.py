@@ -114,3 +114,35 @@ def test_unknown_and_unsafe_names(tmp_path: Path) -> None:
             repo.load(name)
     with pytest.raises(Exception, match="invalid model name"):
         repo.load("../etc")
+
+
+def test_pinned_versions_and_ab_split(tmp_path: Path) -> None:
+    for version in (1, 2):
+        write_model(tmp_path, "m", dense_model(seed=version), version=version)
+    repo = ModelRepository(tmp_path)
+    assert repo.load("m", versions=[1]) == ["1"]
+    assert repo.get("m").version == "1"
+    repo.load("m", versions=[1, 2], split={"1": 0.9, "2": 0.1})
+    drawn = [repo.get("m").version for _ in range(2000)]
+    share = drawn.count("2") / len(drawn)
+    assert 0.05 < share < 0.15
+    assert repo.get("m", "2").version == "2"  # an explicit version is always honoured
+    with pytest.raises(ModelNotFound, match="no version 7"):
+        repo.load("m", versions=[7])
+    with pytest.raises(Exception, match="split"):
+        repo.load("m", versions=[1], split={"2": 1.0})
+
+
+def test_pins_and_splits_reach_every_worker(tmp_path: Path) -> None:
+    for version in (1, 2):
+        write_model(tmp_path / "repo", "m", dense_model(seed=version), version=version)
+    control_path = tmp_path / "run" / "repository.json"
+    ControlFile(control_path).reset(["m"])
+    first = ModelRepository(tmp_path / "repo", control=ControlFile(control_path))
+    second = ModelRepository(tmp_path / "repo", control=ControlFile(control_path))
+    first.sync()
+    second.sync()
+    assert second.get("m").version == "2"
+    first.load("m", versions=[1])
+    second.sync()
+    assert second.get("m").version == "1"
