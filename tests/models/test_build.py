@@ -9,6 +9,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
+from pytest_mock import MockerFixture
 
 from edge.model_config import load_model_config
 from edge.runtimes.flops import count_flops
@@ -21,7 +22,7 @@ from models.build import (
     build_command,
 )
 from models.cli import models_group
-from models.digits import load_split
+from models.digits import SplitName, load_split
 from models.training import MLP, TrainConfig, _gradients, softmax, train_mlp
 
 COMMITTED = Path(__file__).resolve().parents[2] / "models" / "repository"
@@ -43,8 +44,9 @@ def _session(path: Path) -> ort.InferenceSession:
 
 def test_splits_are_fixed_stratified_and_disjoint() -> None:
     sizes = {}
-    for name in ("train", "calibration", "test"):
-        x, y = load_split(name)  # type: ignore[arg-type]
+    names: tuple[SplitName, ...] = ("train", "calibration", "test")
+    for name in names:
+        x, y = load_split(name)
         assert x.dtype == np.float32 and x.shape[1] == 64
         assert y.dtype == np.int64 and len(y) == len(x)
         assert x.min() >= 0.0 and x.max() <= 16.0
@@ -223,7 +225,7 @@ def test_build_command_skips_an_existing_repository(built: tuple[Path, BuildRepo
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
 
 
-def test_build_command_builds_with_force(tmp_path: Path, mocker: pytest.MockFixture) -> None:
+def test_build_command_builds_with_force(tmp_path: Path, mocker: MockerFixture) -> None:
     fake = mocker.patch("models.build.build")
     (tmp_path / TEACHER_NAME / VERSION).mkdir(parents=True)
     (tmp_path / TEACHER_NAME / VERSION / "model.onnx").write_bytes(b"x")
@@ -242,7 +244,7 @@ def test_models_group_holds_build_and_build_engine() -> None:
     assert set(models_group.commands) == {"build", "build-engine"}
 
 
-def test_build_engine_without_tensorrt_says_so(mocker: pytest.MockFixture) -> None:
+def test_build_engine_without_tensorrt_says_so(mocker: MockerFixture) -> None:
     import sys
 
     mocker.patch.dict(sys.modules, {"tensorrt": None})
