@@ -440,11 +440,6 @@ class Router:
         return declared_in, declared_out, None, 0
 
 
-def cloud_only_models(routes: Mapping[str, RouteSettings]) -> set[str]:
-    """Model names the edge must not load: those routed to the cloud only."""
-    return {name for name, route in routes.items() if route.mode == "cloud"}
-
-
 def needs_uplink(routes: Mapping[str, RouteSettings]) -> bool:
     """True when some route may send a request to the cloud."""
     return any(route.mode in CLOUD_MODES for route in routes.values())
