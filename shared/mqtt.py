@@ -156,6 +156,8 @@ class MqttClient:
         self._connected = threading.Event()
         self._stopping = False
         self._subscriptions: dict[str, tuple[int, Handler]] = {}
+        #: Handlers kept after ``unsubscribe(keep_handler=True)`` for messages still on the way.
+        self._retired: dict[str, Handler] = {}
         self._listeners: list[ConnectionListener] = []
         self._last_error: str = "not connected yet"
         self._session_expiry_s = session_expiry_s
@@ -299,6 +301,13 @@ class MqttClient:
                 except Exception:
                     log.exception("handler for %s failed on %s", topic_filter, message.topic)
                 return
+        for topic_filter, retired in list(self._retired.items()):
+            if topic_matches(topic_filter, message.topic):
+                try:
+                    retired(message)
+                except Exception:
+                    log.exception("handler for %s failed on %s", topic_filter, message.topic)
+                return
 
     def _set_connected(self, connected: bool) -> None:
         was = self._connected.is_set()
@@ -318,6 +327,7 @@ class MqttClient:
     def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
         """Deliver messages matching ``topic_filter`` to ``handler``; kept across reconnects."""
         self._subscriptions[topic_filter] = (qos, handler)
+        self._retired.pop(topic_filter, None)
         if self.connected:
             result, _mid = self._client.subscribe(topic_filter, qos)
             if result != MQTTErrorCode.MQTT_ERR_SUCCESS:
@@ -325,8 +335,16 @@ class MqttClient:
                     "subscribe to %s failed now (%s); retried on reconnect", topic_filter, result
                 )
 
-    def unsubscribe(self, topic_filter: str) -> None:
-        self._subscriptions.pop(topic_filter, None)
+    def unsubscribe(self, topic_filter: str, *, keep_handler: bool = False) -> None:
+        """Stop the subscription (not renewed on reconnect).
+
+        With ``keep_handler`` the handler still receives messages the broker routed before
+        it applied the UNSUBSCRIBE: they are already acknowledged, so dropping them would
+        lose them (a draining consumer wants them).
+        """
+        entry = self._subscriptions.pop(topic_filter, None)
+        if keep_handler and entry is not None:
+            self._retired[topic_filter] = entry[1]
         if self.connected:
             self._client.unsubscribe(topic_filter)
 
