@@ -2,7 +2,8 @@
 
 Precedence, highest first: values passed in code (command-line flags), environment
 variables, the TOML file, the defaults. The broker URL is ``TETHER_MQTT_URL`` (the same
-variable the edge reads); everything else is ``TETHER_CLOUD_*``, with ``__`` for nested
+variable the edge reads; ``TETHER_CLOUD_MQTT_URL`` overrides it for the cloud alone);
+everything else is ``TETHER_CLOUD_*``, with ``__`` for nested
 fields (``TETHER_CLOUD_BATCHING__MAX_BATCH_SIZE=16``). Nothing else in the worker reads
 the environment; this object is passed in.
 """
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import Field, field_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -30,6 +32,7 @@ from shared.errors import InvalidInput
 from shared.topics import CLOUD_SHARE_GROUP, check_segment
 
 DEFAULT_MODELS = ["digits-teacher", "digits-student"]
+MQTT_URL_VARIABLE = "TETHER_MQTT_URL"
 
 
 def default_worker_id() -> str:
@@ -70,12 +73,10 @@ class CloudSettings(BaseSettings):
         env_nested_delimiter="__",
         extra="forbid",
         validate_default=True,
-        populate_by_name=True,
     )
 
     mqtt_url: str = Field(
         "mqtt://127.0.0.1:1883",
-        validation_alias="TETHER_MQTT_URL",
         description="The MQTT broker (env TETHER_MQTT_URL, shared with the edge).",
     )
     worker_id: str = Field(
@@ -142,7 +143,7 @@ class CloudSettings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        sources = [init_settings, env_settings, SharedBrokerUrl(settings_cls)]
         toml_file = _TOML_FILE.get("path")
         if toml_file is not None:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
@@ -157,6 +158,20 @@ class CloudSettings(BaseSettings):
             fp16=self.runtime.fp16,
             int8=self.runtime.int8,
         )
+
+
+class SharedBrokerUrl(PydanticBaseSettingsSource):
+    """``TETHER_MQTT_URL``: the broker variable the edge and the cloud share.
+
+    It ranks below ``TETHER_CLOUD_MQTT_URL`` (a cloud-only override) and above the file.
+    """
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        value = os.environ.get(MQTT_URL_VARIABLE)
+        return {"mqtt_url": value} if value else {}
 
 
 # The TOML file for the settings being built; set only inside load_cloud_settings.

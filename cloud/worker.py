@@ -158,7 +158,7 @@ class CloudWorker:
         limit = self.settings.drain_timeout_s if timeout_s is None else timeout_s
         until = time.monotonic() + limit
         if self.client.connected:
-            self.client.unsubscribe(self.request_filter)
+            self.client.unsubscribe(self.request_filter, keep_handler=True)
             if drain:
                 try:
                     self._barrier(max(0.1, min(2.0, until - time.monotonic())))

@@ -87,9 +87,7 @@ def share_group() -> str:
 
 
 @pytest.fixture
-def make_worker(
-    broker: Broker, repository_dir: Path, share_group: str
-) -> Iterator[WorkerFactory]:
+def make_worker(broker: Broker, repository_dir: Path, share_group: str) -> Iterator[WorkerFactory]:
     """Start cloud workers on the session broker; stopped (without drain) at teardown."""
     workers: list[CloudWorker] = []
 
