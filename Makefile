@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install install-broker up test lint typecheck pytest models schemas bench clean
+.PHONY: install install-broker up test lint typecheck pytest models schemas docs bench clean
 
 ## install: create .venv and install Tether with its dev extra (quick when nothing changed)
 install: $(STAMP) install-broker
@@ -51,6 +51,10 @@ pytest:
 ## schemas: regenerate the committed JSON Schema files under shared/schemas
 schemas: install
 	$(BIN)/python -m shared.schema_export shared/schemas
+
+## docs: regenerate docs/configuration.md from the settings objects
+docs: install
+	$(BIN)/python -m tether.config_reference > docs/configuration.md
 
 ## bench: the benchmarks (by hand, not in CI)
 bench: install
