@@ -11,13 +11,20 @@ import sys
 from pathlib import Path
 
 from shared.envelopes import ENVELOPE_TYPES
+from shared.fleet import FLEET_TYPES
+from shared.manifest import MANIFEST_TYPES
 from shared.protocol import HTTP_MESSAGE_TYPES, VersionedModel
 
 
 def schema_files() -> dict[str, str]:
     """File name -> JSON text for every versioned message type."""
     files: dict[str, str] = {}
-    types: tuple[type[VersionedModel], ...] = (*HTTP_MESSAGE_TYPES, *ENVELOPE_TYPES)
+    types: tuple[type[VersionedModel], ...] = (
+        *HTTP_MESSAGE_TYPES,
+        *ENVELOPE_TYPES,
+        *MANIFEST_TYPES,
+        *FLEET_TYPES,
+    )
     for cls in types:
         schema = cls.model_json_schema()
         schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
