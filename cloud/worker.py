@@ -190,6 +190,20 @@ class CloudWorker:
 
     def _on_request(self, message: Message) -> None:
         """Decode, dedupe and queue one request (paho's network thread: quick, never raises)."""
+        try:
+            self._accept(message)
+        except Exception:  # a bug must not cost the asker its answer or the loop its life
+            log.exception("could not take the request on %s", message.topic)
+            error = InternalError("the cloud worker failed to take the request")
+            request_id = request_id_of(message.payload) or "unknown"
+            address = (
+                (message.response_topic, message.correlation_data)
+                if message.response_topic
+                else None
+            )
+            self._send(address, _error_payload(request_id, error), None)
+
+    def _accept(self, message: Message) -> None:
         arrived = time.monotonic()
         address = (
             (message.response_topic, message.correlation_data) if message.response_topic else None
