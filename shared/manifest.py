@@ -18,7 +18,7 @@ import binascii
 import hashlib
 import json
 import os
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import ClassVar
 
@@ -142,7 +142,7 @@ def sign_manifest(manifest: Manifest, key: Ed25519PrivateKey) -> SignedManifest:
 
 
 def _format_time(unix: float) -> str:
-    return datetime.fromtimestamp(unix, UTC).isoformat(timespec="seconds")
+    return datetime.fromtimestamp(unix, timezone.utc).isoformat(timespec="seconds")
 
 
 def verify_manifest(
