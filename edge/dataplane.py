@@ -73,14 +73,23 @@ class DataPlane:
     # ------------------------------------------------------------------ inference
 
     def infer(
-        self, name: str, version: str | None, request: DecodedRequest, started: float | None = None
+        self,
+        name: str,
+        version: str | None,
+        request: DecodedRequest,
+        started: float | None = None,
+        runtime: Runtime | None = None,
     ) -> Prediction:
-        """Validate ``request`` against the model, run it, record metrics."""
+        """Validate ``request`` against the model, run it, record metrics.
+
+        ``runtime`` is the already resolved runtime, when the transport resolved it first.
+        """
         started = time.perf_counter() if started is None else started
         metrics = self.metrics
         try:
-            self.repository.sync()
-            runtime = self.resolve(name, version)
+            if runtime is None:
+                self.repository.sync()
+                runtime = self.resolve(name, version)
             validate_inputs(runtime, request.inputs, request.datatypes)
             wanted = [o.name for o in request.outputs] if request.outputs else None
             if wanted:
@@ -112,6 +121,11 @@ class DataPlane:
         prediction.parameters.setdefault("edge_ms", round(elapsed * 1000.0, 3))
         prediction.parameters.setdefault("compute_ms", round(prediction.compute_ms, 3))
         return prediction
+
+    def resolve_for_request(self, name: str, version: str | None) -> Runtime:
+        """Apply pending repository orders, then resolve (404/503 before the body is read)."""
+        self.repository.sync()
+        return self.resolve(name, version)
 
     def count_failure(self, name: str, exc: TetherError) -> None:
         """Count a failed request (also used by transports for bodies they cannot decode)."""

@@ -344,19 +344,33 @@ class Router:
         self.inflight = InflightCounter()
         self.accounting = Accounting(metrics)
         self._clouds: dict[tuple[str, str | None], CloudRuntime] = {}
+        self._routes: dict[tuple[str, str | None], RouteRuntime] = {}
         self._lock = threading.Lock()
 
     def resolve(self, name: str, version: str | None = None) -> Runtime:
-        """The runtime answering ``name`` (``version`` picks the local or cloud version)."""
+        """The runtime answering ``name`` (``version`` picks the local or cloud version).
+
+        Route wrappers are cached per (name, version) and rebuilt only when the repository
+        has switched the local runtime underneath (this runs twice on every request).
+        """
         route = self.routes.get(name)
-        if route is None or route.mode == "local":
-            local_name = (route.local_model or name) if route else name
-            return LocalRoute(
-                name, self.repository.get(local_name, version), inflight=self.inflight
-            )
-        if route.mode == "cloud":
+        if route is not None and route.mode == "cloud":
             return self._cloud(name, route, version)
-        local = self.repository.get(route.local_model or name, version)
+        local_name = (route.local_model or name) if route else name
+        local = self.repository.get(local_name, version)
+        key = (name, version)
+        cached = self._routes.get(key)
+        if cached is not None and cached.local is local:
+            return cached
+        wrapper = self._build(name, route, version, local)
+        self._routes[key] = wrapper
+        return wrapper
+
+    def _build(
+        self, name: str, route: RouteSettings | None, version: str | None, local: Runtime
+    ) -> RouteRuntime:
+        if route is None or route.mode == "local":
+            return LocalRoute(name, local, inflight=self.inflight)
         cloud = self._cloud(name, route, None, local)
         if route.mode == "cascade":
             return CascadeRoute(

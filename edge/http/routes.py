@@ -70,13 +70,13 @@ def model_ready(model: str, version: str | None = None) -> Response:
 def infer(model: str, version: str | None = None) -> Response:
     started = time.perf_counter()
     plane = _dataplane()
-    plane.resolve(model, version)  # an unknown model is a 404 whatever the body says
+    runtime = plane.resolve_for_request(model, version)  # unknown model: 404 whatever the body
     try:
         decoded = _decode(current_app.extensions[LIMITS_KEY])
     except TetherError as exc:
         plane.count_failure(model, exc)
         raise
-    prediction = plane.infer(model, version, decoded, started)
+    prediction = plane.infer(model, version, decoded, started, runtime)
     payload, length = encode_response(
         model_name=model,
         model_version=prediction.model_version,
