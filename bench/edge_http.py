@@ -110,7 +110,7 @@ def wrk(url: str, script: Path, concurrency: int, seconds: float) -> Result:
             "wrk",
             f"-t{threads}",
             f"-c{concurrency}",
-            f"-d{seconds}s",
+            f"-d{seconds:g}s",
             "--latency",
             "-s",
             str(script),

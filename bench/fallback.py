@@ -1,0 +1,338 @@
+"""Cloud fallback benchmark (run by hand, not in CI): ``python bench/fallback.py``.
+
+Measures in one run, against one Mosquitto started with the configuration Tether ships
+(``set_tcp_nodelay true``):
+
+1. a raw paho echo at QoS 0 (request -> responder -> reply): the floor;
+2. the same echo at QoS 1 on a *default* Mosquitto with default paho clients (the naive
+   setup whose Nagle + delayed-ACK stalls docs/troubleshooting.md explains);
+3. Tether's uplink directly (QoS 1) to a cloud worker serving ``digits-teacher``;
+4. Tether's cloud route through the edge's HTTP API (``digits-teacher`` routed ``cloud``);
+
+each at 1 and 32 requests in flight (p50/p99 latency, requests/s, medians of runs). Then a
+cloud worker's throughput at 32 in flight with batching off and on, on ``digits-teacher``
+and on a wide model the bench builds (batch-1 compute >= 0.5 ms).
+
+Writes a Markdown table to stdout and ``bench/results/fallback.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import orjson
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.edge_http import WRK_SCRIPT, wrk  # noqa: E402
+from edge.settings import UplinkSettings  # noqa: E402
+from edge.uplink import Uplink  # noqa: E402
+from models.onnx_export import save_onnx  # noqa: E402
+from models.training import MLP  # noqa: E402
+from tests.agent_process import AgentProcess  # noqa: E402
+from tests.broker import Broker, free_port  # noqa: E402
+
+REPOSITORY = ROOT / "models" / "repository"
+PIXELS = np.random.default_rng(0).integers(0, 17, size=(1, 64)).astype(np.float32)
+
+
+@dataclass
+class Result:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+
+
+def summarise(latencies: list[float], seconds: float) -> Result:
+    ordered = sorted(latencies)
+    return Result(
+        len(ordered) / seconds,
+        ordered[len(ordered) // 2] * 1e3,
+        ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1e3,
+    )
+
+
+def median_of(runs: list[Result]) -> Result:
+    return Result(
+        statistics.median(r.rps for r in runs),
+        statistics.median(r.p50_ms for r in runs),
+        statistics.median(r.p99_ms for r in runs),
+    )
+
+
+def closed_loop(call: Callable[[], None], in_flight: int, seconds: float) -> Result:
+    """``in_flight`` threads each calling ``call`` back to back for ``seconds``."""
+    latencies: list[list[float]] = [[] for _ in range(in_flight)]
+    stop = time.perf_counter() + seconds
+
+    def loop(i: int) -> None:
+        while (t := time.perf_counter()) < stop:
+            call()
+            latencies[i].append(time.perf_counter() - t)
+
+    threads = [threading.Thread(target=loop, args=(i,)) for i in range(in_flight)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return summarise([v for lat in latencies for v in lat], seconds)
+
+
+class RawEcho:
+    """Plain paho clients: a responder that echoes, a requester with futures."""
+
+    def __init__(self, port: int, qos: int) -> None:
+        self.qos = qos
+        self.pending: dict[bytes, threading.Event] = {}
+        self.lock = threading.Lock()
+        tag = uuid.uuid4().hex[:6]
+        self.responder = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"echo-{tag}", protocol=paho.MQTTv5)
+        self.requester = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"req-{tag}", protocol=paho.MQTTv5)
+        for client in (self.responder, self.requester):
+            client.max_inflight_messages_set(1000)
+            client.connect("127.0.0.1", port)
+            client.loop_start()
+        self.request_topic = f"bench/{tag}/req"
+        self.reply_topic = f"bench/{tag}/rep"
+
+        def echo(client: paho.Client, userdata: object, msg: paho.MQTTMessage) -> None:
+            self.responder.publish(self.reply_topic, msg.payload, qos=qos)
+
+        def reply(client: paho.Client, userdata: object, msg: paho.MQTTMessage) -> None:
+            with self.lock:
+                event = self.pending.pop(msg.payload[:16], None)
+            if event is not None:
+                event.set()
+
+        self.responder.on_message = echo
+        self.requester.on_message = reply
+        self.responder.subscribe(self.request_topic, qos)
+        self.requester.subscribe(self.reply_topic, qos)
+        time.sleep(0.5)
+
+    def call(self) -> None:
+        key = uuid.uuid4().bytes
+        event = threading.Event()
+        with self.lock:
+            self.pending[key] = event
+        self.requester.publish(self.request_topic, key + PIXELS.tobytes(), qos=self.qos)
+        if not event.wait(5):
+            raise TimeoutError("echo reply lost")
+
+    def close(self) -> None:
+        for client in (self.responder, self.requester):
+            client.loop_stop()
+            client.disconnect()
+
+
+class CloudProcess:
+    """``tether cloud`` in its own process (so its GIL is not the load generator's)."""
+
+    def __init__(self, broker: Broker, repository: Path, models: list[str], batch: int) -> None:
+        env = {
+            **os.environ,
+            "TETHER_MQTT_URL": broker.url,
+            "TETHER_CLOUD_BATCHING__MAX_BATCH_SIZE": str(batch),
+            "TETHER_CLOUD_BATCHING__MAX_QUEUE_DELAY_MS": "2" if batch else "0",
+            "TETHER_CLOUD_WORKER_THREADS": "2",
+        }
+        command = [
+            sys.executable, "-m", "tether", "--log-level", "WARNING", "cloud",
+            "--repository", str(repository), "--models", ",".join(models), "--metrics-port", "0",
+        ]  # fmt: skip
+        self.process = subprocess.Popen(command, env=env, cwd=ROOT)
+
+    def close(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+
+
+def uplink_for(broker: Broker) -> Uplink:
+    uplink = Uplink(
+        broker.url,
+        f"bench-{uuid.uuid4().hex[:6]}",
+        UplinkSettings(timeout_s=10, attempt_timeout_s=10, max_attempts=1, breaker_failures=1000),
+    )
+    uplink.start()
+    return uplink
+
+
+def wait_cloud(uplink: Uplink, model: str, x: np.ndarray) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            uplink.request(model, {"pixels": x}, timeout_s=1)
+            return
+        except Exception:  # noqa: BLE001 - not up yet
+            time.sleep(0.2)
+    raise TimeoutError(f"cloud worker never answered for {model}")
+
+
+def wide_model(repository: Path) -> None:
+    """A wider teacher whose batch-1 compute is >= 0.5 ms on this machine."""
+    rng = np.random.default_rng(1)
+    sizes = [64, 4096, 4096, 10]
+    pairs = list(zip(sizes, sizes[1:], strict=False))
+    mlp = MLP(
+        weights=[rng.normal(0, 0.05, (a, b)).astype(np.float32) for a, b in pairs],
+        biases=[np.zeros(b, np.float32) for _, b in pairs],
+    )
+    out = repository / "digits-wide" / "1"
+    out.mkdir(parents=True, exist_ok=True)
+    save_onnx(mlp, out / "model.onnx", graph_name="digits-wide")
+    (repository / "digits-wide" / "config.json").write_text(
+        orjson.dumps(
+            {
+                "name": "digits-wide",
+                "max_batch_size": 64,
+                "input": [{"name": "pixels", "datatype": "FP32", "dims": [64]}],
+                "output": [{"name": "probabilities", "datatype": "FP32", "dims": [10]}],
+            }
+        ).decode()
+    )
+
+
+def batch1_ms(path: Path) -> float:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options)
+    for _ in range(20):
+        session.run(None, {"pixels": PIXELS})
+    start = time.perf_counter()
+    for _ in range(200):
+        session.run(None, {"pixels": PIXELS})
+    return (time.perf_counter() - start) / 200 * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="tether-fallback-"))
+    broker = Broker(work / "broker").start()
+    naive = Broker(work / "naive")
+    naive.config_text = lambda: f"listener {naive.port} 127.0.0.1\nallow_anonymous true\n"  # type: ignore[method-assign]
+    naive.start()
+    rows: dict[str, dict[int, Result]] = {}
+    levels = (1, 32)
+    try:
+        echo0 = RawEcho(broker.port, qos=0)
+        rows["raw paho echo, QoS 0 (floor)"] = {
+            n: median_of([closed_loop(echo0.call, n, args.seconds) for _ in range(args.runs)]) for n in levels
+        }
+        echo0.close()
+        naive_echo = RawEcho(naive.port, qos=1)
+        rows["naive paho echo, QoS 1, default Mosquitto"] = {
+            n: median_of([closed_loop(naive_echo.call, n, args.seconds) for _ in range(args.runs)]) for n in levels
+        }
+        naive_echo.close()
+
+        cloud = CloudProcess(broker, REPOSITORY, ["digits-teacher"], batch=0)
+        uplink = uplink_for(broker)
+        try:
+            wait_cloud(uplink, "digits-teacher", PIXELS)
+            rows["Tether uplink -> cloud worker, QoS 1 (digits-teacher)"] = {
+                n: median_of(
+                    [
+                        closed_loop(lambda: uplink.request("digits-teacher", {"pixels": PIXELS}) and None, n, args.seconds)
+                        for _ in range(args.runs)
+                    ]
+                )
+                for n in levels
+            }
+            config = work / "edge.toml"
+            config.write_text(f'mqtt_url = "{broker.url}"\n[routes.digits-teacher]\nmode = "cloud"\n')
+            agent = AgentProcess(work / "agent", repository=REPOSITORY, config=config)
+            agent.start()
+            body = work / "body.json"
+            body.write_bytes(
+                orjson.dumps({"inputs": [{"name": "pixels", "shape": [1, 64], "datatype": "FP32", "data": PIXELS.ravel().tolist()}]})
+            )
+            script = work / "post.lua"
+            script.write_text(WRK_SCRIPT.format(body=str(body), content_type="application/json", extra=""))
+            try:
+                url = agent.url + "/v2/models/digits-teacher/infer"
+                rows["Tether edge HTTP -> cloud route (wrk)"] = {
+                    n: median_of([wrk(url, script, n, args.seconds) for _ in range(args.runs)]) for n in levels
+                }
+            finally:
+                agent.stop()
+        finally:
+            uplink.close()
+            cloud.close()
+
+        # Batching: throughput of one cloud worker at 32 in flight.
+        wide_repo = work / "repo"
+        wide_model(wide_repo)
+        import shutil
+
+        shutil.copytree(REPOSITORY / "digits-teacher", wide_repo / "digits-teacher")
+        wide_ms = batch1_ms(wide_repo / "digits-wide" / "1" / "model.onnx")
+        batching: dict[str, dict[str, Result]] = {}
+        for batch in (0, 32):
+            cloud = CloudProcess(broker, wide_repo, ["digits-teacher", "digits-wide"], batch=batch)
+            uplink = uplink_for(broker)
+            try:
+                for model in ("digits-teacher", "digits-wide"):
+                    wait_cloud(uplink, model, PIXELS)
+                    call = lambda m=model: uplink.request(m, {"pixels": PIXELS}) and None  # noqa: E731
+                    batching.setdefault(model, {})["on" if batch else "off"] = median_of(
+                        [closed_loop(call, 32, args.seconds) for _ in range(args.runs)]
+                    )
+            finally:
+                uplink.close()
+                cloud.close()
+    finally:
+        broker.stop()
+        naive.stop()
+
+    lines = [
+        f"Machine: {os.cpu_count()} cores; one broker; {args.runs} runs of {args.seconds:g} s, medians.",
+        "",
+        "| path | in flight | requests/s | p50 ms | p99 ms |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name, by_n in rows.items():
+        for n, r in by_n.items():
+            lines.append(f"| {name} | {n} | {r.rps:,.0f} | {r.p50_ms:.3f} | {r.p99_ms:.3f} |")
+    floor = rows["raw paho echo, QoS 0 (floor)"][1]
+    up = rows["Tether uplink -> cloud worker, QoS 1 (digits-teacher)"][1]
+    lines += [
+        "",
+        f"Uplink p50 over the raw QoS 0 echo at 1 in flight: {up.p50_ms - floor.p50_ms:+.3f} ms (target <= +1 ms).",
+        "",
+        f"Cloud worker throughput at 32 in flight (digits-wide batch-1 compute {wide_ms:.2f} ms):",
+        "",
+        "| model | batching off req/s | batching on (max 32, 2 ms) req/s | ratio |",
+        "| --- | --- | --- | --- |",
+    ]
+    for model, by in batching.items():
+        lines.append(
+            f"| {model} | {by['off'].rps:,.0f} | {by['on'].rps:,.0f} | {by['on'].rps / by['off'].rps:.2f}x |"
+        )
+    report = "\n".join(lines)
+    print(report)
+    out = ROOT / "bench" / "results"
+    out.mkdir(exist_ok=True)
+    (out / "fallback.md").write_text(report + "\n")
+
+
+if __name__ == "__main__":
+    main()
