@@ -19,6 +19,7 @@ Writes a Markdown table to stdout and ``bench/results/fallback.md``.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import statistics
 import subprocess
@@ -46,7 +47,7 @@ from edge.uplink import Uplink  # noqa: E402
 from models.onnx_export import save_onnx  # noqa: E402
 from models.training import MLP  # noqa: E402
 from tests.agent_process import AgentProcess  # noqa: E402
-from tests.broker import Broker, free_port  # noqa: E402
+from tests.broker import Broker  # noqa: E402
 
 REPOSITORY = ROOT / "models" / "repository"
 PIXELS = np.random.default_rng(0).integers(0, 17, size=(1, 64)).astype(np.float32)
@@ -102,8 +103,12 @@ class RawEcho:
         self.pending: dict[bytes, threading.Event] = {}
         self.lock = threading.Lock()
         tag = uuid.uuid4().hex[:6]
-        self.responder = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"echo-{tag}", protocol=paho.MQTTv5)
-        self.requester = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"req-{tag}", protocol=paho.MQTTv5)
+        self.responder = paho.Client(
+            CallbackAPIVersion.VERSION2, client_id=f"echo-{tag}", protocol=paho.MQTTv5
+        )
+        self.requester = paho.Client(
+            CallbackAPIVersion.VERSION2, client_id=f"req-{tag}", protocol=paho.MQTTv5
+        )
         for client in (self.responder, self.requester):
             client.max_inflight_messages_set(1000)
             client.connect("127.0.0.1", port)
@@ -179,7 +184,7 @@ def wait_cloud(uplink: Uplink, model: str, x: np.ndarray) -> None:
         try:
             uplink.request(model, {"pixels": x}, timeout_s=1)
             return
-        except Exception:  # noqa: BLE001 - not up yet
+        except Exception:  # not up yet
             time.sleep(0.2)
     raise TimeoutError(f"cloud worker never answered for {model}")
 
@@ -188,7 +193,7 @@ def wide_model(repository: Path) -> None:
     """A wider teacher whose batch-1 compute is >= 0.5 ms on this machine."""
     rng = np.random.default_rng(1)
     sizes = [64, 4096, 4096, 10]
-    pairs = list(zip(sizes, sizes[1:], strict=False))
+    pairs = list(itertools.pairwise(sizes))
     mlp = MLP(
         weights=[rng.normal(0, 0.05, (a, b)).astype(np.float32) for a, b in pairs],
         biases=[np.zeros(b, np.float32) for _, b in pairs],
@@ -221,7 +226,9 @@ def batch1_ms(path: Path) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
@@ -235,12 +242,14 @@ def main() -> None:
     try:
         echo0 = RawEcho(broker.port, qos=0)
         rows["raw paho echo, QoS 0 (floor)"] = {
-            n: median_of([closed_loop(echo0.call, n, args.seconds) for _ in range(args.runs)]) for n in levels
+            n: median_of([closed_loop(echo0.call, n, args.seconds) for _ in range(args.runs)])
+            for n in levels
         }
         echo0.close()
         naive_echo = RawEcho(naive.port, qos=1)
         rows["naive paho echo, QoS 1, default Mosquitto"] = {
-            n: median_of([closed_loop(naive_echo.call, n, args.seconds) for _ in range(args.runs)]) for n in levels
+            n: median_of([closed_loop(naive_echo.call, n, args.seconds) for _ in range(args.runs)])
+            for n in levels
         }
         naive_echo.close()
 
@@ -251,26 +260,46 @@ def main() -> None:
             rows["Tether uplink -> cloud worker, QoS 1 (digits-teacher)"] = {
                 n: median_of(
                     [
-                        closed_loop(lambda: uplink.request("digits-teacher", {"pixels": PIXELS}) and None, n, args.seconds)
+                        closed_loop(
+                            lambda: uplink.request("digits-teacher", {"pixels": PIXELS}) and None,
+                            n,
+                            args.seconds,
+                        )
                         for _ in range(args.runs)
                     ]
                 )
                 for n in levels
             }
             config = work / "edge.toml"
-            config.write_text(f'mqtt_url = "{broker.url}"\n[routes.digits-teacher]\nmode = "cloud"\n')
+            config.write_text(
+                f'mqtt_url = "{broker.url}"\n[routes.digits-teacher]\nmode = "cloud"\n'
+            )
             agent = AgentProcess(work / "agent", repository=REPOSITORY, config=config)
             agent.start()
             body = work / "body.json"
             body.write_bytes(
-                orjson.dumps({"inputs": [{"name": "pixels", "shape": [1, 64], "datatype": "FP32", "data": PIXELS.ravel().tolist()}]})
+                orjson.dumps(
+                    {
+                        "inputs": [
+                            {
+                                "name": "pixels",
+                                "shape": [1, 64],
+                                "datatype": "FP32",
+                                "data": PIXELS.ravel().tolist(),
+                            }
+                        ]
+                    }
+                )
             )
             script = work / "post.lua"
-            script.write_text(WRK_SCRIPT.format(body=str(body), content_type="application/json", extra=""))
+            script.write_text(
+                WRK_SCRIPT.format(body=str(body), content_type="application/json", extra="")
+            )
             try:
                 url = agent.url + "/v2/models/digits-teacher/infer"
                 rows["Tether edge HTTP -> cloud route (wrk)"] = {
-                    n: median_of([wrk(url, script, n, args.seconds) for _ in range(args.runs)]) for n in levels
+                    n: median_of([wrk(url, script, n, args.seconds) for _ in range(args.runs)])
+                    for n in levels
                 }
             finally:
                 agent.stop()
@@ -292,7 +321,7 @@ def main() -> None:
             try:
                 for model in ("digits-teacher", "digits-wide"):
                     wait_cloud(uplink, model, PIXELS)
-                    call = lambda m=model: uplink.request(m, {"pixels": PIXELS}) and None  # noqa: E731
+                    call = lambda m=model, u=uplink: u.request(m, {"pixels": PIXELS}) and None  # noqa: E731
                     batching.setdefault(model, {})["on" if batch else "off"] = median_of(
                         [closed_loop(call, 32, args.seconds) for _ in range(args.runs)]
                     )

@@ -21,6 +21,8 @@ COMMANDS: dict[str, str] = {
     "up": "tether.up:up_command",
     "models": "models.cli:models_group",
     "calibrate": "edge.calibrate_cli:calibrate_command",
+    "fleet": "cloud.fleet_cli:fleet_group",
+    "status": "edge.status:status_command",
 }
 
 
