@@ -20,6 +20,7 @@ from pydantic_settings import (
 )
 
 from edge.runtimes.base import DEFAULT_PROVIDERS, RuntimeOptions
+from edge.sensors.settings import SensorSettings
 
 
 class Section(BaseModel):
@@ -42,6 +43,9 @@ class HttpSettings(Section):
         16 * 1024 * 1024, ge=1, description="Largest element count of one input tensor."
     )
     timeout_s: int = Field(60, ge=1, description="A worker silent this long is restarted.")
+    access_log: bool = Field(
+        False, description="Log one line per HTTP request (method, path, status, ms, request id)."
+    )
 
 
 class RuntimeSettings(Section):
@@ -134,6 +138,65 @@ class UplinkSettings(Section):
     max_pending: int = Field(1024, ge=1, description="Cloud requests in flight per process.")
 
 
+class FleetSettings(Section):
+    """The fleet agent: signed rollouts from the cloud, status reports (docs/fleet-agent.md)."""
+
+    enabled: bool = Field(False, description="Run the fleet agent beside the HTTP server.")
+    trusted_keys: list[str] = Field(
+        default_factory=list,
+        description="Base64 ed25519 public keys whose signed manifests this device accepts.",
+    )
+    trusted_keys_file: Path | None = Field(
+        None, description="A file of more trusted public keys, one per line ('#' comments)."
+    )
+    labels: dict[str, str] = Field(
+        default_factory=dict, description="Labels the cloud selects devices by (site, ring...)."
+    )
+    hardware: str = Field(
+        "cpu", description="What manifests must target: 'cpu' or a GPU arch such as 'sm_87'."
+    )
+    health_window_s: float | None = Field(
+        None, ge=0, description="Health window after a switch (default: the order's)."
+    )
+    status_interval_s: float = Field(
+        30.0, gt=0, description="How often the retained status is refreshed."
+    )
+    crash_loop_limit: int = Field(
+        3, ge=1, description="Restarts with an uncommitted version before it is rolled back."
+    )
+    min_free_disk_mb: int = Field(
+        64, ge=0, description="Free disk to keep beyond an artifact and its unpacked copy."
+    )
+    max_error_rate: float = Field(
+        0.05, ge=0, le=1, description="Health: the new version's highest error rate."
+    )
+    max_p99_ratio: float = Field(
+        3.0, gt=0, description="Health: highest p99 latency relative to the previous version."
+    )
+    min_shadow_agreement: float = Field(
+        0.0, ge=0, le=1, description="Health: lowest top-1 agreement with the cloud teacher."
+    )
+    download_timeout_s: float = Field(30.0, gt=0, description="Socket timeout of downloads.")
+
+    def public_keys(self) -> list[str]:
+        """Every trusted key: the inline ones and those in ``trusted_keys_file``."""
+        keys = list(self.trusted_keys)
+        if self.trusted_keys_file is not None:
+            for line in self.trusted_keys_file.read_text().splitlines():
+                line = line.split("#", 1)[0].strip()
+                if line:
+                    keys.append(line)
+        return keys
+
+
+class AbSettings(Section):
+    """An A/B test on the device: a traffic split between versions of one model."""
+
+    split: dict[str, float] = Field(
+        description='Version -> weight, e.g. {"1" = 0.9, "2" = 0.1}; applied at start.'
+    )
+
+
 class EdgeSettings(BaseSettings):
     """Everything the edge agent is configured with."""
 
@@ -156,8 +219,15 @@ class EdgeSettings(BaseSettings):
         default_factory=dict, description="Per model name: how it is served (default: local)."
     )
     uplink: UplinkSettings = Field(default_factory=UplinkSettings)
+    sensors: SensorSettings = Field(
+        default_factory=SensorSettings, description="The MQTT sensor bridge (tether bridge)."
+    )
     cloud_price_per_1000: float = Field(
         0.0, ge=0, description="Operator's price of 1,000 cloud requests, for the cost estimate."
+    )
+    fleet: FleetSettings = Field(default_factory=FleetSettings)
+    ab: dict[str, AbSettings] = Field(
+        default_factory=dict, description="Per model name: an A/B traffic split between versions."
     )
 
     @classmethod

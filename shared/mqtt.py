@@ -111,6 +111,8 @@ class Message:
     #: Seconds left of the publisher's message expiry when the broker delivered it.
     expiry_s: int | None = None
     mid: int = 0
+    #: The broker's DUP flag: it delivered this message before (a redelivery after reconnect).
+    dup: bool = False
     _client: MqttClient | None = field(default=None, repr=False)
 
     def ack(self) -> None:
@@ -150,6 +152,7 @@ class MqttClient:
         reconnect_min_s: float = 0.1,
         reconnect_max_s: float = 2.0,
         max_inflight: int = 1000,
+        receive_maximum: int | None = None,
     ) -> None:
         self.address = BrokerAddress.parse(address) if isinstance(address, str) else address
         self.client_id = client_id
@@ -162,6 +165,8 @@ class MqttClient:
         self._last_error: str = "not connected yet"
         self._session_expiry_s = session_expiry_s
         self._clean_start = clean_start
+        #: MQTT 5 Receive Maximum: unacknowledged QoS 1 messages the broker may send at once.
+        self._receive_maximum = receive_maximum
         self._reconnect = (reconnect_min_s, reconnect_max_s)
         self._thread: threading.Thread | None = None
         self._client = paho.Client(
@@ -240,6 +245,8 @@ class MqttClient:
             try:
                 properties = Properties(PacketTypes.CONNECT)
                 properties.SessionExpiryInterval = self._session_expiry_s
+                if self._receive_maximum is not None:
+                    properties.ReceiveMaximum = self._receive_maximum
                 self._client.connect(
                     self.address.host,
                     self.address.port,
@@ -413,6 +420,7 @@ def _to_message(msg: paho.MQTTMessage, client: MqttClient) -> Message:
         content_type=content_type,
         expiry_s=int(expiry) if expiry is not None else None,
         mid=msg.mid,
+        dup=bool(msg.dup),
         _client=client,
     )
 
