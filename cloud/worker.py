@@ -10,7 +10,10 @@ The MQTT handler (paho's network thread) only decodes the envelope, checks deadl
 duplicate and model, and queues the request; worker threads take batches from the
 :class:`~cloud.batcher.DynamicBatcher`, decode and validate the tensors, run the model
 once per batch and publish one reply per request. The device id comes from the topic the
-broker authorised, never from the payload.
+broker authorised, never from the payload (a ``device`` field there is ignored), and a
+reply goes only to a response topic inside that device's own reply namespace
+(``tether/<device>/cloud/replies/<client>``), so one device cannot make the worker
+publish into another's.
 """
 
 from __future__ import annotations
@@ -196,18 +199,21 @@ class CloudWorker:
             log.exception("could not take the request on %s", message.topic)
             error = InternalError("the cloud worker failed to take the request")
             request_id = request_id_of(message.payload) or "unknown"
-            address = (
-                (message.response_topic, message.correlation_data)
-                if message.response_topic
-                else None
-            )
-            self._send(address, _error_payload(request_id, error), None)
+            self._send(reply_address(message), _error_payload(request_id, error), None)
 
     def _accept(self, message: Message) -> None:
         arrived = time.monotonic()
-        address = (
-            (message.response_topic, message.correlation_data) if message.response_topic else None
-        )
+        address = reply_address(message)
+        if message.response_topic and address is None:
+            # A reply there would publish with the worker's rights into a namespace the
+            # requester may not write: answer nothing, the request is not the device's.
+            self.metrics.failures.labels("unknown", "foreign_reply_topic").inc()
+            log.warning(
+                "dropped a request on %s: its response topic %r is not the device's own",
+                message.topic,
+                message.response_topic,
+            )
+            return
         model = "unknown"
         try:
             device, model = topics.parse_cloud_request(message.topic)
@@ -513,6 +519,22 @@ class CloudWorker:
 
 
 # ---------------------------------------------------------------------- request facts
+
+
+def reply_address(message: Message) -> ReplyAddress | None:
+    """Where a request may be answered: its response topic, only when that topic is in the
+    reply namespace of the device the request topic names (the one the broker authorised).
+    """
+    if not message.response_topic:
+        return None
+    try:
+        device, _model = topics.parse_cloud_request(message.topic)
+        owner, _client = topics.parse_cloud_replies(message.response_topic)
+    except TetherError:
+        return None
+    if owner != device:
+        return None
+    return (message.response_topic, message.correlation_data)
 
 
 def _deadline(envelope: InferRequestEnvelope, message: Message, arrived: float) -> float | None:

@@ -5,6 +5,10 @@ Every device-scoped topic starts with ``tether/<device>/`` so a broker ACL patte
 ``tether/cloud/infer/<device>/<model>``, which cloud workers consume through one shared
 subscription; the device id a worker trusts is the one in the topic, which the broker's
 ACL authorised, never one in the payload.
+
+The device ids ``cloud`` and ``fleet`` are reserved: ``tether/cloud/...`` and
+``tether/fleet/...`` belong to the cloud side, so no ACL pattern ``tether/%u/...`` may ever
+name them for a device (see deploy/mosquitto/acl and docs/security.md).
 """
 
 from __future__ import annotations
@@ -22,10 +26,22 @@ def check_segment(value: str, what: str) -> str:
     return value
 
 
+#: Device ids that would alias the cloud side's topics under ``tether/<id>/``.
+RESERVED_DEVICE_IDS = frozenset({"cloud", "fleet"})
+
+
+def check_device(value: str) -> str:
+    """A device id fit for ``tether/<device>/``: a topic segment that is not reserved."""
+    check_segment(value, "device id")
+    if value.lower() in RESERVED_DEVICE_IDS:
+        raise InvalidInput(f"device id {value!r} is reserved for the cloud side")
+    return value
+
+
 def cloud_request(device: str, model: str) -> str:
     """Where a device publishes a cloud inference request."""
     return (
-        f"{ROOT}/cloud/infer/{check_segment(device, 'device id')}/{check_segment(model, 'model')}"
+        f"{ROOT}/cloud/infer/{check_device(device)}/{check_segment(model, 'model')}"
     )
 
 
@@ -39,7 +55,7 @@ def parse_cloud_request(topic: str) -> tuple[str, str]:
     parts = topic.split("/")
     if len(parts) != 5 or parts[:3] != [ROOT, "cloud", "infer"]:
         raise InvalidInput(f"{topic!r} is not a cloud request topic")
-    return parts[3], parts[4]
+    return check_device(parts[3]), check_segment(parts[4], "model")
 
 
 def cloud_worker_barrier(worker: str) -> str:
@@ -49,28 +65,43 @@ def cloud_worker_barrier(worker: str) -> str:
 
 def cloud_replies(device: str, client: str) -> str:
     """Where the cloud answers one uplink connection of a device."""
-    return f"{ROOT}/{check_segment(device, 'device id')}/cloud/replies/{check_segment(client, 'client id')}"
+    return f"{ROOT}/{check_device(device)}/cloud/replies/{check_segment(client, 'client id')}"
+
+
+def parse_cloud_replies(topic: str) -> tuple[str, str]:
+    """``(device, client)`` of a cloud reply topic ``tether/<device>/cloud/replies/<client>``."""
+    parts = topic.split("/")
+    if (
+        len(parts) != 5
+        or parts[0] != ROOT
+        or parts[2:4] != ["cloud", "replies"]
+        or not parts[1]
+        or not parts[4]
+        or any(c in topic for c in "+#\x00")
+    ):
+        raise InvalidInput(f"{topic!r} is not a cloud reply topic")
+    return parts[1], parts[4]
 
 
 def sensor_data_filter(device: str) -> str:
-    return f"{ROOT}/{check_segment(device, 'device id')}/sensors/+/data"
+    return f"{ROOT}/{check_device(device)}/sensors/+/data"
 
 
 def sensor_topic(device: str, sensor: str, kind: str) -> str:
     """``tether/<device>/sensors/<sensor>/<kind>`` with kind data, inference or errors."""
-    return f"{ROOT}/{check_segment(device, 'device id')}/sensors/{check_segment(sensor, 'sensor id')}/{kind}"
+    return f"{ROOT}/{check_device(device)}/sensors/{check_segment(sensor, 'sensor id')}/{kind}"
 
 
 def device_status(device: str) -> str:
     """The device's retained status (and its last will)."""
-    return f"{ROOT}/{check_segment(device, 'device id')}/status"
+    return f"{ROOT}/{check_device(device)}/status"
 
 
 def device_rollout(device: str) -> str:
     """Rollout orders for one device (published by the rollout controller only)."""
-    return f"{ROOT}/{check_segment(device, 'device id')}/rollout"
+    return f"{ROOT}/{check_device(device)}/rollout"
 
 
 def device_rollout_events(device: str) -> str:
     """A device's reports on rollout steps."""
-    return f"{ROOT}/{check_segment(device, 'device id')}/rollout/events"
+    return f"{ROOT}/{check_device(device)}/rollout/events"
