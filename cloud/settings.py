@@ -113,6 +113,9 @@ class CloudSettings(BaseSettings):
         100_000, ge=1, description="Most request ids remembered for deduplication."
     )
     connect_timeout_s: float = Field(10.0, gt=0, description="How long start() waits for MQTT.")
+    log_requests: bool = Field(
+        True, description="Log one line per served request, with the edge's request id."
+    )
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
     data_dir: Path = Field(Path(".tether-cloud"), description="Engine caches and other state.")
 

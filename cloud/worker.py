@@ -48,6 +48,7 @@ from shared.envelopes import (
 )
 from shared.errors import InternalError, InvalidInput, TetherError, Unavailable
 from shared.mqtt import Message, MqttClient, MqttError
+from shared.tracing import bound_request_id
 
 log = logging.getLogger(__name__)
 
@@ -468,6 +469,17 @@ class CloudWorker:
         )
         payload = frame(envelope.dump(), blobs)
         self.metrics.requests.labels(job.model, prediction.model_version).inc()
+        if self.settings.log_requests:
+            with bound_request_id(request.envelope.trace_id or request.request_id):
+                log.info(
+                    "served %s v%s for device %s: queue %.3f ms, compute %.3f ms, batch %d",
+                    job.model,
+                    prediction.model_version,
+                    request.device,
+                    queue_ms,
+                    compute_ms,
+                    rows,
+                )
         self._answer(job, payload)
 
     def _finish_error(self, job: Queued[CloudRequest], exc: TetherError) -> None:

@@ -97,6 +97,7 @@ class EdgeAgent:
             self.dataplane,
             max_body_bytes=self.settings.http.max_body_bytes,
             limits=TensorLimits(max_elements=self.settings.http.max_tensor_elements),
+            access_log=self.settings.http.access_log,
         )
 
 

@@ -59,6 +59,7 @@ from shared.errors import (
 )
 from shared.mqtt import Message, MqttClient, MqttError
 from shared.protocol import InferenceRequest
+from shared.tracing import current_request_id
 
 log = logging.getLogger(__name__)
 
@@ -220,6 +221,7 @@ class Uplink:
         )
         payload = frame(envelope.dump(), blobs)
         topic = topics.cloud_request(self.device_id, model)
+        log.debug("cloud request %s for %s (trace %s)", request_id, model, envelope.trace_id)
         correlation = request_id.encode()
         future: Future[Message] = Future()
         with self._lock:
@@ -433,6 +435,7 @@ class CloudRuntime(Runtime):
             outputs=list(output_names) if output_names else [s.name for s in self.outputs],
             version=self.cloud_version,
             timeout_s=self.timeout_s,
+            trace_id=current_request_id(),
         )
         if self.metrics is not None and self.price_per_request:
             self.metrics.cloud_cost.labels(self.cloud_model).inc(self.price_per_request)

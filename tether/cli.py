@@ -7,12 +7,12 @@ HTTP server's master) does not carry the cloud worker's or the trainer's imports
 from __future__ import annotations
 
 import importlib
-import logging
 from typing import Any
 
 import click
 
 from shared import __version__
+from shared.tracing import configure_logging
 
 #: command name -> "module:attribute" of its click command.
 COMMANDS: dict[str, str] = {
@@ -51,11 +51,17 @@ class LazyGroup(click.Group):
 @click.group(cls=LazyGroup)
 @click.version_option(__version__, prog_name="tether")
 @click.option("--log-level", default="INFO", show_default=True, help="Logging level.")
-def cli(log_level: str) -> None:
+@click.option(
+    "--log-format",
+    type=click.Choice(["auto", "json", "text"]),
+    default="auto",
+    show_default=True,
+    envvar="TETHER_LOG_FORMAT",
+    help="JSON lines, or text; auto is text on a terminal and JSON otherwise.",
+)
+def cli(log_level: str, log_format: str) -> None:
     """Tether: edge-and-cloud hybrid inference."""
-    logging.basicConfig(
-        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(log_level, log_format)
 
 
 def main() -> None:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
-from flask import Flask, Response
+from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
 from edge.dataplane import DataPlane
@@ -13,8 +14,17 @@ from edge.http.responses import json_response
 from edge.http.routes import DATAPLANE_KEY, LIMITS_KEY, v2
 from shared.codec import TensorLimits
 from shared.errors import TetherError, TooManyRequests
+from shared.tracing import (
+    bind_request_id,
+    clean_request_id,
+    current_request_id,
+    unbind_request_id,
+)
 
 log = logging.getLogger(__name__)
+access = logging.getLogger("tether.access")
+
+REQUEST_ID_HEADER = "X-Request-Id"
 
 
 def create_app(
@@ -22,6 +32,7 @@ def create_app(
     *,
     max_body_bytes: int = 64 * 1024 * 1024,
     limits: TensorLimits | None = None,
+    access_log: bool = False,
 ) -> Flask:
     """Build the HTTP app around a data plane; the app holds no state of its own."""
     app = Flask("tether.edge")
@@ -29,8 +40,39 @@ def create_app(
     app.extensions[DATAPLANE_KEY] = dataplane
     app.extensions[LIMITS_KEY] = limits or TensorLimits()
     app.register_blueprint(v2)
+    _register_request_ids(app, access_log)
     _register_error_handlers(app)
     return app
+
+
+def _register_request_ids(app: Flask, access_log: bool) -> None:
+    """Every request runs under an id (``X-Request-Id``, or a new one) that the response,
+    the logs and the cloud (as the envelope's ``trace_id``) all carry."""
+
+    @app.before_request
+    def bind() -> None:
+        g.request_id_token = bind_request_id(
+            clean_request_id(request.headers.get(REQUEST_ID_HEADER))
+        )
+        g.started = time.perf_counter()
+
+    @app.after_request
+    def tag(response: Response) -> Response:
+        request_id = current_request_id()
+        if request_id:
+            response.headers[REQUEST_ID_HEADER] = request_id
+        if access_log:
+            elapsed = (time.perf_counter() - g.get("started", time.perf_counter())) * 1000.0
+            access.info(
+                "%s %s %d %.3f ms", request.method, request.path, response.status_code, elapsed
+            )
+        return response
+
+    @app.teardown_request
+    def unbind(exc: BaseException | None) -> None:
+        token = g.pop("request_id_token", None)
+        if token is not None:
+            unbind_request_id(token)
 
 
 def _register_error_handlers(app: Flask) -> None:
