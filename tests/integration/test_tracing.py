@@ -90,5 +90,5 @@ def test_request_id_follows_the_request_edge_cloud_and_back(
         if line.get("request_id") == "trace-abc-123" and line.get("logger") == "tether.access"
     ]
     assert any(
-        "POST /v2/models/digits-teacher/infer 200" in str(l["message"]) for l in edge_lines
+        "POST /v2/models/digits-teacher/infer 200" in str(line["message"]) for line in edge_lines
     ), agent.log()
