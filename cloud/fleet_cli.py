@@ -1,0 +1,354 @@
+"""``tether fleet``: signing keys, publishing model versions, staged rollouts, the fleet service.
+
+The rollout commands only write to the fleet database; ``tether fleet serve`` (artifact
+server + rollout controller) acts on what they wrote, so they work from any machine that
+reaches the database, and a rollout survives restarts of both.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import signal
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import click
+
+from cloud.fleet_db import FleetDB, RolloutPolicy
+from cloud.fleet_settings import FleetSettings, load_fleet_settings
+from shared.errors import TetherError
+
+log = logging.getLogger(__name__)
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)?$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def parse_duration(text: str) -> float:
+    """``"500ms"``, ``"60s"``, ``"2m"``, ``"1h"``, ``"30d"`` or plain seconds -> seconds."""
+    match = _DURATION.match(text.strip())
+    if not match:
+        raise click.BadParameter(f"{text!r} is not a duration like 60s, 2m, 30d")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def parse_labels(text: str) -> dict[str, str]:
+    """``"k=v,k2=v2"`` -> ``{"k": "v", "k2": "v2"}``."""
+    labels: dict[str, str] = {}
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"{part!r} is not key=value")
+        labels[key.strip()] = value.strip()
+    return labels
+
+
+def parse_fraction(text: str) -> float:
+    """``"5%"`` or ``"0.05"`` -> 0.05."""
+    text = text.strip()
+    try:
+        return float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a fraction like 0.05 or 5%") from None
+
+
+def _settings(ctx: click.Context) -> FleetSettings:
+    settings = ctx.find_object(FleetSettings)
+    assert settings is not None
+    return settings
+
+
+def _db(settings: FleetSettings) -> FleetDB:
+    return FleetDB(settings.database, prefix=settings.table_prefix)
+
+
+def _fail(exc: TetherError) -> click.ClickException:
+    return click.ClickException(exc.message)
+
+
+@click.group("fleet")
+@click.option("--data-dir", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--database-url", help="sqlite:///path or postgresql://... (default SQLite).")
+@click.option("--mqtt-url", help="MQTT broker URL (default TETHER_MQTT_URL or localhost).")
+@click.pass_context
+def fleet_group(
+    ctx: click.Context, data_dir: Path | None, database_url: str | None, mqtt_url: str | None
+) -> None:
+    """Publish signed model versions and roll them out to the fleet in waves."""
+    try:
+        ctx.obj = load_fleet_settings(
+            data_dir=data_dir, database_url=database_url, mqtt_url=mqtt_url
+        )
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@fleet_group.command("keygen")
+@click.argument("keyfile", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--force", is_flag=True, help="Overwrite an existing key file.")
+def keygen_command(keyfile: Path, force: bool) -> None:
+    """Create an ed25519 signing key; print the public key devices must trust."""
+    from shared.manifest import generate_key, key_id, public_key_text, save_private_key
+
+    if keyfile.exists() and not force:
+        raise click.ClickException(f"{keyfile} exists (use --force to replace it)")
+    key = generate_key()
+    save_private_key(key, keyfile)
+    click.echo(f"wrote {keyfile} (mode 0600), key id {key_id(key)}")
+    click.echo("public key (configure devices to trust it):")
+    click.echo(public_key_text(key))
+
+
+@fleet_group.command("pubkey")
+@click.argument("keyfile", type=click.Path(path_type=Path, dir_okay=False), required=False)
+@click.pass_context
+def pubkey_command(ctx: click.Context, keyfile: Path | None) -> None:
+    """Print the public key of KEYFILE (default: the development key)."""
+    from shared.manifest import load_private_key, public_key_text
+
+    path = keyfile or _settings(ctx).dev_key_path
+    try:
+        click.echo(public_key_text(load_private_key(path)))
+    except (OSError, TetherError) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@fleet_group.command("publish")
+@click.argument("version_dir", type=click.Path(path_type=Path, file_okay=False, exists=True))
+@click.option("--key", "keyfile", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--expires", default="30d", show_default=True, help="Manifest lifetime.")
+@click.option("--target-hardware", default="cpu", show_default=True)
+@click.option("--min-agent-version", default="0.1.0", show_default=True)
+@click.option("--artifact-url", help="Base URL devices download from (default from settings).")
+@click.pass_context
+def publish_command(
+    ctx: click.Context,
+    version_dir: Path,
+    keyfile: Path | None,
+    expires: str,
+    target_hardware: str,
+    min_agent_version: str,
+    artifact_url: str | None,
+) -> None:
+    """Sign and store models/repository/<name>/<version> as a publishable artifact."""
+    from cloud.artifacts import ArtifactStore
+    from cloud.registry import PublishOptions, Registry, load_or_create_dev_key
+    from shared.manifest import key_id, load_private_key, public_key_text
+
+    settings = _settings(ctx)
+    try:
+        if keyfile is None:
+            key, created = load_or_create_dev_key(settings.dev_key_path)
+            click.echo(
+                f"warning: signing with the DEVELOPMENT key {settings.dev_key_path}"
+                f"{' (just generated)' if created else ''}; use --key for a real fleet",
+                err=True,
+            )
+            if created:
+                click.echo(f"dev public key: {public_key_text(key)}", err=True)
+        else:
+            key = load_private_key(keyfile)
+        registry = Registry(
+            _db(settings),
+            ArtifactStore(settings.artifacts),
+            artifact_url or settings.public_artifact_url,
+        )
+        signed = registry.publish(
+            version_dir,
+            key,
+            PublishOptions(
+                expires_s=parse_duration(expires),
+                target_hardware=target_hardware,
+                min_agent_version=min_agent_version,
+            ),
+        )
+    except (OSError, TetherError) as exc:
+        raise click.ClickException(getattr(exc, "message", str(exc))) from exc
+    m = signed.manifest
+    click.echo(f"published {m.model} version {m.version}: {m.size} bytes, sha256 {m.sha256}")
+    click.echo(f"url {m.url}, signed by key {key_id(key)}, expires in {expires}")
+
+
+@fleet_group.command("serve")
+@click.option("--host", help="Artifact server address (default 127.0.0.1).")
+@click.option("--port", type=int, help="Artifact server port (default 8090).")
+@click.pass_context
+def serve_command(ctx: click.Context, host: str | None, port: int | None) -> None:
+    """Run the artifact server, device registry and rollout controller until SIGTERM."""
+    from cloud.artifacts import ArtifactServer, ArtifactStore
+    from cloud.rollout import RolloutController
+    from shared.mqtt import MqttClient
+
+    settings = _settings(ctx)
+    if host:
+        settings.http_host = host
+    if port is not None:
+        settings.http_port = port
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        db = _db(settings)
+        server = ArtifactServer(
+            ArtifactStore(settings.artifacts), settings.http_host, settings.http_port
+        ).start()
+        mqtt = MqttClient(settings.mqtt_url, f"tether-fleet-{int(time.time())}")
+        mqtt.start(wait_s=None)
+        controller = RolloutController(db, mqtt, tick_s=settings.tick_s)
+        controller.start()
+        log.info("fleet service: artifacts on %s, database %s", server.url, settings.database)
+        stop.wait()
+        controller.stop()
+        mqtt.stop()
+        server.stop()
+    except TetherError as exc:
+        raise _fail(exc) from exc
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@fleet_group.command("devices")
+@click.option("--select", "select", default="", help="Label selector k=v,k2=v2.")
+@click.pass_context
+def devices_command(ctx: click.Context, select: str) -> None:
+    """List the devices that reported to the fleet."""
+    for d in _db(_settings(ctx)).list_devices(parse_labels(select)):
+        models = ", ".join(f"{m}:{s.get('active')}" for m, s in sorted(d.models.items()))
+        labels = ",".join(f"{k}={v}" for k, v in sorted(d.labels.items()))
+        state = "online" if d.online else "offline"
+        click.echo(f"{d.device}\t{state}\t{d.hardware}\t{labels}\t{models}")
+
+
+@fleet_group.group("rollout")
+def rollout_group() -> None:
+    """Start and steer staged rollouts (the controller in `tether fleet serve` acts)."""
+
+
+@rollout_group.command("start")
+@click.argument("model")
+@click.argument("version", type=int)
+@click.option("--select", "select", default="", help="Label selector k=v,k2=v2 (default all).")
+@click.option("--waves", default="1,10%,50%,100%", show_default=True)
+@click.option("--window", default="60s", show_default=True, help="Health window per wave.")
+@click.option("--max-failure", default="5%", show_default=True, help="Failed/silent devices.")
+@click.option("--max-error-rate", default="2%", show_default=True, help="Allowed increase.")
+@click.option("--max-p99-ratio", type=float, default=1.5, show_default=True)
+@click.option(
+    "--min-agreement-drop",
+    "--max-agreement-drop",
+    "agreement_drop",
+    default="0.05",
+    show_default=True,
+    help="Largest allowed drop in shadow agreement with the cloud teacher.",
+)
+@click.option("--device-timeout", default="120s", show_default=True)
+@click.option("--shadow-sample-rate", type=float, default=0.1, show_default=True)
+@click.pass_context
+def rollout_start_command(
+    ctx: click.Context,
+    model: str,
+    version: int,
+    select: str,
+    waves: str,
+    window: str,
+    max_failure: str,
+    max_error_rate: str,
+    max_p99_ratio: float,
+    agreement_drop: str,
+    device_timeout: str,
+    shadow_sample_rate: float,
+) -> None:
+    """Roll MODEL VERSION out to the selected devices in waves (idempotent)."""
+    from cloud.rollout import start_rollout, summarize
+    from cloud.rollout_policy import parse_waves
+
+    try:
+        policy = RolloutPolicy(
+            waves=parse_waves(waves),
+            window_s=parse_duration(window),
+            max_failure=max_failure,
+            max_error_rate=parse_fraction(max_error_rate),
+            max_p99_ratio=max_p99_ratio,
+            max_agreement_drop=parse_fraction(agreement_drop),
+            device_timeout_s=parse_duration(device_timeout),
+            shadow_sample_rate=shadow_sample_rate,
+        )
+        db = _db(_settings(ctx))
+        rollout, created = start_rollout(db, model, version, parse_labels(select), policy)
+        click.echo(("started " if created else "already exists: ") + rollout.id)
+        _echo(summarize(db, rollout.id))
+    except TetherError as exc:
+        raise _fail(exc) from exc
+
+
+@rollout_group.command("status")
+@click.argument("rollout_id", required=False)
+@click.option("--all", "show_all", is_flag=True, help="Finished rollouts too.")
+@click.pass_context
+def rollout_status_command(ctx: click.Context, rollout_id: str | None, show_all: bool) -> None:
+    """Show one rollout, or every unfinished one."""
+    from cloud.rollout import summarize
+
+    db = _db(_settings(ctx))
+    try:
+        ids = (
+            [rollout_id]
+            if rollout_id
+            else [r.id for r in db.list_rollouts(active_only=not show_all)]
+        )
+        for rid in ids:
+            _echo(summarize(db, rid))
+    except TetherError as exc:
+        raise _fail(exc) from exc
+
+
+def _steer(ctx: click.Context, rollout_id: str, action: str) -> None:
+    from cloud.rollout import request_abort, request_pause, request_resume
+
+    db = _db(_settings(ctx))
+    act = {"pause": request_pause, "resume": request_resume, "abort": request_abort}[action]
+    try:
+        moved = act(db, rollout_id)
+        state = db.rollout(rollout_id).state
+    except TetherError as exc:
+        raise _fail(exc) from exc
+    if not moved:
+        raise click.ClickException(f"cannot {action} rollout {rollout_id} in state {state}")
+    click.echo(f"{rollout_id}: {state}")
+
+
+@rollout_group.command("pause")
+@click.argument("rollout_id")
+@click.pass_context
+def rollout_pause_command(ctx: click.Context, rollout_id: str) -> None:
+    """Pause a rollout: no new waves or orders until resumed."""
+    _steer(ctx, rollout_id, "pause")
+
+
+@rollout_group.command("resume")
+@click.argument("rollout_id")
+@click.pass_context
+def rollout_resume_command(ctx: click.Context, rollout_id: str) -> None:
+    """Resume a paused rollout."""
+    _steer(ctx, rollout_id, "resume")
+
+
+@rollout_group.command("abort")
+@click.argument("rollout_id")
+@click.pass_context
+def rollout_abort_command(ctx: click.Context, rollout_id: str) -> None:
+    """Abort a rollout: every updated device rolls back to its previous version."""
+    _steer(ctx, rollout_id, "abort")
+
+
+def _echo(summary: dict[str, Any]) -> None:
+    click.echo(json.dumps(summary, indent=2, sort_keys=False))

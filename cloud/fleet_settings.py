@@ -1,0 +1,67 @@
+"""Settings of the fleet side (registry, artifact server, rollout controller): one typed object.
+
+Precedence, highest first: command-line flags, ``TETHER_FLEET_*`` environment variables
+(``TETHER_MQTT_URL`` for the broker, shared with the edge and the cloud workers), defaults.
+Nothing else in the fleet code reads the environment.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MQTT_URL_VARIABLE = "TETHER_MQTT_URL"
+
+
+class FleetSettings(BaseSettings):
+    """Where fleet state, artifacts and keys live, and how the fleet service listens."""
+
+    model_config = SettingsConfigDict(env_prefix="TETHER_FLEET_", extra="forbid")
+
+    mqtt_url: str = Field("mqtt://127.0.0.1:1883", description="The MQTT broker.")
+    data_dir: Path = Field(Path(".tether-cloud"), description="Fleet database, artifacts, keys.")
+    database_url: str | None = Field(
+        None,
+        description="sqlite:///path or postgresql://user@host/db (default: SQLite in data_dir).",
+    )
+    table_prefix: str = Field("fleet_", description="Prefix of the fleet tables.")
+    artifact_dir: Path | None = Field(None, description="Artifact store (default data_dir).")
+    signing_key: Path | None = Field(
+        None, description="ed25519 PEM key (default: a development key in data_dir/keys)."
+    )
+    http_host: str = Field("127.0.0.1", description="Address of the artifact server.")
+    http_port: int = Field(8090, ge=0, le=65535, description="Port of the artifact server.")
+    artifact_url: str | None = Field(
+        None, description="Base URL devices download from (default http://host:port)."
+    )
+    tick_s: float = Field(0.5, gt=0, description="How often the rollout controller acts.")
+
+    @property
+    def database(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'fleet.db'}"
+
+    @property
+    def artifacts(self) -> Path:
+        return self.artifact_dir or self.data_dir / "artifacts"
+
+    @property
+    def dev_key_path(self) -> Path:
+        return self.data_dir / "keys" / "dev-signing.pem"
+
+    @property
+    def public_artifact_url(self) -> str:
+        return self.artifact_url or f"http://{self.http_host}:{self.http_port}"
+
+
+def load_fleet_settings(**overrides: Any) -> FleetSettings:
+    """Settings from the environment and ``overrides`` (``None`` values fall through)."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if "mqtt_url" not in given and "TETHER_FLEET_MQTT_URL" not in os.environ:
+        shared = os.environ.get(MQTT_URL_VARIABLE)
+        if shared:
+            given["mqtt_url"] = shared
+    return FleetSettings(**given)

@@ -1,0 +1,115 @@
+"""The model registry: publishes model versions as signed manifests over stored artifacts.
+
+``publish`` packs ``models/repository/<name>/<version>`` (see :func:`cloud.artifacts.pack_version`),
+stores the artifact by its sha256, signs a :class:`~shared.manifest.Manifest` pointing at
+``<artifact_url>/artifacts/<sha256>``, and records it in the fleet database. Versions are
+monotonic per model: publishing a lower version than the latest is refused, and
+republishing the same version is idempotent only for the same artifact.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from cloud.artifacts import ArtifactStore, pack_version
+from cloud.fleet_db import FleetDB
+from shared.errors import InvalidInput
+from shared.manifest import (
+    Manifest,
+    SignedManifest,
+    generate_key,
+    load_private_key,
+    save_private_key,
+    sign_manifest,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PublishOptions:
+    """What a published manifest says besides the artifact itself."""
+
+    expires_s: float = 30 * 86400.0
+    target_hardware: str = "cpu"
+    min_agent_version: str = "0.1.0"
+
+
+def load_or_create_dev_key(path: Path) -> tuple[Ed25519PrivateKey, bool]:
+    """The development signing key at ``path``, generated on first use (``created`` True)."""
+    if path.is_file():
+        return load_private_key(path), False
+    key = generate_key()
+    save_private_key(key, path)
+    return key, True
+
+
+class Registry:
+    """Publishes and looks up signed model versions."""
+
+    def __init__(self, db: FleetDB, store: ArtifactStore, artifact_url: str) -> None:
+        self.db = db
+        self.store = store
+        self.artifact_url = artifact_url.rstrip("/")
+
+    def publish(
+        self,
+        version_dir: Path,
+        key: Ed25519PrivateKey,
+        options: PublishOptions | None = None,
+        *,
+        now: float | None = None,
+    ) -> SignedManifest:
+        """Pack, store, sign and record one model version; return its signed manifest."""
+        options = options or PublishOptions()
+        version_dir = Path(version_dir)
+        model = version_dir.parent.name
+        try:
+            version = int(version_dir.name)
+        except ValueError:
+            raise InvalidInput(
+                f"{version_dir}: expected models/repository/<name>/<version number>"
+            ) from None
+        if version < 1:
+            raise InvalidInput(f"{version_dir}: versions start at 1")
+        latest = self.db.latest_manifest(model)
+        if latest is not None and latest.manifest.version > version:
+            raise InvalidInput(
+                f"{model} version {version} is older than the published version "
+                f"{latest.manifest.version}; versions are monotonic"
+            )
+        data, files = pack_version(version_dir)
+        sha = self.store.put_bytes(data)
+        existing = self.db.get_manifest(model, version)
+        if existing is not None and existing.manifest.sha256 == sha:
+            return existing
+        now = time.time() if now is None else now
+        manifest = Manifest(
+            model=model,
+            version=version,
+            sha256=sha,
+            size=len(data),
+            url=f"{self.artifact_url}/artifacts/{sha}",
+            min_agent_version=options.min_agent_version,
+            target_hardware=options.target_hardware,
+            created_at=now,
+            expires_at=now + options.expires_s,
+            files=files,
+        )
+        signed = sign_manifest(manifest, key)
+        self.db.put_manifest(signed)
+        log.info("published %s version %d (%s, %d bytes)", model, version, sha[:12], len(data))
+        return signed
+
+    def manifest(self, model: str, version: int) -> SignedManifest:
+        signed = self.db.get_manifest(model, version)
+        if signed is None:
+            raise InvalidInput(
+                f"{model} version {version} is not published (tether fleet publish first)"
+            )
+        return signed

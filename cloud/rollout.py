@@ -1,0 +1,440 @@
+"""The rollout controller: moves staged rollouts forward, wave by wave, through MQTT.
+
+The database is the source of truth. :func:`start_rollout` (called by the CLI) writes a
+rollout and assigns every selected device to a wave; pause, resume and abort are state
+changes in the database (:func:`request_pause` ...). The :class:`RolloutController`, which
+runs inside ``tether fleet serve``, records every device's status and rollout events, and
+on each tick acts on the rollouts that are not finished:
+
+* ``running``: send the current wave its retained ``install`` orders; a device is done
+  when it reports ``committed`` (after its health window) or a failure (``failed``,
+  ``refused``, ``rolled_back``), or is marked ``timeout`` (no ``active`` within
+  ``device_timeout_s`` of its order, or no ``committed`` within ``window_s +
+  device_timeout_s`` of ``active``). Too many failures stop the rollout at once; when the
+  whole wave is done, its health reports pass the gate (:func:`health_verdict`) and the
+  next wave starts, or the rollout is ``completed`` after the last wave.
+* ``aborting`` (asked by the CLI) or a failed gate: send ``rollback`` orders (to the
+  version each device had before) to every device that got the install order; the rollout
+  is ``rolled_back`` when each of them reports ``rolled_back`` (or failed, or stays
+  silent past ``device_timeout_s``).
+* ``paused``: nothing is sent or timed out; devices already ordered carry on.
+
+One controller per database: run one ``tether fleet serve`` (a second one would send every
+order twice; devices tolerate that, but the step history gets noisy).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+
+from cloud.fleet_db import ORDERED, TIMEOUT, FleetDB, RolloutDevice, RolloutPolicy, RolloutRecord
+from cloud.rollout_policy import allowed_failures, health_verdict, wave_sizes
+from shared.errors import InvalidInput, TetherError
+from shared.fleet import (
+    EVENTS_FILTER,
+    STATUS_FILTER,
+    DeviceStatus,
+    RolloutEvent,
+    RolloutOrder,
+    device_of_topic,
+)
+from shared.manifest import SignedManifest
+from shared.mqtt import Message, MqttClient, MqttError
+from shared.topics import device_rollout
+
+log = logging.getLogger(__name__)
+
+#: The controller's own step for a device it sent a rollback order and waits on.
+ROLLBACK_ORDERED = "rollback_ordered"
+#: Device steps that end an install attempt unsuccessfully.
+FAILED_STEPS = frozenset({"failed", "refused", "rolled_back", TIMEOUT})
+#: Steps after which the controller waits no more for a device's install.
+INSTALL_DONE = FAILED_STEPS | {"committed"}
+#: Steps after which the controller waits no more for a device's rollback.
+ROLLBACK_DONE = frozenset({"rolled_back", "failed", "refused", TIMEOUT})
+#: Steps of a device that may run (or be about to run) the new version.
+MAY_HAVE_NEW = frozenset(
+    {ORDERED, "received", "downloading", "verifying", "staged", "active", "committed"}
+)
+
+
+# ---------------------------------------------------------------------------- CLI side
+
+
+def start_rollout(
+    db: FleetDB,
+    model: str,
+    version: int,
+    selector: dict[str, str],
+    policy: RolloutPolicy,
+    *,
+    now: float | None = None,
+) -> tuple[RolloutRecord, bool]:
+    """Create a rollout of a published version to the devices ``selector`` picks.
+
+    Offline devices, devices already at ``version`` or newer, and devices of another
+    hardware than a non-``cpu`` manifest targets are left out (a later rollout of the same
+    version to the same selector is the same rollout: publish a newer version for them). Returns ``(rollout, created)``; the same
+    model, version and selector again returns the existing rollout.
+    """
+    now = time.time() if now is None else now
+    signed = db.get_manifest(model, version)
+    if signed is None:
+        raise InvalidInput(f"{model} version {version} is not published (tether fleet publish)")
+    target = signed.manifest.target_hardware
+    devices = [
+        d
+        for d in db.list_devices(selector)
+        if d.online
+        and (d.active_version(model) or 0) < version
+        and (target == "cpu" or d.hardware == target)
+    ]
+    rollout_id = f"{model}-v{version}-{uuid.uuid4().hex[:8]}"
+    key = f"{model}/{version}/{sorted(selector.items())}"
+    # A stable pseudo-random order, so the canary is not always the first device by name.
+    devices.sort(key=lambda d: hashlib.sha256(f"{key}/{d.device}".encode()).hexdigest())
+    sizes = wave_sizes(policy.waves, len(devices))
+    assignments: list[tuple[str, int, int | None]] = []
+    for index, device in enumerate(devices):
+        wave = next(i for i, size in enumerate(sizes) if index < size) if sizes else 0
+        if sizes and index >= sizes[-1]:
+            break
+        assignments.append((device.device, wave, device.active_version(model)))
+    with db.transaction():
+        existing = db.find_rollout(model, version, selector)
+        if existing is not None:
+            return existing, False
+        busy = db.active_rollout_of([device for device, _, _ in assignments])
+        if busy:
+            sample = ", ".join(sorted(busy)[:5])
+            raise InvalidInput(
+                f"{len(busy)} selected devices ({sample}) are in another unfinished rollout; "
+                "let it finish or abort it first"
+            )
+        if not assignments:
+            raise InvalidInput(
+                f"no device matches {selector or 'the selection'} and needs {model} v{version}"
+            )
+        return db.create_rollout(rollout_id, model, version, selector, policy, assignments, now)
+
+
+def request_pause(db: FleetDB, rollout_id: str) -> bool:
+    """Pause a running rollout: no new waves, orders or timeouts until resumed."""
+    return db.set_rollout_state(
+        db.rollout(rollout_id).id, "paused", time.time(), only_from=("running",)
+    )
+
+
+def request_resume(db: FleetDB, rollout_id: str) -> bool:
+    """Resume a paused rollout."""
+    return db.set_rollout_state(
+        db.rollout(rollout_id).id, "running", time.time(), only_from=("paused",)
+    )
+
+
+def request_abort(db: FleetDB, rollout_id: str, reason: str = "aborted by operator") -> bool:
+    """Ask the controller to roll back every device the rollout updated."""
+    return db.set_rollout_state(
+        db.rollout(rollout_id).id,
+        "aborting",
+        time.time(),
+        reason=reason,
+        only_from=("running", "paused"),
+    )
+
+
+def summarize(db: FleetDB, rollout_id: str) -> dict[str, Any]:
+    """A rollout's state and, per wave, how many devices are at each step."""
+    rollout = db.rollout(rollout_id)
+    waves: dict[int, dict[str, int]] = {}
+    for device in db.rollout_devices(rollout.id):
+        steps = waves.setdefault(device.wave, {})
+        step = device.step or "waiting"
+        steps[step] = steps.get(step, 0) + 1
+    return {
+        "id": rollout.id,
+        "model": rollout.model,
+        "version": rollout.version,
+        "selector": rollout.selector,
+        "state": rollout.state,
+        "wave": rollout.wave + 1,
+        "waves": len(waves),
+        "reason": rollout.reason,
+        "devices": {f"wave {w + 1}": steps for w, steps in sorted(waves.items())},
+    }
+
+
+# ---------------------------------------------------------------------------- controller
+
+
+class RolloutController:
+    """Records device reports and drives unfinished rollouts (see the module docstring)."""
+
+    def __init__(
+        self,
+        db: FleetDB,
+        mqtt: MqttClient,
+        *,
+        tick_s: float = 0.5,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.db = db
+        self.mqtt = mqtt
+        self.tick_s = tick_s
+        self.clock = clock
+        self._inbox: queue.Queue[tuple[str, str, Any, float]] = queue.Queue()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._manifests: dict[tuple[str, int], SignedManifest] = {}
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Subscribe to device status and events, and start the recorder and the loop."""
+        self._stop.clear()
+        self.mqtt.subscribe(STATUS_FILTER, self._on_status, qos=1)
+        self.mqtt.subscribe(EVENTS_FILTER, self._on_event, qos=1)
+        for name, target in (("fleet-recorder", self._record_loop), ("rollouts", self._loop)):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=5)
+        self._threads.clear()
+
+    # ------------------------------------------------------------------ recording
+
+    def _on_status(self, message: Message) -> None:
+        self._receive("status", message, DeviceStatus)
+
+    def _on_event(self, message: Message) -> None:
+        self._receive("event", message, RolloutEvent)
+
+    def _receive(self, kind: str, message: Message, cls: type[Any]) -> None:
+        try:
+            device = device_of_topic(message.topic)
+            if not message.payload:
+                return  # a cleared retained message
+            parsed = cls.parse(message.payload)
+        except TetherError as exc:
+            log.warning("ignoring %s on %s: %s", kind, message.topic, exc.message)
+            return
+        self._inbox.put((kind, device, parsed, self.clock()))
+
+    def _record_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                first = self._inbox.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            batch = [first]
+            while len(batch) < 1000:
+                try:
+                    batch.append(self._inbox.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                self._record(batch)
+            except Exception:
+                log.exception("recording %d fleet reports failed", len(batch))
+
+    def _record(self, batch: list[tuple[str, str, Any, float]]) -> None:
+        with self.db.transaction():
+            events = []
+            for kind, device, parsed, at in batch:
+                if kind == "status":
+                    self.db.upsert_device(device, parsed, at)
+                else:
+                    events.append((device, parsed, at))
+            if events:
+                self.db.record_events(events)
+
+    # ------------------------------------------------------------------ driving
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.tick_s):
+            try:
+                self.tick()
+            except Exception:
+                log.exception("rollout tick failed")
+
+    def tick(self, now: float | None = None) -> None:
+        """Advance every unfinished rollout by what has happened since the last tick."""
+        now = self.clock() if now is None else now
+        for rollout in self.db.list_rollouts(active_only=True):
+            try:
+                if rollout.state == "running":
+                    self._advance(rollout, now)
+                elif rollout.state == "aborting":
+                    self._roll_back(rollout, rollout.reason or "aborted", now)
+                elif rollout.state == "rolling_back":
+                    self._finish_rollback(rollout, now)
+            except MqttError as exc:
+                log.warning("rollout %s waits for the broker: %s", rollout.id, exc.message)
+
+    def _advance(self, rollout: RolloutRecord, now: float) -> None:
+        policy = rollout.policy
+        devices = self.db.rollout_devices(rollout.id)
+        if rollout.wave_started_at is None:
+            self._send_installs(rollout, [d for d in devices if d.wave == rollout.wave], now)
+            self.db.set_rollout_state(
+                rollout.id, "running", now, wave_started_at=now, only_from=("running",)
+            )
+            return
+        wave = [d for d in devices if d.wave == rollout.wave]
+        silent = self._silent(wave, policy, now)
+        if silent:
+            self.db.mark_devices(
+                rollout.id,
+                silent,
+                TIMEOUT,
+                now,
+                reason=f"no answer within {policy.device_timeout_s:g}s",
+                unless_steps=tuple(INSTALL_DONE),
+            )
+            devices = self.db.rollout_devices(rollout.id)
+            wave = [d for d in devices if d.wave == rollout.wave]
+        ordered = [d for d in devices if d.wave <= rollout.wave]
+        failed = [d for d in ordered if d.step in FAILED_STEPS]
+        budget = allowed_failures(policy.max_failure, len(ordered))
+        if len(failed) > budget:
+            sample = "; ".join(f"{d.device}: {d.step} {d.reason}".strip() for d in failed[:3])
+            self._roll_back(
+                rollout,
+                f"wave {rollout.wave + 1}: {len(failed)} of {len(ordered)} devices failed "
+                f"(allowed {budget}): {sample}",
+                now,
+            )
+            return
+        if not all(d.step in INSTALL_DONE for d in wave):
+            return
+        reports = [d.health for d in ordered if d.step == "committed" and d.health is not None]
+        verdict = health_verdict(reports, policy)
+        if verdict is not None:
+            self._roll_back(rollout, f"wave {rollout.wave + 1}: {verdict}", now)
+            return
+        last_wave = max(d.wave for d in devices)
+        if rollout.wave >= last_wave:
+            self.db.set_rollout_state(
+                rollout.id, "completed", now, reason="", only_from=("running",)
+            )
+            log.info("rollout %s completed", rollout.id)
+            return
+        log.info("rollout %s: wave %d passed", rollout.id, rollout.wave + 1)
+        next_wave = rollout.wave + 1
+        self._send_installs(rollout, [d for d in devices if d.wave == next_wave], now)
+        self.db.set_rollout_state(
+            rollout.id,
+            "running",
+            now,
+            wave=next_wave,
+            wave_started_at=now,
+            only_from=("running",),
+        )
+
+    @staticmethod
+    def _silent(wave: list[RolloutDevice], policy: RolloutPolicy, now: float) -> list[str]:
+        silent = []
+        for d in wave:
+            if d.step in INSTALL_DONE or d.ordered_at is None:
+                continue
+            if d.step == "active" and d.active_at is not None:
+                deadline = d.active_at + policy.window_s + policy.device_timeout_s
+            else:
+                deadline = d.ordered_at + policy.device_timeout_s
+            if now > deadline:
+                silent.append(d.device)
+        return silent
+
+    def _manifest(self, rollout: RolloutRecord) -> SignedManifest:
+        key = (rollout.model, rollout.version)
+        if key not in self._manifests:
+            signed = self.db.get_manifest(*key)
+            if signed is None:
+                raise InvalidInput(f"{rollout.model} v{rollout.version} is no longer published")
+            self._manifests[key] = signed
+        return self._manifests[key]
+
+    def _send_installs(
+        self, rollout: RolloutRecord, devices: list[RolloutDevice], now: float
+    ) -> None:
+        order = RolloutOrder(
+            rollout_id=rollout.id,
+            action="install",
+            model=rollout.model,
+            signed_manifest=self._manifest(rollout),
+            health_window_s=rollout.policy.window_s,
+            shadow_sample_rate=rollout.policy.shadow_sample_rate,
+            issued_at=now,
+        )
+        payload = orjson.dumps(order.dump())
+        names = [d.device for d in devices]
+        self.db.mark_devices(rollout.id, names, ORDERED, now, column="ordered_at")
+        for name in names:
+            self.mqtt.publish(device_rollout(name), payload, qos=1, retain=True)
+        log.info(
+            "rollout %s: wave %d ordered on %d devices", rollout.id, rollout.wave + 1, len(names)
+        )
+
+    def _roll_back(self, rollout: RolloutRecord, reason: str, now: float) -> None:
+        """Send rollback orders to every device that got the install; wait on those that
+        may run the new version."""
+        log.warning("rollout %s rolls back: %s", rollout.id, reason)
+        if not self.db.set_rollout_state(
+            rollout.id,
+            "rolling_back",
+            now,
+            reason=reason,
+            only_from=("running", "paused", "aborting"),
+        ):
+            return
+        devices = [d for d in self.db.rollout_devices(rollout.id) if d.ordered_at is not None]
+        waiting = [d.device for d in devices if d.step in MAY_HAVE_NEW]
+        self.db.mark_devices(rollout.id, waiting, ROLLBACK_ORDERED, now, column="rollback_at")
+        others = [d.device for d in devices if d.step not in MAY_HAVE_NEW]
+        self.db.mark_devices(rollout.id, others, None, now, column="rollback_at")
+        for d in devices:
+            order = RolloutOrder(
+                rollout_id=rollout.id,
+                action="rollback",
+                model=rollout.model,
+                rollback_to=d.previous_version,
+                health_window_s=0.0,
+                issued_at=now,
+            )
+            payload = orjson.dumps(order.dump())
+            self.mqtt.publish(device_rollout(d.device), payload, qos=1, retain=True)
+
+    def _finish_rollback(self, rollout: RolloutRecord, now: float) -> None:
+        devices = [d for d in self.db.rollout_devices(rollout.id) if d.rollback_at is not None]
+        timeout = rollout.policy.device_timeout_s
+        silent = [
+            d.device
+            for d in devices
+            if d.step not in ROLLBACK_DONE and now > (d.rollback_at or now) + timeout
+        ]
+        if silent:
+            self.db.mark_devices(
+                rollout.id,
+                silent,
+                TIMEOUT,
+                now,
+                reason=f"rollback not confirmed within {timeout:g}s",
+                unless_steps=tuple(ROLLBACK_DONE),
+            )
+            devices = [d for d in self.db.rollout_devices(rollout.id) if d.rollback_at is not None]
+        if all(d.step in ROLLBACK_DONE for d in devices):
+            self.db.set_rollout_state(rollout.id, "rolled_back", now, only_from=("rolling_back",))
+            log.info("rollout %s rolled back", rollout.id)

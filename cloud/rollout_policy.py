@@ -1,0 +1,111 @@
+"""The arithmetic of staged rollouts: wave sizes, failure budgets and the health gate.
+
+Pure functions, so the controller's decisions can be tested without a broker.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+
+from cloud.fleet_db import RolloutPolicy
+from shared.errors import InvalidInput
+from shared.fleet import HealthReport
+
+
+def parse_count(text: str, total: int) -> int:
+    """``"10%"`` of ``total`` (rounded up) or an absolute ``"3"``."""
+    text = text.strip()
+    try:
+        if text.endswith("%"):
+            percent = float(text[:-1])
+            if not 0 <= percent <= 100:
+                raise ValueError
+            return math.ceil(total * percent / 100 - 1e-9)
+        count = int(text)
+        if count < 0:
+            raise ValueError
+        return count
+    except ValueError:
+        raise InvalidInput(f"{text!r} is neither a count nor a percentage") from None
+
+
+def parse_waves(spec: str) -> list[str]:
+    """``"1,10%,50%,100%"`` -> ``["1", "10%", "50%", "100%"]`` (validated)."""
+    waves = [part.strip() for part in spec.split(",") if part.strip()]
+    if not waves:
+        raise InvalidInput("--waves needs at least one wave, e.g. 1,10%,100%")
+    for wave in waves:
+        parse_count(wave, 100)
+    return waves
+
+
+def wave_sizes(waves: Sequence[str], total: int) -> list[int]:
+    """Cumulative device counts per wave, each at most ``total``, empty waves dropped."""
+    sizes: list[int] = []
+    for wave in waves:
+        size = min(total, max(parse_count(wave, total), sizes[-1] if sizes else 0))
+        if size > (sizes[-1] if sizes else 0):
+            sizes.append(size)
+    return sizes
+
+
+def allowed_failures(max_failure: str, ordered: int) -> int:
+    """How many failed or silent devices out of ``ordered`` the gate tolerates."""
+    if max_failure.strip().endswith("%"):
+        return math.floor(ordered * float(max_failure.strip()[:-1]) / 100 + 1e-9)
+    return parse_count(max_failure, ordered)
+
+
+def health_verdict(reports: Sequence[HealthReport], policy: RolloutPolicy) -> str | None:
+    """Why the new version's health fails the gate, or ``None`` when it passes.
+
+    * error rate: errors / requests over all reports may exceed the previous version's
+      (request-weighted ``baseline_error_rate``, 0 when unknown) by ``max_error_rate``;
+    * p99: the median over devices of ``p99_ms / baseline_p99_ms`` must stay within
+      ``max_p99_ratio`` (devices without both numbers are skipped);
+    * shadow agreement: the sample-weighted agreement with the cloud teacher may fall
+      below the previous version's by at most ``max_agreement_drop`` (skipped without a
+      baseline).
+    """
+    requests = sum(r.requests for r in reports)
+    if policy.max_error_rate is not None and requests:
+        errors = sum(r.errors for r in reports)
+        rate = errors / requests
+        with_base = [r for r in reports if r.baseline_error_rate is not None and r.requests]
+        base_requests = sum(r.requests for r in with_base)
+        baseline = (
+            sum((r.baseline_error_rate or 0.0) * r.requests for r in with_base) / base_requests
+            if base_requests
+            else 0.0
+        )
+        if rate > baseline + policy.max_error_rate + 1e-12:
+            return (
+                f"error rate {rate:.2%} exceeds the previous version's {baseline:.2%} "
+                f"by more than {policy.max_error_rate:.2%}"
+            )
+    if policy.max_p99_ratio is not None:
+        ratios = [
+            r.p99_ms / r.baseline_p99_ms
+            for r in reports
+            if r.p99_ms is not None and r.baseline_p99_ms
+        ]
+        if ratios and (ratio := statistics.median(ratios)) > policy.max_p99_ratio:
+            return f"p99 latency is {ratio:.2f}x the previous version's (limit {policy.max_p99_ratio}x)"
+    if policy.max_agreement_drop is not None:
+        sampled = [r for r in reports if r.shadow_agreement is not None and r.shadow_samples]
+        samples = sum(r.shadow_samples for r in sampled)
+        based = [r for r in sampled if r.baseline_shadow_agreement is not None]
+        based_samples = sum(r.shadow_samples for r in based)
+        if samples and based_samples:
+            agreement = sum((r.shadow_agreement or 0.0) * r.shadow_samples for r in sampled)
+            agreement /= samples
+            baseline = sum((r.baseline_shadow_agreement or 0.0) * r.shadow_samples for r in based)
+            baseline /= based_samples
+            if baseline - agreement > policy.max_agreement_drop + 1e-12:
+                return (
+                    f"shadow agreement with the cloud teacher fell to {agreement:.1%} from "
+                    f"{baseline:.1%} (allowed drop {policy.max_agreement_drop:.1%})"
+                )
+    return None

@@ -1,0 +1,201 @@
+"""The rollout controller against a real broker, artifact server and simulated devices."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cloud.rollout import request_abort, request_pause, request_resume, start_rollout
+from shared.errors import InvalidInput
+from tests.broker import Broker
+from tests.cloud.fleet_harness import BACKENDS, FleetHarness, open_db, policy, wait_for
+from tests.fleet_sim import Behaviour
+
+
+@pytest.fixture(params=["sqlite"])
+def fleet(request: pytest.FixtureRequest, broker: Broker, tmp_path: Path) -> Iterator[FleetHarness]:
+    db = open_db(request.param, tmp_path)
+    harness = FleetHarness(broker.url, db, tmp_path)
+    try:
+        yield harness
+    finally:
+        harness.close()
+        db.drop_schema()
+        db.close()
+
+
+@pytest.mark.parametrize("fleet", BACKENDS, indirect=True)
+def test_good_rollout_goes_wave_by_wave_to_every_device(fleet: FleetHarness) -> None:
+    fleet.publish("digits", 1)
+    fleet.publish("digits", 2)
+    devices = fleet.add_devices(60)
+    others = fleet.add_devices(5, labels={"site": "elsewhere"})
+
+    rollout, created = start_rollout(fleet.db, "digits", 2, fleet.sel(site="lab"), policy())
+    assert created
+    assert fleet.wait_state(rollout.id, {"completed", "rolled_back"}, 30) == "completed"
+
+    rows = fleet.db.rollout_devices(rollout.id)
+    assert len(rows) == 60
+    assert [sum(1 for r in rows if r.wave == w) for w in range(4)] == [1, 5, 24, 30]
+    assert all(r.step == "committed" and r.previous_version == 1 for r in rows)
+    assert all(d.models["digits"] == 2 for d in devices)
+    assert all(not d.orders for d in others)
+    # Each wave was ordered only after the previous one had committed.
+    for wave in range(1, 4):
+        ordered = min(r.ordered_at or 0 for r in rows if r.wave == wave)
+        committed = [
+            at
+            for r in rows
+            if r.wave == wave - 1
+            for step, _, at in fleet.db.device_history(rollout.id, r.device)
+            if step == "committed"
+        ]
+        assert ordered >= max(committed) - 0.05
+    # Downloads were resumed with Range requests.
+    assert {s for d in devices for s in d.download_statuses} == {206}
+    # The fleet table learned the new versions from the devices' retained status.
+    wait_for(
+        lambda: all(
+            d.active_version("digits") == 2 for d in fleet.db.list_devices(fleet.sel(site="lab"))
+        ),
+        5,
+    )
+
+
+def test_reapplying_the_same_rollout_returns_it(fleet: FleetHarness) -> None:
+    fleet.publish("digits", 2)
+    fleet.add_devices(3)
+    first, created = start_rollout(fleet.db, "digits", 2, fleet.sel(site="lab"), policy())
+    again, created_again = start_rollout(fleet.db, "digits", 2, fleet.sel(site="lab"), policy())
+    assert created and not created_again
+    assert again.id == first.id
+    fleet.wait_state(first.id, {"completed"})
+    done, _ = start_rollout(fleet.db, "digits", 2, fleet.sel(site="lab"), policy())
+    assert done.id == first.id
+
+
+def test_devices_in_an_unfinished_rollout_are_not_taken_twice(fleet: FleetHarness) -> None:
+    fleet.publish("digits", 2)
+    fleet.publish("digits", 3)
+    fleet.add_devices(3)
+    start_rollout(fleet.db, "digits", 2, fleet.sel(site="lab"), policy(window_s=5.0))
+    with pytest.raises(InvalidInput, match="another unfinished rollout"):
+        start_rollout(fleet.db, "digits", 3, fleet.sel(), policy())
+
+
+def test_canary_failing_its_self_test_stops_at_wave_one_and_rolls_back(
+    fleet: FleetHarness,
+) -> None:
+    fleet.publish("digits", 2)
+    devices = fleet.add_devices(20, behaviour=lambda i: Behaviour(self_test_fails=True))
+    rollout, _ = start_rollout(fleet.db, "digits", 2, fleet.sel(site="lab"), policy())
+    assert fleet.wait_state(rollout.id, {"completed", "rolled_back"}) == "rolled_back"
+
+    record = fleet.db.rollout(rollout.id)
+    assert "wave 1" in record.reason and "self-test failed" in record.reason
+    ordered = [d for d in devices if d.orders]
+    assert len(ordered) == 1  # only the canary ever heard of version 2
+    canary = ordered[0]
+    assert [o.action for o in canary.orders] == ["install", "rollback"]
+    assert canary.orders[1].rollback_to == 1
+    assert canary.models["digits"] == 1
+    assert ("failed", "self-test failed: outputs are NaN") in canary.steps
+
+
+def test_canary_with_low_shadow_agreement_is_rolled_back(fleet: FleetHarness) -> None:
+    fleet.publish("digits", 2)
+    devices = fleet.add_devices(
+        10,
+        behaviour=lambda i: Behaviour(shadow_agreement=0.80, baseline_shadow_agreement=0.97),
+    )
+    rollout, _ = start_rollout(fleet.db, "digits", 2, fleet.sel(), policy())
+    assert fleet.wait_state(rollout.id, {"completed", "rolled_back"}) == "rolled_back"
+    assert "shadow agreement" in fleet.db.rollout(rollout.id).reason
+    canary = next(d for d in devices if d.orders)
+    assert [step for step, _ in canary.steps][-2:] == ["committed", "rolled_back"]
+    assert canary.models["digits"] == 1
+    assert sum(1 for d in devices if d.orders) == 1
+
+
+def test_p99_regression_fails_the_gate(fleet: FleetHarness) -> None:
+    fleet.publish("digits", 2)
+    fleet.add_devices(4, behaviour=lambda i: Behaviour(p99_ms=40.0, baseline_p99_ms=10.0))
+    rollout, _ = start_rollout(fleet.db, "digits", 2, fleet.sel(), policy(waves=["2", "100%"]))
+    assert fleet.wait_state(rollout.id, {"completed", "rolled_back"}) == "rolled_back"
+    assert "p99 latency is 4.00x" in fleet.db.rollout(rollout.id).reason
+
+
+def test_abort_mid_wave_rolls_back_every_updated_device(fleet: FleetHarness) -> None:
+    fleet.publish("digits", 2)
+    devices = fleet.add_devices(20)
+    rollout, _ = start_rollout(
+        fleet.db, "digits", 2, fleet.sel(), policy(waves=["5", "100%"], window_s=30.0)
+    )
+    wait_for(
+        lambda: sum(1 for r in fleet.db.rollout_devices(rollout.id) if r.step == "active") == 5,
+        10,
+        "the first wave to be active",
+    )
+    assert request_abort(fleet.db, rollout.id)
+    started = time.monotonic()
+    assert fleet.wait_state(rollout.id, {"rolled_back"}) == "rolled_back"
+    assert time.monotonic() - started < 3
+    assert all(d.models["digits"] == 1 for d in devices)
+    assert sum(1 for d in devices if d.orders) == 5
+    assert fleet.db.rollout(rollout.id).reason == "aborted by operator"
+    assert not request_abort(fleet.db, rollout.id)  # finished: nothing to abort
+
+
+def test_pause_holds_the_next_wave_until_resumed(fleet: FleetHarness) -> None:
+    fleet.publish("digits", 2)
+    devices = fleet.add_devices(10)
+    rollout, _ = start_rollout(fleet.db, "digits", 2, fleet.sel(), policy(waves=["1", "100%"]))
+    assert request_pause(fleet.db, rollout.id)
+    time.sleep(1.0)
+    assert fleet.db.rollout(rollout.id).state == "paused"
+    assert sum(1 for d in devices if d.orders) <= 1
+    assert not request_pause(fleet.db, rollout.id)
+    assert request_resume(fleet.db, rollout.id)
+    assert fleet.wait_state(rollout.id, {"completed", "rolled_back"}) == "completed"
+    assert all(d.models["digits"] == 2 for d in devices)
+
+
+@pytest.mark.parametrize(("max_failure", "outcome"), [("1", "completed"), ("0", "rolled_back")])
+def test_a_silent_device_times_out_and_counts_against_the_gate(
+    fleet: FleetHarness, max_failure: str, outcome: str
+) -> None:
+    fleet.publish("digits", 2)
+    devices = fleet.add_devices(8, behaviour=lambda i: Behaviour(silent=i == 3))
+    rollout, _ = start_rollout(
+        fleet.db,
+        "digits",
+        2,
+        fleet.sel(),
+        policy(waves=["100%"], max_failure=max_failure, device_timeout_s=0.5),
+    )
+    assert fleet.wait_state(rollout.id, {"completed", "rolled_back"}) == outcome
+    silent = fleet.db.rollout_devices(rollout.id)
+    row = next(r for r in silent if r.device == devices[3].name)
+    assert row.step == "timeout"
+    if outcome == "rolled_back":
+        assert "timeout" in fleet.db.rollout(rollout.id).reason
+        assert all(d.models["digits"] == 1 for d in devices)
+
+
+def test_an_unsigned_or_foreign_manifest_is_refused_and_counted(fleet: FleetHarness) -> None:
+    from shared.manifest import generate_key
+
+    fleet.publish("digits", 2)
+    fleet.add_devices(3)
+    for device in fleet.devices:
+        device.trusted_keys = [generate_key().public_key()]
+    rollout, _ = start_rollout(fleet.db, "digits", 2, fleet.sel(), policy(waves=["100%"]))
+    assert fleet.wait_state(rollout.id, {"completed", "rolled_back"}) == "rolled_back"
+    rows = fleet.db.rollout_devices(rollout.id)
+    assert {r.step for r in rows} == {"rolled_back"}
+    history = fleet.db.device_history(rollout.id, rows[0].device)
+    assert any(s == "refused" and "untrusted key" in r for s, r, _ in history)
