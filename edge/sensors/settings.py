@@ -116,7 +116,7 @@ class SensorSettings(_Section):
         "the cloud's answer later as a correction.",
     )
     metrics_port: int | None = Field(
-        9101, ge=0, le=65535, description="Prometheus port of the bridge (0: any free; none: off)."
+        9102, ge=0, le=65535, description="Prometheus port of the bridge (0: any free; none: off)."
     )
     metrics_host: str = Field("127.0.0.1", description="Address the metrics endpoint binds.")
 

@@ -1,0 +1,400 @@
+"""The sensor bridge keeps answering when the cloud is gone and loses nothing when killed.
+
+Two real Mosquitto brokers (device and cloud), a real cloud worker on the cloud broker, and
+``python -m edge.bridge_cli`` as a real process serving ``digits`` as a cascade of
+``digits-student`` over ``digits-teacher`` with corrections on. A simulated population of
+sensors publishes 10,000 QoS 1 readings (and a few malformed ones) while the cloud broker
+is killed and later restarted, and while the bridge is killed with SIGKILL once and
+restarted. Every reading must end with a result (or an error for the malformed ones) or a
+counted, explained drop; copies are allowed only from the window between publishing a
+result and recording that it was published, and are then byte-identical.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from cloud.settings import CloudSettings
+from cloud.worker import CloudWorker
+from edge.settings import RuntimeSettings
+from models.digits import load_split
+from shared.mqtt import Message, MqttClient
+from tests.broker import Broker
+from tests.conftest import REPOSITORY, ROOT
+
+DEVICE = "it-dev"
+SENSORS = 50
+READINGS = 10_000
+MALFORMED = 20
+THRESHOLD = 0.7
+CPU = ["CPUExecutionProvider"]
+
+pytestmark = pytest.mark.skipif(
+    not (REPOSITORY / "digits-teacher" / "1" / "model.onnx").is_file(),
+    reason="the digits models are not built (tether models build)",
+)
+
+CONFIG = """\
+device_id = "{device}"
+data_dir = "{data_dir}"
+mqtt_url = "{cloud_url}"
+repository = "{repository}"
+models = ["digits-student"]
+
+[runtime]
+backend = "onnxruntime"
+providers = ["CPUExecutionProvider"]
+
+[uplink]
+timeout_s = 2.0
+attempt_timeout_s = 0.6
+breaker_cooldown_s = 0.5
+
+[routes.digits-teacher]
+mode = "cloud"
+
+[routes.digits]
+mode = "cascade"
+local_model = "digits-student"
+cloud_model = "digits-teacher"
+threshold = {threshold}
+
+[sensors]
+broker_url = "{device_url}"
+corrections = true
+metrics_port = 0
+queue_size = 256
+
+[sensors.batch]
+max_messages = 64
+max_delay_ms = 5
+"""
+
+
+class BridgeProcess:
+    """``python -m edge.bridge_cli --config FILE`` as a real process."""
+
+    def __init__(self, config: Path, data_dir: Path) -> None:
+        self.config = config
+        self.data_dir = data_dir
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log_path = data_dir / "bridge.log"
+
+    def start(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")  # noqa: SIM115
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "edge.bridge_cli", "--config", str(self.config)],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            stdout=log,
+            stderr=log,
+        )
+
+    def wait_ready(self, timeout_s: float = 30.0) -> None:
+        assert self.process is not None
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"bridge exited with {self.process.returncode}: {self.log()}")
+            stats = self.stats()
+            if stats and stats.get("pid") == self.process.pid and stats.get("connected"):
+                return
+            time.sleep(0.1)
+        raise TimeoutError(f"bridge not ready within {timeout_s}s: {self.log()}")
+
+    def stats(self) -> dict[str, Any] | None:
+        try:
+            data = json.loads((self.data_dir / "run" / "sensor-bridge.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=10)
+
+    def stop(self) -> int | None:
+        if self.process is None or self.process.poll() is not None:
+            return None if self.process is None else self.process.returncode
+        self.process.terminate()
+        try:
+            return self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text()[-4000:]
+        except OSError:
+            return ""
+
+
+class Collector:
+    """Everything the bridge publishes on the device broker, by reading id."""
+
+    def __init__(self, url: str) -> None:
+        self.lock = threading.Lock()
+        self.messages: dict[str, list[bytes]] = defaultdict(list)
+        self.kinds: dict[str, dict[str, list[dict[str, Any]]]] = defaultdict(
+            lambda: defaultdict(list)
+        )
+        self.client = MqttClient(url, f"collector-{uuid.uuid4().hex[:6]}")
+        self.client.subscribe(f"tether/{DEVICE}/sensors/+/inference", self._on, qos=1)
+        self.client.subscribe(f"tether/{DEVICE}/sensors/+/errors", self._on, qos=1)
+
+    def _on(self, message: Message) -> None:
+        body = json.loads(message.payload)
+        with self.lock:
+            self.messages[f"{body['kind']}:{body['reading_id']}"].append(message.payload)
+            self.kinds[body["kind"]][body["reading_id"]].append(body)
+
+    def ids(self, kind: str) -> set[str]:
+        with self.lock:
+            return set(self.kinds[kind])
+
+    def of(self, kind: str) -> dict[str, list[dict[str, Any]]]:
+        with self.lock:
+            return {k: list(v) for k, v in self.kinds[kind].items()}
+
+
+@pytest.fixture
+def brokers(tmp_path: Path) -> Iterator[tuple[Broker, Broker]]:
+    device = Broker(tmp_path / "device-broker").start()
+    cloud = Broker(tmp_path / "cloud-broker").start()
+    yield device, cloud
+    device.stop()
+    cloud.stop()
+
+
+@pytest.fixture
+def cloud_worker(brokers: tuple[Broker, Broker]) -> Iterator[CloudWorker]:
+    settings = CloudSettings(
+        mqtt_url=brokers[1].url,
+        worker_id=f"cw-{uuid.uuid4().hex[:6]}",
+        repository=REPOSITORY,
+        models=["digits-teacher"],
+        metrics_port=0,
+        drain_timeout_s=1.0,
+        runtime=RuntimeSettings(backend="onnxruntime", providers=CPU),
+    )
+    worker = CloudWorker(settings)
+    worker.start()
+    yield worker
+    worker.stop(drain=False, timeout_s=2.0)
+
+
+def reading_payload(
+    index: int, sensor: int, seq: int, pixels: np.ndarray
+) -> tuple[bytes, dict[str, Any]]:
+    """A reading in one of three formats, chosen by ``index``; returns payload and publish kwargs."""
+    reading_id = f"s{sensor:02d}-{seq:05d}"
+    row = pixels[index % len(pixels)]
+    fmt = index % 3
+    if fmt == 0:
+        body = {"id": reading_id, "seq": seq, "ts": time.time(), "data": row.tolist()}
+        return json.dumps(body).encode(), {}
+    if fmt == 1:
+        v2 = {
+            "id": reading_id,
+            "parameters": {"timestamp": time.time()},
+            "inputs": [
+                {"name": "pixels", "shape": [1, 64], "datatype": "FP32", "data": row.tolist()}
+            ],
+        }
+        return json.dumps(v2).encode(), {}
+    raw = row.astype("<f4").tobytes()
+    return raw, {
+        "correlation_data": reading_id.encode(),
+        "content_type": "application/octet-stream",
+    }
+
+
+def malformed_payload(k: int) -> tuple[str, bytes]:
+    """The ``k``-th malformed reading and its id: invalid JSON, wrong length, type, huge."""
+    bad_id = f"bad-{k:03d}"
+    kind = k % 4
+    if kind == 0:
+        return bad_id, b'{"id": "' + bad_id.encode() + b'", "data": [1, 2,'
+    if kind == 1:
+        return bad_id, json.dumps({"id": bad_id, "data": [1.0] * 63}).encode()
+    if kind == 2:
+        return bad_id, json.dumps({"id": bad_id, "data": ["a"] * 64}).encode()
+    return bad_id, b"\x00" * (2 * 1024 * 1024)
+
+
+def test_ten_thousand_readings_survive_cloud_outage_and_agent_crash(
+    tmp_path: Path, brokers: tuple[Broker, Broker], cloud_worker: CloudWorker
+) -> None:
+    device, cloud = brokers
+    data_dir = tmp_path / "bridge"
+    config = tmp_path / "bridge.toml"
+    config.write_text(
+        CONFIG.format(
+            device=DEVICE,
+            data_dir=data_dir,
+            cloud_url=cloud.url,
+            device_url=device.url,
+            repository=REPOSITORY,
+            threshold=THRESHOLD,
+        )
+    )
+    collector = Collector(device.url)
+    collector.client.start()
+    bridge = BridgeProcess(config, data_dir)
+    bridge.start()
+    bridge.wait_ready()
+
+    pixels, _ = load_split("test")
+    publisher = MqttClient(device.url, f"sensors-{uuid.uuid4().hex[:6]}", max_inflight=1000)
+    publisher.start()
+    expected: set[str] = set()
+    bad_expected: dict[str, str] = {}
+    infos = []
+    events: list[str] = []
+    started = time.monotonic()
+    per_second = 1000.0
+    for i in range(READINGS):
+        sensor, seq = i % SENSORS, i // SENSORS
+        payload, kwargs = reading_payload(i, sensor, seq, pixels)
+        expected.add(f"s{sensor:02d}-{seq:05d}")
+        infos.append(
+            publisher.publish(
+                f"tether/{DEVICE}/sensors/s{sensor:02d}/data", payload, qos=1, **kwargs
+            )
+        )
+        if i % (READINGS // MALFORMED) == 7:
+            bad_id, bad = malformed_payload(len(bad_expected))
+            infos.append(
+                publisher.publish(
+                    f"tether/{DEVICE}/sensors/bad/data",
+                    bad,
+                    qos=1,
+                    correlation_data=bad_id.encode(),
+                )
+            )
+            bad_expected[bad_id] = bad[:20].decode("latin-1")
+        if i == 1500:
+            cloud.kill()
+            events.append(f"{time.monotonic() - started:.1f}s cloud broker killed")
+        elif i == 4000:
+            bridge.kill()
+            events.append(f"{time.monotonic() - started:.1f}s bridge SIGKILLed")
+        elif i == 5000:
+            bridge.start()
+            events.append(f"{time.monotonic() - started:.1f}s bridge restarted")
+        elif i == 7000:
+            cloud.start()
+            events.append(f"{time.monotonic() - started:.1f}s cloud broker restarted")
+        ahead = (i + 1) / per_second - (time.monotonic() - started)
+        if ahead > 0:
+            time.sleep(ahead)
+    for info in infos:
+        info.wait_for_publish(30)
+    published_s = time.monotonic() - started
+
+    def settled() -> bool:
+        results = collector.ids("result")
+        degraded = {
+            rid
+            for rid, bodies in collector.of("result").items()
+            if bodies[0]["parameters"]["route"] == "degraded"
+        }
+        errors = collector.ids("error")
+        return (
+            expected <= results
+            and degraded <= collector.ids("correction")
+            and set(bad_expected) <= errors
+        )
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not settled():
+        time.sleep(0.25)
+    done_s = time.monotonic() - started
+    print(
+        f"published in {published_s:.1f}s, settled={settled()} after {done_s:.1f}s; "
+        f"results {len(collector.ids('result'))}, corrections {len(collector.ids('correction'))}, "
+        f"errors {len(collector.ids('error'))}; {'; '.join(events)}"
+    )
+    stats = bridge.stats() or {}
+    assert bridge.stop() == 0, bridge.log()
+    collector.client.stop()
+    publisher.stop()
+
+    results = collector.of("result")
+    corrections = collector.of("correction")
+    errors = collector.of("error")
+    with sqlite3.connect(data_dir / "sensors" / "outbox.sqlite3") as db:
+        drops = db.execute("SELECT kind, reading_id, reason FROM drops").fetchall()
+    dropped = {row[1] for row in drops}
+    missing = expected - set(results) - dropped
+    assert not missing, (
+        f"{len(missing)} readings have neither a result nor a drop: {sorted(missing)[:10]}"
+    )
+    assert not drops, f"nothing should be dropped with the default outbox bounds: {drops[:5]}"
+
+    # copies only from the publish/record window: byte-identical to the first publication
+    copies = 0
+    for key, payloads in collector.messages.items():
+        copies += len(payloads) - 1
+        assert all(p == payloads[0] for p in payloads), f"{key} was answered twice differently"
+
+    degraded = {
+        rid for rid, bodies in results.items() if bodies[0]["parameters"]["route"] == "degraded"
+    }
+    escalated = {
+        rid for rid, bodies in results.items() if bodies[0]["parameters"]["route"] == "escalated"
+    }
+    local = {rid for rid, bodies in results.items() if bodies[0]["parameters"]["route"] == "local"}
+    assert degraded, "the cloud outage must produce degraded answers"
+    assert escalated, "with the cloud up, low-confidence readings must be escalated"
+    assert degraded <= set(corrections)
+    assert set(corrections) <= degraded
+    for rid in degraded:
+        body = results[rid][0]
+        assert body["parameters"]["served_by"] == "edge" and body["parameters"]["cloud_error"]
+        assert body["parameters"]["confidence"] < THRESHOLD
+        fix = corrections[rid][0]
+        assert (
+            fix["parameters"]["served_by"] == "cloud" and fix["parameters"]["route"] == "escalated"
+        )
+        assert fix["parameters"]["model"] == "digits-teacher" and fix["kind"] == "correction"
+        assert fix["sensor"] == body["sensor"] and fix["timestamp"] == body["timestamp"]
+    for rid in list(local)[:200]:
+        params = results[rid][0]["parameters"]
+        assert params["served_by"] == "edge" and params["model"] == "digits-student"
+        assert params["confidence"] >= THRESHOLD
+    for rid in escalated:
+        assert results[rid][0]["parameters"]["served_by"] == "cloud"
+    sample = results["s00-00003"][0]  # index 150: the JSON object format
+    assert sample["sensor"] == "s00" and sample["seq"] == 3 and sample["model_name"] == "digits"
+    assert len(sample["outputs"][0]["data"]) == 10 and sample["model_version"]
+    for bad_id in bad_expected:
+        assert errors[bad_id][0]["error"] and errors[bad_id][0]["sensor"] == "bad"
+
+    summary = (
+        f"{READINGS} readings + {len(bad_expected)} malformed published in {published_s:.1f}s, "
+        f"all answered after {done_s:.1f}s; local {len(local)}, escalated {len(escalated)}, "
+        f"degraded {len(degraded)} (corrected {len(set(corrections) & degraded)}); "
+        f"copies {copies}; drops {len(drops)}; redeliveries skipped "
+        f"{stats.get('redeliveries_skipped')}; events: {'; '.join(events)}"
+    )
+    print(summary)
+    (tmp_path / "summary.txt").write_text(summary)
