@@ -5,8 +5,10 @@ to a :class:`~shared.codec.DecodedRequest` and a :class:`Prediction` back to byt
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -16,7 +18,9 @@ from edge.repository import ModelRepository
 from edge.runtimes import Prediction, Runtime, TensorSpec
 from shared.codec import DecodedRequest
 from shared.datatypes import FLOAT_DATATYPES
-from shared.errors import InvalidInput, TetherError
+from shared.errors import InternalError, InvalidInput, TetherError
+
+log = logging.getLogger(__name__)
 
 SERVER_NAME = "tether"
 
@@ -25,6 +29,23 @@ EXTENSIONS = ["binary_tensor_data", "model_repository"]
 
 #: Resolves a model name (and optional version) to the runtime that will answer it.
 Resolver = Callable[[str, "str | None"], Runtime]
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One finished inference, as observers see it (per-version health, shadow traffic)."""
+
+    model: str
+    #: The version of the runtime that answered (``None`` if none was resolved).
+    version: str | None
+    inputs: Mapping[str, np.ndarray]
+    prediction: Prediction | None
+    error: TetherError | None
+    seconds: float
+
+
+#: Called after every inference; must be quick (hand real work to a queue).
+InferenceObserver = Callable[[Observation], None]
 
 
 class DataPlane:
@@ -44,6 +65,8 @@ class DataPlane:
         #: Routing hook: by default every model is served locally from the repository.
         self.resolve: Resolver = resolver or repository.get
         self._published: dict[tuple[str, str], str] = {}
+        #: Hooks that see each inference after it ran (see :class:`Observation`).
+        self.observers: list[InferenceObserver] = []
 
     # ------------------------------------------------------------------ health & metadata
 
@@ -100,9 +123,13 @@ class DataPlane:
             prediction = runtime.infer(request.inputs, wanted)
         except TetherError as exc:
             self.count_failure(name, exc)
+            if self.observers:
+                self._observe(name, runtime, request, None, exc, started)
             raise
         except Exception:
             metrics.failures.labels(name, "internal").inc()
+            if self.observers:
+                self._observe(name, runtime, request, None, InternalError("internal"), started)
             raise
         elapsed = time.perf_counter() - started
         route = str(prediction.parameters.get("route", "local"))
@@ -120,7 +147,28 @@ class DataPlane:
         prediction.parameters.setdefault("route", route)
         prediction.parameters.setdefault("edge_ms", round(elapsed * 1000.0, 3))
         prediction.parameters.setdefault("compute_ms", round(prediction.compute_ms, 3))
+        if self.observers:
+            self._observe(name, runtime, request, prediction, None, started)
         return prediction
+
+    def _observe(
+        self,
+        name: str,
+        runtime: Runtime | None,
+        request: DecodedRequest,
+        prediction: Prediction | None,
+        error: TetherError | None,
+        started: float,
+    ) -> None:
+        version = runtime.version if runtime is not None else None
+        seen = Observation(
+            name, version, request.inputs, prediction, error, time.perf_counter() - started
+        )
+        for observer in self.observers:
+            try:
+                observer(seen)
+            except Exception:  # an observer never fails a request
+                log.exception("inference observer failed")
 
     def resolve_for_request(self, name: str, version: str | None) -> Runtime:
         """Apply pending repository orders, then resolve (404/503 before the body is read)."""
@@ -171,14 +219,13 @@ def validate_inputs(
 ) -> None:
     """Check names, datatypes, shapes, batch size and finiteness against the model."""
     specs = runtime.inputs
-    if len(inputs) != len(specs) or any(spec.name not in inputs for spec in specs):
-        expected = ", ".join(spec.name for spec in specs)
-        given = ", ".join(inputs) or "none"
-        raise InvalidInput(
-            f"model {runtime.name!r} takes inputs [{expected}], request gave [{given}]"
-        )
+    if len(inputs) != len(specs):
+        _wrong_inputs(runtime, inputs)
     for spec in specs:
-        array = inputs[spec.name]
+        array = inputs.get(spec.name)
+        if array is None:
+            _wrong_inputs(runtime, inputs)
+            return
         datatype = datatypes.get(spec.name)
         if datatype != spec.datatype:
             raise InvalidInput(
@@ -193,11 +240,21 @@ def validate_inputs(
             )
 
 
+def _wrong_inputs(runtime: Runtime, inputs: Mapping[str, np.ndarray]) -> None:
+    expected = ", ".join(spec.name for spec in runtime.inputs)
+    given = ", ".join(inputs) or "none"
+    raise InvalidInput(f"model {runtime.name!r} takes inputs [{expected}], request gave [{given}]")
+
+
 def _check_shape(runtime: Runtime, spec: TensorSpec, array: np.ndarray) -> None:
     shape = array.shape
-    ok = len(shape) == len(spec.shape) and all(
-        want < 0 or want == got for want, got in zip(spec.shape, shape, strict=True)
-    )
+    expected = spec.shape
+    ok = len(shape) == len(expected)
+    if ok:
+        for want, got in zip(expected, shape):  # noqa: B905 - lengths checked above
+            if want >= 0 and want != got:
+                ok = False
+                break
     if not ok:
         raise InvalidInput(
             f"input {spec.name!r} of model {runtime.name!r} must have shape "

@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,16 +53,16 @@ class InflightCounter:
     def current(self, runtime: Runtime) -> int:
         return self._counts.get((runtime.name, runtime.version), 0)
 
-    @contextmanager
-    def track(self, runtime: Runtime) -> Iterator[None]:
+    def enter(self, runtime: Runtime) -> tuple[str, str]:
+        """Count a request into ``runtime``; pass the returned key to :meth:`leave`."""
         key = (runtime.name, runtime.version)
         with self._lock:
             self._counts[key] = self._counts.get(key, 0) + 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._counts[key] -= 1
+        return key
+
+    def leave(self, key: tuple[str, str]) -> None:
+        with self._lock:
+            self._counts[key] -= 1
 
 
 class Accounting:
@@ -136,8 +135,11 @@ class RouteRuntime(Runtime):
     def _run_local(
         self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str] | None
     ) -> Prediction:
-        with self.inflight.track(self.local):
+        key = self.inflight.enter(self.local)
+        try:
             prediction = self.local.infer(inputs, output_names)
+        finally:
+            self.inflight.leave(key)
         self.accounting.flops(self.local, _rows(inputs), "edge")
         return prediction
 
@@ -163,8 +165,11 @@ class LocalRoute(RouteRuntime):
     def infer(
         self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str] | None = None
     ) -> Prediction:
-        with self.inflight.track(self.local):
+        key = self.inflight.enter(self.local)
+        try:
             prediction = self.local.infer(inputs, output_names)
+        finally:
+            self.inflight.leave(key)
         return _local_answer(prediction, "local")
 
 
