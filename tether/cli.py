@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "calibrate": "edge.calibrate_cli:calibrate_command",
     "fleet": "cloud.fleet_cli:fleet_group",
     "status": "edge.status:status_command",
+    "bridge": "edge.bridge_cli:bridge_command",
 }
 
 
