@@ -1,0 +1,197 @@
+"""Tether itself over the secure broker: the hybrid round trip and rollout messages work for
+provisioned identities, and the cloud worker trusts the topic's device, never the payload.
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flask import Flask
+
+from cloud.settings import CloudSettings
+from cloud.worker import CloudWorker
+from edge.agent import EdgeAgent, build_app
+from edge.settings import RuntimeSettings, load_settings
+from shared import topics
+from shared.codec import build_request
+from shared.envelopes import InferRequestEnvelope, decode_envelope, frame
+from shared.fleet import EVENTS_FILTER, RolloutEvent, RolloutOrder
+from shared.mqtt import Message, MqttClient
+from shared.protocol import InferenceRequest
+from tests.onnx_models import dense_model, write_model
+from tests.security.secure_broker import SecureBroker
+
+CPU = ["CPUExecutionProvider"]
+
+pytestmark = pytest.mark.usefixtures("trust_fleet_ca")
+
+
+@pytest.fixture(scope="module")
+def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("secure-repository")
+    write_model(root, "dense", dense_model(4, 3, seed=1))
+    return root
+
+
+@pytest.fixture
+def worker(
+    secure_broker: SecureBroker, repository: Path, trust_fleet_ca: Path
+) -> Iterator[CloudWorker]:
+    settings = CloudSettings(
+        mqtt_url=secure_broker.url("cloud-worker"),
+        worker_id=f"cw-{uuid.uuid4().hex[:6]}",
+        repository=repository,
+        models=["dense"],
+        share_group=f"sec-{uuid.uuid4().hex[:6]}",
+        metrics_port=0,
+        drain_timeout_s=2.0,
+        runtime=RuntimeSettings(backend="onnxruntime", providers=CPU),
+    )
+    instance = CloudWorker(settings)
+    instance.start()
+    yield instance
+    instance.stop(drain=False, timeout_s=2.0)
+
+
+def client(broker: SecureBroker, identity: str) -> MqttClient:
+    mqtt = MqttClient(broker.url(identity), f"{identity}-{uuid.uuid4().hex[:6]}")
+    mqtt.start(wait_s=5.0)
+    return mqtt
+
+
+def collect(mqtt: MqttClient, topic_filter: str) -> queue.Queue[Message]:
+    """Subscribe and wait until the broker applied it (a probe to our own topic comes back)."""
+    got: queue.Queue[Message] = queue.Queue()
+    mqtt.subscribe(topic_filter, got.put, qos=1)
+    time.sleep(0.3)
+    return got
+
+
+def test_hybrid_round_trip_for_a_provisioned_device(
+    secure_broker: SecureBroker, worker: CloudWorker, repository: Path, tmp_path: Path
+) -> None:
+    settings = load_settings(
+        None,
+        repository=repository,
+        data_dir=tmp_path / "edge",
+        device_id="dev-a",
+        mqtt_url=secure_broker.url("dev-a"),
+        routes={"dense": {"mode": "cloud"}},
+        runtime=RuntimeSettings(backend="onnxruntime", providers=CPU),
+        uplink={"timeout_s": 5.0},
+    )
+    app: Flask = build_app(settings)
+    agent = app.extensions["tether.agent"]
+    assert isinstance(agent, EdgeAgent)
+    try:
+        x = np.random.default_rng(0).random((2, 4), dtype=np.float32)
+        body = {
+            "inputs": [
+                {"name": "x", "shape": [2, 4], "datatype": "FP32", "data": x.ravel().tolist()}
+            ]
+        }
+        response = app.test_client().post("/v2/models/dense/infer", json=body)
+        assert response.status_code == 200, response.get_json()
+        data = response.get_json()
+        assert data["parameters"]["served_by"] == "cloud"
+        assert data["parameters"]["cloud_worker"] == worker.worker_id
+    finally:
+        agent.close()
+
+
+def _request(device_field: str | None = None) -> tuple[str, bytes]:
+    request_id = uuid.uuid4().hex
+    header, blobs = build_request({"x": np.ones((1, 4), np.float32)}, request_id=request_id)
+    envelope = InferRequestEnvelope(
+        request_id=request_id,
+        model="dense",
+        deadline=time.time() + 10,
+        request=InferenceRequest.model_validate(header),
+    ).dump()
+    if device_field is not None:
+        envelope["device"] = device_field  # a field no reader trusts
+    return request_id, frame(envelope, blobs)
+
+
+def test_the_worker_trusts_the_topics_device_not_the_payloads(
+    secure_broker: SecureBroker, worker: CloudWorker
+) -> None:
+    a, b = client(secure_broker, "dev-a"), client(secure_broker, "dev-b")
+    try:
+        a_replies = collect(a, topics.cloud_replies("dev-a", a.client_id))
+        b_replies = collect(b, "tether/dev-b/cloud/replies/+")
+        request_id, payload = _request(device_field="dev-b")
+        a.publish(
+            topics.cloud_request("dev-a", "dense"),
+            payload,
+            response_topic=topics.cloud_replies("dev-a", a.client_id),
+            correlation_data=b"c1",
+        ).wait_for_publish(5)
+        reply = a_replies.get(timeout=5)
+        envelope, _tail = decode_envelope(reply.payload)
+        assert envelope.request_id == request_id and envelope.kind == "infer_response"
+        # dev-a asks for the answer on dev-b's reply topic: the worker must not deliver it
+        _, payload = _request()
+        a.publish(
+            topics.cloud_request("dev-a", "dense"),
+            payload,
+            response_topic=topics.cloud_replies("dev-b", b.client_id),
+            correlation_data=b"c2",
+        ).wait_for_publish(5)
+        time.sleep(0.5)
+        assert b_replies.empty() and a_replies.empty()
+        dropped = worker.metrics.failures.labels("unknown", "foreign_reply_topic")._value.get()
+        assert dropped == 1
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_a_rollout_reaches_its_device_and_its_events_reach_the_controller(
+    secure_broker: SecureBroker,
+) -> None:
+    controller = client(secure_broker, "fleet-controller")
+    a, b = client(secure_broker, "dev-a"), client(secure_broker, "dev-b")
+    try:
+        events = collect(controller, EVENTS_FILTER)
+        orders_a = collect(a, topics.device_rollout("dev-a"))
+        snooped = collect(b, topics.device_rollout("dev-a"))  # not b's to read
+        order = RolloutOrder(
+            rollout_id=f"r-{uuid.uuid4().hex[:6]}",
+            action="rollback",
+            model="dense",
+            rollback_to=1,
+            issued_at=time.time(),
+        )
+        controller.publish(
+            topics.device_rollout("dev-a"), frame(order.dump()), retain=True
+        ).wait_for_publish(5)
+        received = RolloutOrder.parse(orders_a.get(timeout=5).payload)
+        assert received.rollout_id == order.rollout_id
+        event = RolloutEvent(
+            rollout_id=order.rollout_id,
+            device="dev-b",  # informational: the controller trusts the topic
+            model="dense",
+            version=1,
+            step="rolled_back",
+            at=time.time(),
+        )
+        a.publish(topics.device_rollout_events("dev-a"), frame(event.dump())).wait_for_publish(5)
+        message = events.get(timeout=5)
+        assert message.topic == "tether/dev-a/rollout/events"
+        assert RolloutEvent.parse(message.payload).step == "rolled_back"
+        # a device's forged order for another device never arrives
+        b.publish(topics.device_rollout("dev-a"), frame(order.dump())).wait_for_publish(5)
+        time.sleep(0.3)
+        assert orders_a.empty() and snooped.empty()
+        # clear the retained order
+        controller.publish(topics.device_rollout("dev-a"), b"", retain=True).wait_for_publish(5)
+    finally:
+        for mqtt in (controller, a, b):
+            mqtt.stop()
