@@ -88,9 +88,12 @@ def http_ready(url: str) -> bool:
     show_default=True,
     help="Cloud worker settings.",
 )
-@click.option("--no-cloud", is_flag=True, help="Run the edge agent alone.")
-def up_command(port: int | None, edge_config: Path, cloud_config: Path, no_cloud: bool) -> None:
-    """Run the whole stack (broker, cloud worker, edge agent) until Ctrl-C."""
+@click.option("--no-cloud", is_flag=True, help="Run no cloud worker.")
+@click.option("--no-bridge", is_flag=True, help="Run no sensor bridge.")
+def up_command(
+    port: int | None, edge_config: Path, cloud_config: Path, no_cloud: bool, no_bridge: bool
+) -> None:
+    """Run the whole stack (broker, cloud worker, sensor bridge, edge agent) until Ctrl-C."""
     edge_settings = load_settings(
         edge_config if edge_config.is_file() else None,
         http={"port": port} if port else None,
@@ -104,7 +107,10 @@ def up_command(port: int | None, edge_config: Path, cloud_config: Path, no_cloud
     if not no_cloud and has_cloud:
         cloud_args = ["cloud"] + (["--config", str(cloud_config)] if cloud_config.is_file() else [])
         services.append(Service("cloud worker", tether + cloud_args))
-    edge_args = ["edge"] + (["--config", str(edge_config)] if edge_config.is_file() else [])
+    config_args = ["--config", str(edge_config)] if edge_config.is_file() else []
+    if not no_bridge:
+        services.append(Service("sensor bridge", [*tether, "bridge", *config_args]))
+    edge_args = ["edge", *config_args]
     if port:
         edge_args += ["--port", str(port)]
     http = edge_settings.http
