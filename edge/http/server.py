@@ -11,6 +11,7 @@ from gunicorn.app.base import BaseApplication
 
 from edge.control_file import ControlFile
 from edge.settings import EdgeSettings
+from edge.systemd_notify import gunicorn_hooks
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,8 @@ class EdgeServer(BaseApplication):
             "worker_tmp_dir": str(self.run_dir),
             "control_socket_disable": True,
         }
+        # READY/WATCHDOG/STOPPING to systemd under a Type=notify unit; empty otherwise.
+        options.update(gunicorn_hooks())
         for key, value in options.items():
             self.cfg.set(key, value)
 
