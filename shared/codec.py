@@ -151,9 +151,22 @@ def _binary_flag(value: Any) -> bool | None:
     raise InvalidInput("parameters.binary_data must be true or false")
 
 
+#: Most dimensions of a tensor (numpy's own bound is 32 or 64, depending on its version).
+MAX_DIMENSIONS = 32
+
+
 def _element_count(name: str, shape: Sequence[int], limits: TensorLimits) -> int:
     if any(d < 0 for d in shape):
         raise InvalidInput(f"input {name!r}: shape {list(shape)} has a negative dimension")
+    if len(shape) > MAX_DIMENSIONS:
+        raise InvalidInput(f"input {name!r}: {len(shape)} dimensions is over {MAX_DIMENSIONS}")
+    if any(d > limits.max_elements for d in shape):
+        # even with another dimension 0 (no elements): numpy cannot shape an array so
+        # large, and no model takes one
+        raise PayloadTooLarge(
+            f"input {name!r}: dimension of shape {list(shape)} is over the limit of "
+            f"{limits.max_elements} elements"
+        )
     count = math.prod(shape)
     if count > limits.max_elements:
         raise PayloadTooLarge(
