@@ -7,11 +7,14 @@ Nothing else in the agent reads the environment; this object is passed in.
 
 from __future__ import annotations
 
+import ipaddress
+import os
 import socket
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -29,8 +32,104 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+#: The environment variable with the local API's bearer tokens (comma-separated).
+API_TOKENS_VARIABLE = "TETHER_API_TOKENS"
+#: Shortest bearer token accepted: a token is a secret, not a password to remember.
+MIN_TOKEN_LENGTH = 16
+
+
+def is_loopback_host(host: str) -> bool:
+    """True when binding ``host`` only reaches this machine (127.0.0.0/8, ::1, localhost)."""
+    name = host.strip().strip("[]")
+    if name.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False  # a host name or an interface: assume the network can reach it
+
+
+class HttpAuthSettings(Section):
+    """Bearer-token authentication of the local API (docs/security.md)."""
+
+    #: A validation error must never echo a token back into a log.
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
+
+    tokens: list[SecretStr] = Field(
+        default_factory=list,
+        description="Accepted bearer tokens, several for rotation (env TETHER_API_TOKENS, "
+        "comma-separated).",
+    )
+    tokens_file: Path | None = Field(
+        None,
+        description="A file of more accepted tokens, one per line ('#' comments); re-read "
+        "when it changes, so tokens rotate without a restart.",
+    )
+
+    @property
+    def configured(self) -> bool:
+        """True when any token source is set (authentication is then enforced)."""
+        return bool(self.tokens) or self.tokens_file is not None
+
+    @model_validator(mode="after")
+    def _strong_tokens(self) -> HttpAuthSettings:
+        short = [
+            i for i, t in enumerate(self.tokens) if len(t.get_secret_value()) < MIN_TOKEN_LENGTH
+        ]
+        if short:
+            raise ValueError(
+                f"http.auth.tokens: token(s) #{short} shorter than {MIN_TOKEN_LENGTH} characters"
+            )
+        if self.tokens_file is not None and not self.tokens_file.is_file():
+            raise ValueError(f"http.auth.tokens_file {self.tokens_file} does not exist")
+        return self
+
+
+class HttpTlsSettings(Section):
+    """HTTPS for the local API: both files, or neither for plain HTTP."""
+
+    cert_file: Path | None = Field(None, description="PEM certificate (chain) of the server.")
+    key_file: Path | None = Field(None, description="PEM private key of the certificate.")
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None
+
+
+class RateLimitRule(Section):
+    """A token bucket: ``rate`` requests a second on average, ``burst`` at once."""
+
+    rate: float = Field(gt=0, description="Requests per second a client may make on average.")
+    burst: int = Field(ge=1, description="Requests a client may make at once (bucket size).")
+
+
+class RateLimitSettings(Section):
+    """Per-client rate limiting of the local API (429 with Retry-After past it)."""
+
+    enabled: bool | None = Field(
+        None, description="Limit request rates (default: on when bound beyond loopback)."
+    )
+    rate: float = Field(100.0, gt=0, description="Requests per second per client, on average.")
+    burst: int = Field(200, ge=1, description="Requests a client may make at once.")
+    routes: dict[str, RateLimitRule] = Field(
+        default_factory=dict,
+        description="Per endpoint (the operationId in /v2/openapi.json, e.g. 'infer'): a "
+        "bucket of its own with its own rule.",
+    )
+    exempt: list[str] = Field(
+        default_factory=lambda: ["server_live", "server_ready"],
+        description="Endpoints never limited (health probes).",
+    )
+    max_clients: int = Field(
+        10_000, ge=1, description="Clients tracked at once; the least recent are forgotten."
+    )
+
+
 class HttpSettings(Section):
     """The local Open Inference Protocol HTTP API."""
+
+    #: Its validation errors must not echo the tokens inside it either.
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
 
     host: str = Field("127.0.0.1", description="Address to bind.")
     port: int = Field(8000, ge=0, le=65535, description="Port to bind (0 picks a free one).")
@@ -46,6 +145,36 @@ class HttpSettings(Section):
     access_log: bool = Field(
         False, description="Log one line per HTTP request (method, path, status, ms, request id)."
     )
+    auth: HttpAuthSettings = Field(default_factory=HttpAuthSettings)
+    allow_unauthenticated: bool = Field(
+        False,
+        description="Serve without tokens on a non-loopback address (refused otherwise).",
+    )
+    tls: HttpTlsSettings = Field(default_factory=HttpTlsSettings)
+    rate_limit: RateLimitSettings = Field(default_factory=RateLimitSettings)
+
+    @model_validator(mode="after")
+    def _secure_enough(self) -> HttpSettings:
+        """Refuse settings that would expose the API unauthenticated or half-configured."""
+        exposed = not is_loopback_host(self.host)
+        if exposed and not self.auth.configured and not self.allow_unauthenticated:
+            raise ValueError(
+                f"http.host {self.host!r} is reachable from the network but no API "
+                f"tokens are set: set {API_TOKENS_VARIABLE}, http.auth.tokens or "
+                "http.auth.tokens_file, or http.allow_unauthenticated = true"
+            )
+        if (self.tls.cert_file is None) != (self.tls.key_file is None):
+            raise ValueError("http.tls needs both cert_file and key_file, or neither")
+        for path in (self.tls.cert_file, self.tls.key_file):
+            if path is not None and not path.is_file():
+                raise ValueError(f"http.tls: {path} does not exist")
+        return self
+
+    @property
+    def rate_limited(self) -> bool:
+        """Whether requests are rate limited (explicitly, or by binding beyond loopback)."""
+        enabled = self.rate_limit.enabled
+        return (not is_loopback_host(self.host)) if enabled is None else enabled
 
 
 class RuntimeSettings(Section):
@@ -201,7 +330,11 @@ class EdgeSettings(BaseSettings):
     """Everything the edge agent is configured with."""
 
     model_config = SettingsConfigDict(
-        env_prefix="TETHER_", env_nested_delimiter="__", extra="forbid", validate_default=True
+        env_prefix="TETHER_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+        hide_input_in_errors=True,  # errors must not echo secrets (API tokens, MQTT passwords)
     )
 
     device_id: str = Field(
@@ -239,7 +372,11 @@ class EdgeSettings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        sources: list[PydanticBaseSettingsSource] = [
+            init_settings,
+            env_settings,
+            ApiTokensVariable(settings_cls),
+        ]
         toml_file = _TOML_FILE.get("path")
         if toml_file is not None:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
@@ -264,6 +401,21 @@ class EdgeSettings(BaseSettings):
             fp16=self.runtime.fp16,
             int8=self.runtime.int8,
         )
+
+
+class ApiTokensVariable(PydanticBaseSettingsSource):
+    """``TETHER_API_TOKENS``: comma-separated bearer tokens for the local API.
+
+    It ranks below ``TETHER_HTTP__AUTH__TOKENS`` (a JSON list) and above the file.
+    """
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        value = os.environ.get(API_TOKENS_VARIABLE, "")
+        tokens = [part.strip() for part in value.split(",") if part.strip()]
+        return {"http": {"auth": {"tokens": tokens}}} if tokens else {}
 
 
 # The TOML file for the settings being built; set only inside load_settings.

@@ -40,9 +40,7 @@ def check_device(value: str) -> str:
 
 def cloud_request(device: str, model: str) -> str:
     """Where a device publishes a cloud inference request."""
-    return (
-        f"{ROOT}/cloud/infer/{check_device(device)}/{check_segment(model, 'model')}"
-    )
+    return f"{ROOT}/cloud/infer/{check_device(device)}/{check_segment(model, 'model')}"
 
 
 def cloud_request_filter(group: str = CLOUD_SHARE_GROUP) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Any
 
@@ -10,10 +11,11 @@ from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
 from edge.dataplane import DataPlane
+from edge.http.auth import CHALLENGE
 from edge.http.responses import json_response
 from edge.http.routes import DATAPLANE_KEY, LIMITS_KEY, v2
 from shared.codec import TensorLimits
-from shared.errors import TetherError, TooManyRequests
+from shared.errors import TetherError, TooManyRequests, Unauthorized
 from shared.tracing import (
     bind_request_id,
     clean_request_id,
@@ -35,7 +37,7 @@ def create_app(
     access_log: bool = False,
 ) -> Flask:
     """Build the HTTP app around a data plane; the app holds no state of its own."""
-    app = Flask("tether.edge")
+    app = Flask("tether.edge", static_folder=None)  # no file serving: every route is the API's
     app.config["MAX_CONTENT_LENGTH"] = max_body_bytes
     app.extensions[DATAPLANE_KEY] = dataplane
     app.extensions[LIMITS_KEY] = limits or TensorLimits()
@@ -82,7 +84,10 @@ def _register_error_handlers(app: Flask) -> None:
             log.warning("request failed: %s", exc.message)
         response = json_response(exc.to_body(), exc.status)
         if isinstance(exc, TooManyRequests):
-            response.headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+            # whole seconds, rounded up: a client that waits that long is let in
+            response.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
+        if isinstance(exc, Unauthorized):
+            response.headers["WWW-Authenticate"] = CHALLENGE
         return response
 
     @app.errorhandler(HTTPException)

@@ -49,6 +49,14 @@ def server_ready() -> Response:
     return json_response({"ready": ready}, 200 if ready else 503)
 
 
+@v2.get("/v2/openapi.json")
+def openapi() -> Response:
+    """This API's OpenAPI document (edge/http/openapi.py)."""
+    from edge.http.openapi import openapi_document
+
+    return json_response(openapi_document())
+
+
 @v2.get("/v2/models/<model>")
 @v2.get("/v2/models/<model>/versions/<version>")
 def model_metadata(model: str, version: str | None = None) -> Response:

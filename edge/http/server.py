@@ -60,13 +60,19 @@ class EdgeServer(BaseApplication):
         }
         # READY/WATCHDOG/STOPPING to systemd under a Type=notify unit; empty otherwise.
         options.update(gunicorn_hooks())
+        if http.tls.enabled:
+            options["certfile"] = str(http.tls.cert_file)
+            options["keyfile"] = str(http.tls.key_file)
         for key, value in options.items():
             self.cfg.set(key, value)
 
     def load(self) -> Any:
         from edge.agent import build_app
+        from edge.http.auth import install_security
 
-        return build_app(self.settings, control=self.control, multiprocess_dir=self.metrics_dir)
+        app = build_app(self.settings, control=self.control, multiprocess_dir=self.metrics_dir)
+        install_security(app, self.settings.http)  # tokens and rate limits (docs/security.md)
+        return app
 
     def prepare(self, models: list[str]) -> None:
         """Reset this run's shared state: fresh metrics, the start-up models to load."""
@@ -91,10 +97,12 @@ def serve(settings: EdgeSettings) -> None:
     server = EdgeServer(settings)
     server.prepare(settings.startup_models())
     log.info(
-        "tether edge %s serving %s on http://%s:%d",
+        "tether edge %s serving %s on %s://%s:%d (%s)",
         settings.device_id,
         settings.repository,
+        "https" if settings.http.tls.enabled else "http",
         settings.http.host,
         settings.http.port,
+        "bearer tokens required" if settings.http.auth.configured else "no authentication",
     )
     server.run()
