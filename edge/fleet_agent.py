@@ -1,0 +1,622 @@
+"""The fleet agent: installs signed model versions the cloud rolls out, and undoes them.
+
+One :class:`FleetAgent` per device listens on ``tether/<device>/rollout`` (a retained
+order, so it comes again after every reconnect and restart: handling it is idempotent).
+For an ``install`` it verifies the manifest (trusted ed25519 key, not expired, newer than
+the last version it trusted), checks free disk, downloads with resume, checks the sha256,
+stages the version (a numeric folder only ever appears complete), self-tests it on a
+runtime of its own, and switches the served version atomically. It then watches the new
+version's health for the health window and commits it, or returns to the previous
+version by itself: after a failed switch, an unhealthy window, a crash loop, or a
+``rollback``/``abort`` order. Every step is reported on ``tether/<device>/rollout/events``.
+
+Everything it must remember is in :class:`~edge.fleet_state.StateStore`, written
+atomically before each step takes effect, so a SIGKILL at any moment leaves a device
+that, on restart (:meth:`FleetAgent.recover`), serves a complete, verified version.
+
+All work runs on one thread per agent; the MQTT handler only parses and queues orders
+(and cancels a running download when a newer order for the model arrives).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edge.downloader import DigestMismatch, Downloader, check_free_disk
+from edge.fleet_state import FleetState, ModelPhase, ModelState, StateStore
+from edge.fleet_target import ServingTarget
+from edge.health import HealthCounters, HealthSource
+from edge.model_config import list_versions, load_model_config
+from edge.self_test import self_test
+from edge.settings import EdgeSettings
+from edge.shadow import ShadowRates
+from edge.staging import (
+    clean_staging,
+    has_marker,
+    part_file,
+    remove_version,
+    stage,
+    verify_version,
+)
+from edge.status_reporter import StatusReporter
+from shared import __version__, topics
+from shared.errors import InvalidInput, SignatureError, TetherError
+from shared.fleet import HealthReport, RolloutEvent, RolloutOrder
+from shared.manifest import Manifest, load_public_key, verify_manifest
+from shared.mqtt import Message, MqttClient
+
+log = logging.getLogger(__name__)
+
+#: Called at named points of an install (tests use it to SIGKILL at a chosen moment).
+StepHook = Callable[[str, str, int], None]
+
+
+class Cancelled(TetherError):
+    """A newer order for the model stopped this install."""
+
+    status = 409
+    reason = "cancelled"
+
+
+@dataclass
+class _Window:
+    """The health window of a freshly switched version (in memory; restarts reset it)."""
+
+    start: HealthCounters
+    baseline: HealthCounters | None
+
+
+class FleetAgent:
+    """Receives rollout orders for one device and carries them out."""
+
+    def __init__(
+        self,
+        settings: EdgeSettings,
+        target: ServingTarget,
+        *,
+        health: HealthSource | None = None,
+        shadow_rates: ShadowRates | None = None,
+        downloader: Downloader | None = None,
+        step_hook: StepHook | None = None,
+        clock: Callable[[], float] = time.time,
+        client_id: str | None = None,
+    ) -> None:
+        self.settings = settings
+        self.fleet = settings.fleet
+        self.device = topics.check_segment(settings.device_id, "device id")
+        self.root = settings.repository
+        self.target = target
+        self.health = health
+        self.shadow_rates = shadow_rates
+        self.downloader = downloader or Downloader(timeout_s=settings.fleet.download_timeout_s)
+        self.step_hook = step_hook
+        self.clock = clock
+        self.trusted_keys = [load_public_key(k) for k in self.fleet.public_keys()]
+        self.store = StateStore(settings.data_dir / "fleet" / "state.json")
+        self.state: FleetState = self.store.load()
+        self.reporter = StatusReporter(
+            self.device, hardware=self.fleet.hardware, labels=self.fleet.labels
+        )
+        self.client = MqttClient(
+            settings.mqtt_url,
+            client_id or f"{self.device}-fleet",
+            will=self.reporter.will(),
+        )
+        self.reporter.attach(self.client)
+        self._queue: queue.Queue[tuple[str, RolloutOrder | None]] = queue.Queue()
+        self._cancel: dict[str, threading.Event] = {}
+        self._installing: dict[str, str] = {}
+        self._windows: dict[str, _Window] = {}
+        self._last_health: dict[str, HealthReport] = {}
+        self._thread: threading.Thread | None = None
+        self._next_status = 0.0
+        self.recovered = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self, *, connect_wait_s: float | None = 5.0) -> None:
+        """Recover and serve a verified version of every managed model, then go online."""
+        self.recover()
+        self.client.subscribe(topics.device_rollout(self.device), self._on_order, qos=1)
+        self.client.add_connection_listener(self._on_connection)
+        self._thread = threading.Thread(target=self._run, name=f"fleet-{self.device}", daemon=True)
+        self._thread.start()
+        self.client.start(wait_s=None)
+        if connect_wait_s and not self.client.wait_connected(connect_wait_s):
+            log.warning("fleet agent %s: no broker yet (%s)", self.device, self.client.last_error)
+
+    def stop(self) -> None:
+        """Say goodbye (retained offline status), stop the work thread, disconnect."""
+        self._queue.put(("stop", None))
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+        if self.client.connected:
+            status = self.reporter.status(self.state, online=False)
+            if self.reporter.publish_status(status):
+                time.sleep(0.05)
+        self.client.stop()
+
+    def _on_connection(self, connected: bool) -> None:
+        if connected:
+            self._queue.put(("online", None))
+
+    def _on_order(self, message: Message) -> None:
+        if not message.payload:
+            return  # a cleared retained order
+        try:
+            order = RolloutOrder.parse(message.payload)
+        except TetherError as exc:
+            log.warning("%s: unreadable rollout order: %s", self.device, exc.message)
+            return
+        running = self._installing.get(order.model)
+        if (running is not None and running != order.rollout_id) or order.action != "install":
+            cancel = self._cancel.get(order.model)
+            if cancel is not None:
+                cancel.set()
+        self._queue.put(("order", order))
+
+    def _run(self) -> None:
+        while True:
+            timeout = self._next_deadline() - self.clock()
+            try:
+                kind, order = self._queue.get(timeout=max(0.0, min(timeout, 1.0)))
+            except queue.Empty:
+                kind, order = "tick", None
+            try:
+                if kind == "stop":
+                    return
+                if kind == "online":
+                    self.reporter.flush()
+                    self._next_status = 0.0
+                elif kind == "order" and order is not None:
+                    self.handle(order)
+                self._tick()
+            except Exception:
+                log.exception("fleet agent %s: unexpected failure", self.device)
+
+    def _next_deadline(self) -> float:
+        deadlines = [self._next_status]
+        for _name, st in self.state.models.items():
+            if st.phase == "active" and st.activated_at is not None:
+                deadlines.append(st.activated_at + self._window_s(st))
+        return min(deadlines)
+
+    # ------------------------------------------------------------------ recovery
+
+    def recover(self) -> None:
+        """Bring the device to a consistent state after a start, however the last run ended."""
+        for name, st in self.state.models.items():
+            model_dir = self.root / name
+            clean_staging(model_dir, {st.pending} if st.pending is not None else set())
+            for version in st.discarded:
+                if version not in (st.active, st.previous):
+                    remove_version(model_dir, version)
+            st.discarded = []
+            if st.phase == "active":
+                st.boots += 1
+            self.save()
+            if st.phase == "active" and st.boots > self.fleet.crash_loop_limit:
+                reason = f"crash loop: {st.boots - 1} restarts while version {st.active} was new"
+                self._roll_back(name, st.rollout_id or "recovery", st.previous, reason, "install")
+                continue
+            self._serve_verified(name, st)
+        self.recovered = True
+
+    def _serve_verified(self, name: str, st: ModelState) -> None:
+        model_dir = self.root / name
+        for version in (st.active, st.previous):
+            if version is None:
+                continue
+            why = self._unusable(model_dir, version)
+            if why is None:
+                if version != st.active:
+                    bad = st.active
+                    log.error(
+                        "%s: version %s of %s unusable; serving %s", self.device, bad, name, version
+                    )
+                    reason = f"version {bad} damaged on disk"
+                    rid = st.rollout_id or "recovery"
+                    self._roll_back(name, rid, version, reason, "install")
+                    return
+                self._switch_to(name, version)
+                return
+            log.error("%s: version %s of %s unusable: %s", self.device, version, name, why)
+        # Nothing recorded is usable: the newest complete version on disk.
+        for version in reversed(list_versions(model_dir) if model_dir.is_dir() else []):
+            if version != st.pending and self._unusable(model_dir, version) is None:
+                st.active, st.previous, st.phase = version, None, "committed"
+                self.save()
+                self._switch_to(name, version)
+                return
+        log.error("%s: no usable version of %s on disk", self.device, name)
+
+    def _unusable(self, model_dir: Path, version: int) -> str | None:
+        version_dir = model_dir / str(version)
+        if not version_dir.is_dir():
+            return "not on disk"
+        if has_marker(version_dir):
+            return verify_version(version_dir)
+        if not any(version_dir.iterdir()):
+            return "empty folder"
+        return None  # provisioned by the operator, not by a rollout
+
+    def _switch_to(self, name: str, version: int) -> None:
+        try:
+            self.target.serve(name, version)
+        except TetherError as exc:
+            log.error("%s: could not serve %s v%s: %s", self.device, name, version, exc.message)
+
+    # ------------------------------------------------------------------ orders
+
+    def handle(self, order: RolloutOrder) -> None:
+        """Carry out one order (idempotent: a finished order is ignored)."""
+        st = self.state.model(order.model)
+        if f"{order.rollout_id}:{order.action}" in st.handled:
+            return
+        if order.action == "install":
+            self._install(order, st)
+        elif order.action == "rollback":
+            version = st.active or 0
+            self._roll_back(
+                order.model, order.rollout_id, order.rollback_to, "rollback ordered", "rollback"
+            )
+            log.info("%s: rolled %s back from %s", self.device, order.model, version)
+        else:
+            self._abort(order, st)
+
+    def _abort(self, order: RolloutOrder, st: ModelState) -> None:
+        if st.rollout_id == order.rollout_id and st.phase in ("active", "committed"):
+            self._roll_back(order.model, order.rollout_id, order.rollback_to, "aborted", "abort")
+            return
+        version = st.pending or 0
+        st.remember(f"{order.rollout_id}:abort")
+        self.save()
+        self._event(order.rollout_id, order.model, version, "rolled_back", "aborted")
+
+    def _install(self, order: RolloutOrder, st: ModelState) -> None:
+        assert order.signed_manifest is not None
+        signed = order.signed_manifest
+        version = signed.manifest.version
+        rid = order.rollout_id
+        if st.rollout_id == rid and st.active == version and st.phase == "active":
+            return  # resumed after a restart: the health window goes on
+        self._event(rid, order.model, version, "received")
+        try:
+            manifest = self._verify(order, st)
+        except (SignatureError, InvalidInput) as exc:
+            st.remember(f"{rid}:install")
+            self.save()
+            self._event(rid, order.model, version, "refused", exc.message)
+            return
+        if st.pending is not None and st.pending != version:
+            self._drop_pending(order.model, st)
+        st.trusted_version, st.trusted_sha256 = version, manifest.sha256
+        st.pending, st.rollout_id, st.phase, st.reason = version, rid, "downloading", ""
+        st.health_window_s = order.health_window_s
+        st.shadow_sample_rate = order.shadow_sample_rate
+        self.save()
+        cancel = threading.Event()
+        self._cancel[order.model] = cancel
+        self._installing[order.model] = rid
+        try:
+            self._fetch_and_stage(order, manifest, st, cancel)
+            self._phase(st, "staged")
+            self._event(rid, order.model, version, "staged")
+            self._hook("staged", order.model, version)
+            self_test(
+                self.root / order.model,
+                version,
+                self.settings.runtime_options(),
+                backend=self.settings.runtime.backend,
+            )
+            self._hook("self_tested", order.model, version)
+            if cancel.is_set():
+                raise Cancelled("cancelled by a newer order")
+        except TetherError as exc:
+            self._fail(order, st, version, exc.message)
+            return
+        finally:
+            self._cancel.pop(order.model, None)
+            self._installing.pop(order.model, None)
+        self._activate(order, st, version)
+
+    def _verify(self, order: RolloutOrder, st: ModelState) -> Manifest:
+        assert order.signed_manifest is not None
+        claimed = order.signed_manifest.manifest
+        last = st.trusted_version
+        if st.active is not None:
+            last = max(last or 0, st.active)
+        elif last is None:
+            last = self.target.current(order.model)
+        if (
+            last is not None
+            and claimed.version == st.trusted_version
+            and claimed.sha256 == st.trusted_sha256
+            and st.rollout_id == order.rollout_id
+        ):
+            last -= 1  # the same order again (after a restart): resume it
+        manifest = verify_manifest(
+            order.signed_manifest, self.trusted_keys, now=self.clock(), last_trusted_version=last
+        )
+        if manifest.model != order.model:
+            raise InvalidInput(f"manifest is for model {manifest.model!r}, not {order.model!r}")
+        if manifest.target_hardware not in ("cpu", "any", self.fleet.hardware):
+            raise InvalidInput(
+                f"manifest targets {manifest.target_hardware!r}; this device is "
+                f"{self.fleet.hardware!r}"
+            )
+        if _version_tuple(manifest.min_agent_version) > _version_tuple(__version__):
+            raise InvalidInput(
+                f"manifest needs agent {manifest.min_agent_version}; this is {__version__}"
+            )
+        return manifest
+
+    def _fetch_and_stage(
+        self, order: RolloutOrder, manifest: Manifest, st: ModelState, cancel: threading.Event
+    ) -> None:
+        name, version = order.model, manifest.version
+        model_dir = self.root / name
+        model_dir.mkdir(parents=True, exist_ok=True)
+        version_dir = model_dir / str(version)
+        if version_dir.is_dir() and verify_version(version_dir, manifest.sha256) is None:
+            return  # staged before a restart
+        part = part_file(model_dir, version)
+        have = part.stat().st_size if part.exists() else 0
+        check_free_disk(
+            model_dir, max(manifest.size - have, 0) + manifest.size, self.fleet.min_free_disk_mb
+        )
+        self._event(order.rollout_id, name, version, "downloading")
+        self._hook("downloading", name, version)
+
+        def verifying() -> None:
+            self._phase(st, "verifying")
+            self._event(order.rollout_id, name, version, "verifying")
+
+        try:
+            self.downloader.fetch(
+                manifest.url,
+                part,
+                size=manifest.size,
+                sha256=manifest.sha256,
+                cancel=cancel,
+                verifying=verifying,
+            )
+        except DigestMismatch:
+            part.unlink(missing_ok=True)
+            raise
+        self._hook("verified", name, version)
+        config = load_model_config(model_dir)
+        stage(
+            part,
+            model_dir,
+            version,
+            sha256=manifest.sha256,
+            model_filename=config.model_filename,
+            expected_files=manifest.files,
+        )
+        part.unlink(missing_ok=True)
+
+    def _activate(self, order: RolloutOrder, st: ModelState, version: int) -> None:
+        name, rid = order.model, order.rollout_id
+        current = st.active if st.active is not None else self.target.current(name)
+        if current == version:
+            current = st.previous
+        start = self._counters(name, version)
+        baseline = self._counters(name, current) if current is not None else None
+        st.previous, st.active, st.pending = current, version, None
+        st.phase, st.boots, st.activated_at = "active", 0, self.clock()
+        self.save()
+        self._hook("switching", name, version)
+        try:
+            self.target.serve(name, version)
+        except TetherError as exc:
+            self._roll_back(name, rid, current, f"switch failed: {exc.message}", "install")
+            return
+        self._windows[name] = _Window(start, baseline)
+        if self.shadow_rates is not None:
+            self.shadow_rates.set(name, str(version), order.shadow_sample_rate)
+        self._hook("switched", name, version)
+        self._event(rid, name, version, "active")
+        self._next_status = 0.0
+
+    def _fail(self, order: RolloutOrder, st: ModelState, version: int, reason: str) -> None:
+        st.remember(f"{order.rollout_id}:install")
+        self._drop_pending(order.model, st)
+        st.phase, st.reason = "failed", reason
+        self.save()
+        self._event(order.rollout_id, order.model, version, "failed", reason)
+        log.warning("%s: install of %s v%s failed: %s", self.device, order.model, version, reason)
+
+    def _drop_pending(self, name: str, st: ModelState) -> None:
+        version = st.pending
+        st.pending = None
+        if version is None:
+            return
+        model_dir = self.root / name
+        part_file(model_dir, version).unlink(missing_ok=True)
+        if version not in (st.active, st.previous):
+            remove_version(model_dir, version)
+
+    # ------------------------------------------------------------------ rollback
+
+    def _roll_back(self, name: str, rid: str, to: int | None, reason: str, action: str) -> None:
+        """Serve ``to`` (default: the previous version) again; discard the version undone."""
+        st = self.state.model(name)
+        bad = st.active
+        if to is None:
+            to = st.previous
+        if to is not None and self._unusable(self.root / name, to) is not None:
+            why = self._unusable(self.root / name, to)
+            st.remember(f"{rid}:{action}")
+            self.save()
+            self._event(rid, name, bad or 0, "failed", f"cannot roll back to {to}: {why}")
+            return
+        report = self._health_report(name, bad) if bad is not None else None
+        self._drop_pending(name, st)
+        st.active, st.previous = to, None
+        if bad is not None and to is not None and bad > to:
+            st.discarded = sorted({*st.discarded, bad})
+        elif bad is not None and to is not None:
+            st.previous = bad
+        st.phase, st.reason, st.boots, st.activated_at = "rolled_back", reason, 0, None
+        st.remember(f"{rid}:{action}")
+        if action == "abort":
+            st.remember(f"{rid}:install")
+        self.save()
+        try:
+            if to is None:
+                self.target.unload(name)
+            else:
+                self.target.serve(name, to)
+        except TetherError as exc:
+            log.error("%s: rollback of %s to %s failed: %s", self.device, name, to, exc.message)
+        self._windows.pop(name, None)
+        if self.shadow_rates is not None:
+            self.shadow_rates.clear(name)
+        for version in st.discarded:
+            remove_version(self.root / name, version)
+        st.discarded = []
+        self.save()
+        self._event(rid, name, bad or 0, "rolled_back", reason, report)
+        self._next_status = 0.0
+
+    # ------------------------------------------------------------------ health window
+
+    def _window_s(self, st: ModelState) -> float:
+        if self.fleet.health_window_s is not None:
+            return self.fleet.health_window_s
+        return st.health_window_s if st.health_window_s is not None else 60.0
+
+    def _tick(self) -> None:
+        now = self.clock()
+        for name, st in list(self.state.models.items()):
+            if st.phase != "active" or st.activated_at is None or st.active is None:
+                continue
+            if now >= st.activated_at + self._window_s(st):
+                self._judge(name, st)
+        if now >= self._next_status:
+            self._next_status = now + self.fleet.status_interval_s
+            health = {
+                name: self._health_report(name, st.active).dump()
+                for name, st in self.state.models.items()
+                if st.phase == "active" and st.active is not None
+            }
+            self.reporter.publish_status(self.reporter.status(self.state, health=health))
+
+    def _judge(self, name: str, st: ModelState) -> None:
+        assert st.active is not None
+        report = self._health_report(name, st.active)
+        problem = self._unhealthy(report)
+        if problem is not None:
+            reason = f"unhealthy: {problem}"
+            self._roll_back(name, st.rollout_id or "health", st.previous, reason, "install")
+            return
+        version = st.active
+        st.phase, st.boots, st.activated_at = "committed", 0, None
+        if st.rollout_id:
+            st.remember(f"{st.rollout_id}:install")
+        keep = {v for v in (st.active, st.previous) if v is not None}
+        ab = self.settings.ab.get(name)
+        keep |= {int(v) for v in ab.split} if ab is not None else set()
+        model_dir = self.root / name
+        st.discarded = [v for v in list_versions(model_dir) if v not in keep and v < version]
+        self.save()
+        self._hook("committing", name, version)
+        for old in st.discarded:
+            remove_version(model_dir, old)
+        st.discarded = []
+        self.save()
+        self._windows.pop(name, None)
+        self._event(st.rollout_id or "", name, version, "committed", "", report)
+        self._next_status = 0.0
+
+    def _unhealthy(self, report: HealthReport) -> str | None:
+        fleet = self.fleet
+        rate = report.error_rate
+        if rate is not None and rate > fleet.max_error_rate:
+            return f"error rate {rate:.3f} over {fleet.max_error_rate}"
+        if (
+            report.p99_ms is not None
+            and report.baseline_p99_ms
+            and report.requests >= 20
+            and report.p99_ms > fleet.max_p99_ratio * report.baseline_p99_ms
+        ):
+            return f"p99 {report.p99_ms:g} ms over {fleet.max_p99_ratio}x {report.baseline_p99_ms:g} ms"
+        agreement = report.shadow_agreement
+        if agreement is not None and agreement < fleet.min_shadow_agreement:
+            return f"shadow agreement {agreement:.3f} under {fleet.min_shadow_agreement}"
+        return None
+
+    def _counters(self, name: str, version: int) -> HealthCounters:
+        if self.health is None:
+            return HealthCounters()
+        return self.health.counters(name, str(version))
+
+    def _health_report(self, name: str, version: int) -> HealthReport:
+        window = self._windows.get(name)
+        now = self._counters(name, version)
+        seen = now.minus(window.start) if window is not None else now
+        baseline = window.baseline if window is not None else None
+        report = HealthReport(
+            requests=seen.requests,
+            errors=seen.errors,
+            p99_ms=seen.p99_ms(),
+            shadow_samples=seen.shadow_samples,
+            shadow_agreement=seen.agreement(),
+            baseline_p99_ms=baseline.p99_ms() if baseline is not None else None,
+            baseline_error_rate=baseline.error_rate() if baseline is not None else None,
+            baseline_shadow_agreement=baseline.agreement() if baseline is not None else None,
+        )
+        self._last_health[name] = report
+        return report
+
+    # ------------------------------------------------------------------ plumbing
+
+    def save(self) -> None:
+        self.store.save(self.state)
+
+    def _phase(self, st: ModelState, phase: ModelPhase) -> None:
+        st.phase = phase
+        self.save()
+
+    def _hook(self, step: str, name: str, version: int) -> None:
+        if self.step_hook is not None:
+            self.step_hook(step, name, version)
+
+    def _event(
+        self,
+        rid: str,
+        name: str,
+        version: int,
+        step: Any,
+        reason: str = "",
+        health: HealthReport | None = None,
+    ) -> None:
+        event = RolloutEvent(
+            rollout_id=rid or "none",
+            device=self.device,
+            model=name,
+            version=version,
+            step=step,
+            reason=reason,
+            health=health,
+            at=self.clock(),
+        )
+        log.info("%s: %s v%s %s %s", self.device, name, version, step, reason)
+        self.reporter.publish_event(event)
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    parts = []
+    for piece in text.split("."):
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
