@@ -9,7 +9,9 @@ edge's and the cloud's logs.
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 import re
 import sys
 import uuid
@@ -26,8 +28,23 @@ TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"
 JSON_FIELDS = "%(asctime)s %(levelname)s %(name)s %(process)d %(message)s"
 
 
+_prefix = uuid.uuid4().hex[:12]
+_counter = itertools.count(1)
+
+
+def _reseed() -> None:
+    """A forked worker gets a prefix of its own, so ids stay unique across processes."""
+    global _prefix, _counter
+    _prefix = uuid.uuid4().hex[:12]
+    _counter = itertools.count(1)
+
+
+os.register_at_fork(after_in_child=_reseed)
+
+
 def new_request_id() -> str:
-    return uuid.uuid4().hex
+    """A process-unique id, cheap enough for every request (random prefix + counter)."""
+    return f"{_prefix}-{next(_counter):x}"
 
 
 def clean_request_id(value: str | None) -> str:
@@ -52,13 +69,9 @@ def bound_request_id(request_id: str | None) -> Iterator[None]:
         _request_id.reset(token)
 
 
-def bind_request_id(request_id: str | None) -> object:
-    """Bind without a ``with`` block (for frameworks with before/after hooks)."""
-    return _request_id.set(request_id)
-
-
-def unbind_request_id(token: object) -> None:
-    _request_id.reset(token)  # type: ignore[arg-type]
+def set_request_id(request_id: str | None) -> None:
+    """Make ``request_id`` the current thread's id until the next request sets its own."""
+    _request_id.set(request_id)
 
 
 class RequestIdFilter(logging.Filter):

@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable, Iterable
 from typing import Any
 
-from flask import Flask, Response, g, request
+from flask import Flask, Response
 from werkzeug.exceptions import HTTPException
 
 from edge.dataplane import DataPlane
@@ -16,17 +17,15 @@ from edge.http.responses import json_response
 from edge.http.routes import DATAPLANE_KEY, LIMITS_KEY, v2
 from shared.codec import TensorLimits
 from shared.errors import TetherError, TooManyRequests, Unauthorized
-from shared.tracing import (
-    bind_request_id,
-    clean_request_id,
-    current_request_id,
-    unbind_request_id,
-)
+from shared.tracing import clean_request_id, set_request_id
 
 log = logging.getLogger(__name__)
 access = logging.getLogger("tether.access")
 
 REQUEST_ID_HEADER = "X-Request-Id"
+
+StartResponse = Callable[..., Any]
+WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 
 
 def create_app(
@@ -42,39 +41,41 @@ def create_app(
     app.extensions[DATAPLANE_KEY] = dataplane
     app.extensions[LIMITS_KEY] = limits or TensorLimits()
     app.register_blueprint(v2)
-    _register_request_ids(app, access_log)
     _register_error_handlers(app)
+    app.wsgi_app = RequestIdMiddleware(app.wsgi_app, access_log)  # type: ignore[method-assign]
     return app
 
 
-def _register_request_ids(app: Flask, access_log: bool) -> None:
-    """Every request runs under an id (``X-Request-Id``, or a new one) that the response,
-    the logs and the cloud (as the envelope's ``trace_id``) all carry."""
+class RequestIdMiddleware:
+    """WSGI middleware: every request runs under an id (``X-Request-Id``, or a new one) that
+    the response, the logs and the cloud (as the envelope's ``trace_id``) all carry.
 
-    @app.before_request
-    def bind() -> None:
-        g.request_id_token = bind_request_id(
-            clean_request_id(request.headers.get(REQUEST_ID_HEADER))
-        )
-        g.started = time.perf_counter()
+    Plain WSGI rather than Flask hooks: it runs on every request, so it must be cheap.
+    """
 
-    @app.after_request
-    def tag(response: Response) -> Response:
-        request_id = current_request_id()
-        if request_id:
-            response.headers[REQUEST_ID_HEADER] = request_id
-        if access_log:
-            elapsed = (time.perf_counter() - g.get("started", time.perf_counter())) * 1000.0
-            access.info(
-                "%s %s %d %.3f ms", request.method, request.path, response.status_code, elapsed
-            )
-        return response
+    def __init__(self, app: WSGIApp, access_log: bool) -> None:
+        self.app = app
+        self.access_log = access_log
 
-    @app.teardown_request
-    def unbind(exc: BaseException | None) -> None:
-        token = g.pop("request_id_token", None)
-        if token is not None:
-            unbind_request_id(token)
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        request_id = clean_request_id(environ.get("HTTP_X_REQUEST_ID"))
+        set_request_id(request_id)
+        started = time.perf_counter()
+        header = (REQUEST_ID_HEADER, request_id)
+
+        def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            headers.append(header)
+            if self.access_log:
+                access.info(
+                    "%s %s %s %.3f ms",
+                    environ.get("REQUEST_METHOD"),
+                    environ.get("PATH_INFO"),
+                    status.split(" ", 1)[0],
+                    (time.perf_counter() - started) * 1000.0,
+                )
+            return start_response(status, headers, exc_info)
+
+        return self.app(environ, start)
 
 
 def _register_error_handlers(app: Flask) -> None:

@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from flask import Blueprint, Response, current_app, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from edge.dataplane import DataPlane
 from edge.http.responses import json_response, tensor_response
-from shared.codec import (
-    HEADER_LENGTH_HEADER,
-    DecodedRequest,
-    TensorLimits,
-    decode_request,
-    encode_response,
-)
+from shared.codec import HEADER_LENGTH_HEADER, decode_request, encode_response
 from shared.errors import InvalidInput, TetherError
 
 DATAPLANE_KEY = "tether.dataplane"
@@ -77,10 +72,16 @@ def model_ready(model: str, version: str | None = None) -> Response:
 @v2.post("/v2/models/<model>/versions/<version>/infer")
 def infer(model: str, version: str | None = None) -> Response:
     started = time.perf_counter()
-    plane = _dataplane()
+    app = current_app._get_current_object()  # type: ignore[attr-defined]
+    environ = request.environ
+    plane: DataPlane = app.extensions[DATAPLANE_KEY]
     runtime = plane.resolve_for_request(model, version)  # unknown model: 404 whatever the body
     try:
-        decoded = _decode(current_app.extensions[LIMITS_KEY])
+        decoded = decode_request(
+            _body(environ, app.config["MAX_CONTENT_LENGTH"]),
+            _header_length(environ),
+            app.extensions[LIMITS_KEY],
+        )
     except TetherError as exc:
         plane.count_failure(model, exc)
         raise
@@ -97,26 +98,31 @@ def infer(model: str, version: str | None = None) -> Response:
     return tensor_response(payload, length)
 
 
-def _decode(limits: TensorLimits) -> DecodedRequest:
-    raw_length = request.headers.get(HEADER_LENGTH_HEADER)
-    header_length = None
-    if raw_length is not None:
-        try:
-            header_length = int(raw_length)
-        except ValueError:
-            raise InvalidInput(f"{HEADER_LENGTH_HEADER} must be an integer") from None
-    return decode_request(_body(), header_length, limits)
+_HEADER_LENGTH_KEY = "HTTP_" + HEADER_LENGTH_HEADER.upper().replace("-", "_")
 
 
-def _body() -> bytes:
+def _header_length(environ: dict[str, Any]) -> int | None:
+    raw = environ.get(_HEADER_LENGTH_KEY)
+    if raw is None:
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise InvalidInput(f"{HEADER_LENGTH_HEADER} must be an integer") from None
+
+
+def _body(environ: dict[str, Any], limit: int | None) -> bytes:
     """The request body, read straight from the WSGI input when its length is known."""
-    length = request.content_length
-    if length is None:
+    raw = environ.get("CONTENT_LENGTH")
+    if not raw:
         return request.get_data(cache=False)  # chunked: werkzeug enforces the size limit
-    limit = current_app.config["MAX_CONTENT_LENGTH"]
+    try:
+        length = int(raw)
+    except ValueError:
+        raise InvalidInput("Content-Length must be an integer") from None
     if limit is not None and length > limit:
         raise RequestEntityTooLarge()
-    body: bytes = request.environ["wsgi.input"].read(length)
+    body: bytes = environ["wsgi.input"].read(length)
     if len(body) != length:
         raise InvalidInput(f"body ended after {len(body)} of {length} bytes")
     return body
