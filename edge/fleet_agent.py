@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -43,6 +44,7 @@ from edge.staging import (
     part_file,
     remove_version,
     stage,
+    staging_dir,
     verify_version,
 )
 from edge.status_reporter import StatusReporter
@@ -115,6 +117,7 @@ class FleetAgent:
         self._installing: dict[str, str] = {}
         self._windows: dict[str, _Window] = {}
         self._last_health: dict[str, HealthReport] = {}
+        self._reported_again: set[str] = set()
         self._thread: threading.Thread | None = None
         self._next_status = 0.0
         self.recovered = False
@@ -260,6 +263,7 @@ class FleetAgent:
         """Carry out one order (idempotent: a finished order is ignored)."""
         st = self.state.model(order.model)
         if f"{order.rollout_id}:{order.action}" in st.handled:
+            self._report_again(order.model, st)
             return
         if order.action == "install":
             self._install(order, st)
@@ -272,12 +276,28 @@ class FleetAgent:
         else:
             self._abort(order, st)
 
+    def _report_again(self, name: str, st: ModelState) -> None:
+        """Repeat the last final event once per run: the previous run may have died first."""
+        final = st.last_final
+        if final is None or name in self._reported_again:
+            return
+        self._reported_again.add(name)
+        self._event(
+            str(final["rollout_id"]),
+            name,
+            int(final["version"]),
+            final["step"],
+            str(final["reason"]),
+        )
+
     def _abort(self, order: RolloutOrder, st: ModelState) -> None:
         if st.rollout_id == order.rollout_id and st.phase in ("active", "committed"):
             self._roll_back(order.model, order.rollout_id, order.rollback_to, "aborted", "abort")
             return
         version = st.pending or 0
-        st.remember(f"{order.rollout_id}:abort")
+        _finish(
+            st, f"{order.rollout_id}:abort", order.rollout_id, version, "rolled_back", "aborted"
+        )
         self.save()
         self._event(order.rollout_id, order.model, version, "rolled_back", "aborted")
 
@@ -292,7 +312,7 @@ class FleetAgent:
         try:
             manifest = self._verify(order, st)
         except (SignatureError, InvalidInput) as exc:
-            st.remember(f"{rid}:install")
+            _finish(st, f"{rid}:install", rid, version, "refused", exc.message)
             self.save()
             self._event(rid, order.model, version, "refused", exc.message)
             return
@@ -428,7 +448,7 @@ class FleetAgent:
         self._next_status = 0.0
 
     def _fail(self, order: RolloutOrder, st: ModelState, version: int, reason: str) -> None:
-        st.remember(f"{order.rollout_id}:install")
+        _finish(st, f"{order.rollout_id}:install", order.rollout_id, version, "failed", reason)
         self._drop_pending(order.model, st)
         st.phase, st.reason = "failed", reason
         self.save()
@@ -442,6 +462,7 @@ class FleetAgent:
             return
         model_dir = self.root / name
         part_file(model_dir, version).unlink(missing_ok=True)
+        shutil.rmtree(staging_dir(model_dir, version), ignore_errors=True)
         if version not in (st.active, st.previous):
             remove_version(model_dir, version)
 
@@ -454,10 +475,10 @@ class FleetAgent:
         if to is None:
             to = st.previous
         if to is not None and self._unusable(self.root / name, to) is not None:
-            why = self._unusable(self.root / name, to)
-            st.remember(f"{rid}:{action}")
+            why = f"cannot roll back to {to}: {self._unusable(self.root / name, to)}"
+            _finish(st, f"{rid}:{action}", rid, bad or 0, "failed", why)
             self.save()
-            self._event(rid, name, bad or 0, "failed", f"cannot roll back to {to}: {why}")
+            self._event(rid, name, bad or 0, "failed", why)
             return
         report = self._health_report(name, bad) if bad is not None else None
         self._drop_pending(name, st)
@@ -467,7 +488,7 @@ class FleetAgent:
         elif bad is not None and to is not None:
             st.previous = bad
         st.phase, st.reason, st.boots, st.activated_at = "rolled_back", reason, 0, None
-        st.remember(f"{rid}:{action}")
+        _finish(st, f"{rid}:{action}", rid, bad or 0, "rolled_back", reason)
         if action == "abort":
             st.remember(f"{rid}:install")
         self.save()
@@ -521,8 +542,7 @@ class FleetAgent:
             return
         version = st.active
         st.phase, st.boots, st.activated_at = "committed", 0, None
-        if st.rollout_id:
-            st.remember(f"{st.rollout_id}:install")
+        _finish(st, f"{st.rollout_id}:install", st.rollout_id or "", version, "committed", "")
         keep = {v for v in (st.active, st.previous) if v is not None}
         ab = self.settings.ab.get(name)
         keep |= {int(v) for v in ab.split} if ab is not None else set()
@@ -612,6 +632,12 @@ class FleetAgent:
         )
         log.info("%s: %s v%s %s %s", self.device, name, version, step, reason)
         self.reporter.publish_event(event)
+
+
+def _finish(st: ModelState, key: str, rid: str, version: int, step: str, reason: str) -> None:
+    """Mark an order finished and remember its final event (saved with the state change)."""
+    st.remember(key)
+    st.last_final = {"rollout_id": rid, "version": version, "step": step, "reason": reason}
 
 
 def _version_tuple(text: str) -> tuple[int, ...]:

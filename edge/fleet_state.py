@@ -60,6 +60,9 @@ class ModelState(BaseModel):
     #: Rollout ids already finished (committed, failed, refused, rolled back).
     handled: list[str] = Field(default_factory=list)
     reason: str = ""
+    #: The last final event reported (step, rollout id, version, reason): reported again
+    #: once after a restart, in case the agent died before it went out.
+    last_final: dict[str, str | int] | None = None
 
     def remember(self, rollout_id: str) -> None:
         """Mark a rollout order as finished, so its retained copy is not acted on again."""

@@ -396,3 +396,43 @@ def test_many_devices_share_one_process(
     finally:
         for dev in devices:
             dev.stop()
+
+
+def test_ab_split_from_settings_through_the_http_app(tmp_path: Path) -> None:
+    from edge.ab import apply_ab_tests
+    from edge.agent import EdgeAgent
+
+    repo = write_repository(tmp_path / "repository", {1: dense_model(seed=1)})
+    write_repository(repo, {2: dense_model(seed=2)})
+    settings = load_settings(
+        None,
+        repository=repo,
+        data_dir=tmp_path / "data",
+        runtime={"backend": "onnxruntime", "providers": ["CPUExecutionProvider"]},
+        ab={"dense": {"split": {"1": 0.7, "2": 0.3}}},
+    )
+    agent = EdgeAgent(settings)
+    agent.start()
+    assert apply_ab_tests(agent.repository, settings.ab) == {}
+    client = agent.app().test_client()
+    body = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}
+    versions = []
+    for _ in range(300):
+        response = client.post("/v2/models/dense/infer", json=body)
+        assert response.status_code == 200
+        versions.append(response.get_json()["model_version"])
+    share = versions.count("2") / len(versions)
+    assert set(versions) == {"1", "2"} and 0.18 < share < 0.42
+    # Asking for a version by name bypasses the split.
+    pinned = client.post("/v2/models/dense/versions/1/infer", json=body).get_json()
+    assert pinned["model_version"] == "1"
+    metrics = client.get("/metrics").get_data(as_text=True)
+    for version in ("1", "2"):
+        assert (
+            f'tether_requests_total{{model="dense",route="local",served_by="edge",version="{version}"}}'
+            in metrics
+        )
+        assert (
+            f'tether_request_duration_seconds_count{{model="dense",version="{version}"}}' in metrics
+        )
+    agent.close()

@@ -1,0 +1,49 @@
+"""``tether fleet-agent``: run the fleet agent beside the edge server's worker processes."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from pathlib import Path
+
+import click
+
+from edge.settings import load_settings
+
+log = logging.getLogger(__name__)
+
+
+@click.command("fleet-agent")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="TOML settings file (the edge agent's).",
+)
+def fleet_agent_command(config_file: Path | None) -> None:
+    """Install the model versions the cloud rolls out, and report this device's status.
+
+    Switches the server's workers through the control file they share; stops on
+    SIGTERM or Ctrl-C with a retained offline status.
+    """
+    from edge.agent import control_file_path
+    from edge.control_file import ControlFile
+    from edge.fleet_agent import FleetAgent
+    from edge.fleet_target import ControlFileTarget
+
+    try:
+        settings = load_settings(config_file)
+    except (FileNotFoundError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    if not settings.fleet.public_keys():
+        raise click.ClickException("fleet.trusted_keys is empty: no manifest could be trusted")
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    target = ControlFileTarget(ControlFile(control_file_path(settings)))
+    agent = FleetAgent(settings, target)
+    agent.start(connect_wait_s=None)
+    log.info("fleet agent %s running (broker %s)", settings.device_id, settings.mqtt_url)
+    stop.wait()
+    agent.stop()
