@@ -131,14 +131,12 @@ def test_sigkill_at_any_step_leaves_a_serving_device(
 
     state = StateStore(tmp_path / "data" / "fleet" / "state.json").load().models["dense"]
     assert (state.active, state.previous, state.phase, state.pending) == (2, 1, "committed", None)
-    assert verify_version(model_dir / "2", order.signed_manifest.manifest.sha256) is None  # type: ignore[union-attr]
+    assert order.signed_manifest is not None
+    digest = order.signed_manifest.manifest.sha256
+    assert verify_version(model_dir / "2", digest) is None
     assert sorted(p.name for p in model_dir.iterdir()) == ["1", "2", "config.json"]
     if pause == "mid-download":
-        resumed = [
-            r
-            for name, r in artifacts.requests
-            if r and name == order.signed_manifest.manifest.sha256
-        ]  # type: ignore[union-attr]
+        resumed = [r for name, r in artifacts.requests if r and name == digest]
         assert resumed, "the second run did not resume the download with a Range request"
 
 
