@@ -21,6 +21,7 @@ import click
 
 from cloud.fleet_db import FleetDB, RolloutPolicy
 from cloud.fleet_settings import FleetSettings, load_fleet_settings
+from cloud.provision import provision_command
 from shared.errors import TetherError
 
 log = logging.getLogger(__name__)
@@ -352,3 +353,7 @@ def rollout_abort_command(ctx: click.Context, rollout_id: str) -> None:
 
 def _echo(summary: dict[str, Any]) -> None:
     click.echo(json.dumps(summary, indent=2, sort_keys=False))
+
+
+# `tether fleet provision DEVICE` lives with the credentials code (docs/security.md).
+fleet_group.add_command(provision_command)

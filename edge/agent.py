@@ -93,12 +93,17 @@ class EdgeAgent:
             self.uplink.close()
 
     def app(self) -> Flask:
-        return create_app(
+        """The HTTP app, with the token guard and rate limits the settings ask for."""
+        from edge.http.auth import install_security
+
+        app = create_app(
             self.dataplane,
             max_body_bytes=self.settings.http.max_body_bytes,
             limits=TensorLimits(max_elements=self.settings.http.max_tensor_elements),
             access_log=self.settings.http.access_log,
         )
+        install_security(app, self.settings.http)  # tokens and rate limits (docs/security.md)
+        return app
 
 
 def build_app(

@@ -68,11 +68,8 @@ class EdgeServer(BaseApplication):
 
     def load(self) -> Any:
         from edge.agent import build_app
-        from edge.http.auth import install_security
 
-        app = build_app(self.settings, control=self.control, multiprocess_dir=self.metrics_dir)
-        install_security(app, self.settings.http)  # tokens and rate limits (docs/security.md)
-        return app
+        return build_app(self.settings, control=self.control, multiprocess_dir=self.metrics_dir)
 
     def prepare(self, models: list[str]) -> None:
         """Reset this run's shared state: fresh metrics, the start-up models to load."""
