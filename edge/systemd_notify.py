@@ -107,7 +107,14 @@ def probe(url: str, timeout_s: float) -> bool:
 
 
 class ReadinessWatchdog:
-    """READY=1 once the agent is ready, then WATCHDOG=1 while it is live (a thread)."""
+    """READY=1 once the agent is ready, then WATCHDOG=1 while it is live (a thread).
+
+    It runs in gunicorn's master, which forks workers while it runs. A fork that happens
+    while this thread is inside a probe could hand the child a lock the thread held (an
+    import, logging or socket lock) and hang the new worker; so the thread does all its
+    work under ``_busy``, and a fork in this process waits for it
+    (:func:`os.register_at_fork`). Between probes the thread only sleeps, holding nothing.
+    """
 
     def __init__(
         self,
@@ -125,9 +132,15 @@ class ReadinessWatchdog:
         self.check = check
         self.is_ready = threading.Event()
         self._stop = threading.Event()
+        self._busy = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="systemd-watchdog", daemon=True)
 
     def start(self) -> None:
+        os.register_at_fork(
+            before=self._busy.acquire,
+            after_in_parent=self._busy.release,
+            after_in_child=self._busy.release,
+        )
         self._thread.start()
 
     def stop(self, timeout_s: float = 5.0) -> None:
@@ -138,20 +151,22 @@ class ReadinessWatchdog:
     def _run(self) -> None:
         ready_url, live_url = self.base_url + READY_PATH, self.base_url + LIVE_PATH
         while not self._stop.is_set():
-            if self.check(ready_url, self.probe_timeout_s):
-                self.notifier.ready(status=f"serving on {self.base_url}")
-                self.is_ready.set()
-                break
+            with self._busy:
+                if self.check(ready_url, self.probe_timeout_s):
+                    self.notifier.ready(status=f"serving on {self.base_url}")
+                    self.is_ready.set()
+                    break
             self._stop.wait(self.poll_s)
         interval = self.notifier.ping_interval_s
         if interval is None:
             return
         timeout = min(self.probe_timeout_s, interval / 2)
         while not self._stop.wait(interval):
-            if self.check(live_url, timeout):
-                self.notifier.watchdog()
-            else:
-                log.warning("%s does not answer; no watchdog ping", live_url)
+            with self._busy:
+                if self.check(live_url, timeout):
+                    self.notifier.watchdog()
+                else:
+                    log.warning("%s does not answer; no watchdog ping", live_url)
 
 
 def probe_base_url(sockname: Any, tls: bool = False) -> str:
