@@ -8,6 +8,7 @@ from pathlib import Path
 
 from flask import Flask
 
+from edge.ab import apply_ab_tests
 from edge.control_file import ControlFile
 from edge.dataplane import DataPlane
 from edge.http.app import create_app
@@ -85,6 +86,7 @@ class EdgeAgent:
                     self.repository.load(name)
                 except TetherError as exc:
                     log.error("model %s not loaded: %s", name, exc.message)
+            apply_ab_tests(self.repository, self.settings.ab)
         self.dataplane.publish_readiness()
 
     def close(self) -> None:

@@ -34,7 +34,8 @@ def edge_command(
     """Serve the model repository over the Open Inference Protocol (KServe V2)."""
     from edge.http.server import serve
 
-    http = {k: v for k, v in {"host": host, "port": port, "workers": workers}.items() if v}
+    given = {"host": host, "port": port, "workers": workers}
+    http = {k: v for k, v in given.items() if v is not None}
     try:
         settings = load_settings(config_file, repository=repository, http=http or None)
     except (FileNotFoundError, ValueError) as exc:

@@ -140,9 +140,8 @@ class ModelRepository:
             if split:
                 self._splits[name] = _cumulative(split, loaded)
             self._served = {**self._served, name: loaded}
-            for version, old in current.items():
-                if loaded.get(version) is not old:
-                    old.unload()
+            retired = [old for version, old in current.items() if loaded.get(version) is not old]
+            _release_later(retired)
             log.info("model %s ready, versions %s", name, ", ".join(loaded))
             return list(loaded)
 
@@ -168,8 +167,7 @@ class ModelRepository:
             old = served.get(name, {})
             self._served = {k: v for k, v in served.items() if k != name}
             self._failures.pop(name, None)
-            for runtime in old.values():
-                runtime.unload()
+            _release_later(list(old.values()))
 
     def _model_dir(self, name: str) -> Path:
         if not name or "/" in name or name.startswith(".") or "\\" in name:
@@ -262,3 +260,26 @@ def _cumulative(split: dict[str, float], loaded: dict[str, Runtime]) -> list[tup
     if bounds:
         bounds[-1] = (1.0, bounds[-1][1])
     return bounds
+
+
+#: How long a replaced or unloaded runtime keeps working for requests that already hold it.
+RELEASE_GRACE_S = 30.0
+
+
+def _release_later(runtimes: list[Runtime]) -> None:
+    """Unload ``runtimes`` after a grace period, not at once.
+
+    A request may have resolved the old runtime just before a switch and run it just after;
+    it must still succeed ("no request fails during the switch"). New requests never see a
+    retired runtime: it is already out of the served map.
+    """
+    if not runtimes:
+        return
+
+    def release() -> None:
+        for runtime in runtimes:
+            runtime.unload()
+
+    timer = threading.Timer(RELEASE_GRACE_S, release)
+    timer.daemon = True
+    timer.start()

@@ -77,6 +77,9 @@ class EdgeServer(BaseApplication):
         self.metrics_dir.mkdir(parents=True, exist_ok=True)
         os.environ[METRICS_ENV] = str(self.metrics_dir)
         self.control.reset(models)
+        for name, test in self.settings.ab.items():  # A/B splits reach every worker this way
+            versions = sorted(int(v) for v in test.split)
+            self.control.record(name, "load", versions=versions, split=test.split)
 
 
 def _bracket(host: str) -> str:
