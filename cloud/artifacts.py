@@ -77,7 +77,8 @@ class ArtifactStore:
     """A folder of content-addressed files: ``<root>/<sha[:2]>/<sha>``."""
 
     def __init__(self, root: Path) -> None:
-        self.root = Path(root)
+        # Absolute: Flask's send_file reads a relative path against the app's folder.
+        self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
 
     def path_of(self, sha256: str) -> Path:

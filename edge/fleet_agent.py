@@ -472,6 +472,15 @@ class FleetAgent:
         """Serve ``to`` (default: the previous version) again; discard the version undone."""
         st = self.state.model(name)
         bad = st.active
+        if bad is None:
+            # Nothing this agent installed is serving (an install that failed or was
+            # cancelled before its switch, or a model the agent never touched): drop what
+            # is staged and leave the version the repository serves alone.
+            self._drop_pending(name, st)
+            _finish(st, f"{rid}:{action}", rid, 0, "rolled_back", f"{reason}: nothing to undo")
+            self.save()
+            self._event(rid, name, 0, "rolled_back", f"{reason}: nothing to undo")
+            return
         if to is None:
             to = st.previous
         if to is not None and self._unusable(self.root / name, to) is not None:

@@ -41,7 +41,7 @@ def fleet_agent_command(config_file: Path | None) -> None:
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    target = ControlFileTarget(ControlFile(control_file_path(settings)))
+    target = ControlFileTarget(ControlFile(control_file_path(settings)), settings.repository)
     agent = FleetAgent(settings, target)
     agent.start(connect_wait_s=None)
     log.info("fleet agent %s running (broker %s)", settings.device_id, settings.mqtt_url)

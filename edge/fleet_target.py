@@ -10,10 +10,11 @@ process never holds the model.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Protocol
 
 from edge.control_file import ControlFile
-from edge.model_config import list_versions
+from edge.model_config import list_versions, load_model_config
 from edge.repository import ModelRepository
 
 
@@ -54,8 +55,9 @@ class RepositoryTarget:
 class ControlFileTarget:
     """Pins versions in the control file the server's worker processes follow."""
 
-    def __init__(self, control: ControlFile) -> None:
+    def __init__(self, control: ControlFile, repository: Path | None = None) -> None:
         self.control = control
+        self.repository = repository
 
     def serve(self, name: str, version: int) -> None:
         self.control.record(name, "load", versions=[version])
@@ -68,4 +70,12 @@ class ControlFileTarget:
         versions = order.get("versions")
         if order.get("action") == "load" and versions:
             return int(max(versions))
+        if order.get("action") == "load" and self.repository is not None:
+            # Loaded without a pin: the model's version policy picks from what is on disk.
+            model_dir = self.repository / name
+            if model_dir.is_dir():
+                selected = load_model_config(model_dir).version_policy.select(
+                    list_versions(model_dir)
+                )
+                return selected[-1] if selected else None
         return None

@@ -90,29 +90,37 @@ def http_ready(url: str) -> bool:
 )
 @click.option("--no-cloud", is_flag=True, help="Run no cloud worker.")
 @click.option("--no-bridge", is_flag=True, help="Run no sensor bridge.")
+@click.option("--no-fleet", is_flag=True, help="Run no fleet service and no fleet agent.")
 def up_command(
-    port: int | None, edge_config: Path, cloud_config: Path, no_cloud: bool, no_bridge: bool
+    port: int | None,
+    edge_config: Path,
+    cloud_config: Path,
+    no_cloud: bool,
+    no_bridge: bool,
+    no_fleet: bool,
 ) -> None:
-    """Run the whole stack (broker, cloud worker, sensor bridge, edge agent) until Ctrl-C."""
+    """Run the whole stack until Ctrl-C: broker, cloud worker, fleet service (registry,
+    artifact server, rollout controller), edge agent, sensor bridge and fleet agent."""
     edge_settings = load_settings(
         edge_config if edge_config.is_file() else None,
         http={"port": port} if port else None,
     )
+    seed_repository(edge_settings.repository)
     tether = [sys.executable, "-m", "tether"]
+    config_args = ["--config", str(edge_config)] if edge_config.is_file() else []
     services: list[Service] = []
     broker = broker_service(edge_settings)
     if broker is not None:
         services.append(broker)
-    has_cloud = importlib.util.find_spec("cloud.cli") is not None
-    if not no_cloud and has_cloud:
+    broker_env = {"TETHER_MQTT_URL": edge_settings.mqtt_url}
+    if not no_cloud and importlib.util.find_spec("cloud.cli") is not None:
         cloud_args = ["cloud"] + (["--config", str(cloud_config)] if cloud_config.is_file() else [])
-        services.append(Service("cloud worker", tether + cloud_args))
-    config_args = ["--config", str(edge_config)] if edge_config.is_file() else []
-    if not no_bridge:
-        services.append(Service("sensor bridge", [*tether, "bridge", *config_args]))
-    edge_args = ["edge", *config_args]
-    if port:
-        edge_args += ["--port", str(port)]
+        services.append(Service("cloud worker", tether + cloud_args, env=broker_env))
+    fleet_env: dict[str, str] = {}
+    if not no_fleet:
+        fleet_service, fleet_env = fleet_services(tether, broker_env)
+        services.append(fleet_service)
+    edge_args = ["edge", *config_args] + (["--port", str(port)] if port else [])
     http = edge_settings.http
     services.append(
         Service(
@@ -121,8 +129,60 @@ def up_command(
             ready=lambda: http_ready(f"http://{http.host}:{http.port}/v2/health/ready"),
         )
     )
+    if not no_bridge:
+        services.append(Service("sensor bridge", [*tether, "bridge", *config_args]))
+    if not no_fleet:  # after the edge agent: its start resets the version pins
+        services.append(
+            Service("fleet agent", [*tether, "fleet-agent", *config_args], env=fleet_env)
+        )
     click.echo(f"edge API: http://{http.host}:{http.port}/v2  (Ctrl-C stops everything)")
     try:
         Supervisor(services).run()
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from exc
+
+
+def seed_repository(repository: Path) -> None:
+    """The demo device serves its own copy of ``models/repository``, which rollouts update."""
+    source = ROOT / "models" / "repository"
+    if repository.exists() or repository.resolve() == source.resolve():
+        return
+    shutil.copytree(source, repository)
+    click.echo(f"seeded the device's model repository {repository} from {source}")
+
+
+def fleet_services(tether: list[str], broker_env: dict[str, str]) -> tuple[Service, dict[str, str]]:
+    """The fleet service, and the fleet agent's environment trusting the development key."""
+    from cloud.fleet_settings import load_fleet_settings
+    from cloud.registry import load_or_create_dev_key
+    from shared.manifest import public_key_text
+
+    fleet = load_fleet_settings(mqtt_url=broker_env["TETHER_MQTT_URL"])
+    key, created = load_or_create_dev_key(fleet.dev_key_path)
+    public = fleet.dev_key_path.with_suffix(".pub")
+    public.write_text(public_key_text(key) + "\n")
+    if created:
+        click.echo(
+            f"generated the development signing key {fleet.dev_key_path} (not for production)"
+        )
+    url = f"http://{fleet.http_host}:{fleet.http_port}/"
+    service = Service(
+        "fleet service",
+        [*tether, "fleet", "serve"],
+        env=broker_env,
+        ready=lambda: port_answers(fleet.http_host, fleet.http_port),
+    )
+    agent_env = {
+        "TETHER_FLEET__ENABLED": "true",
+        "TETHER_FLEET__TRUSTED_KEYS_FILE": str(public.resolve()),
+    }
+    click.echo(f"fleet: artifacts on {url}, database in {fleet.data_dir}, dev key {public}")
+    return service, agent_env
+
+
+def port_answers(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
