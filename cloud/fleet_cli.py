@@ -217,6 +217,19 @@ def serve_command(ctx: click.Context, host: str | None, port: int | None) -> Non
             signal.signal(sig, handler)
 
 
+@fleet_group.command("status")
+@click.option("--recent", default=5, show_default=True, help="Finished rollouts to show too.")
+@click.pass_context
+def status_command(ctx: click.Context, recent: int) -> None:
+    """The fleet at a glance: devices, versions, rollouts with progress bars."""
+    from cloud.fleet_status import render
+
+    try:
+        click.echo("\n".join(render(_db(_settings(ctx)), recent)))
+    except TetherError as exc:
+        raise _fail(exc) from exc
+
+
 @fleet_group.command("devices")
 @click.option("--select", "select", default="", help="Label selector k=v,k2=v2.")
 @click.pass_context

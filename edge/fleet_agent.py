@@ -428,7 +428,10 @@ class FleetAgent:
         name, rid = order.model, order.rollout_id
         current = st.active if st.active is not None else self.target.current(name)
         if current == version:
-            current = st.previous
+            # The policy already sees the staged folder; what served before is the highest
+            # version below it (when this agent has no record of its own).
+            older = [v for v in list_versions(self.root / name) if v < version]
+            current = st.previous if st.previous is not None else (max(older) if older else None)
         start = self._counters(name, version)
         baseline = self._counters(name, current) if current is not None else None
         st.previous, st.active, st.pending = current, version, None
