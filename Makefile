@@ -6,10 +6,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install install-broker up test lint typecheck pytest models schemas docs bench clean
+.PHONY: install install-broker install-postgres up test lint typecheck pytest models schemas docs bench clean
 
 ## install: create .venv and install Tether with its dev extra (quick when nothing changed)
-install: $(STAMP) install-broker
+install: $(STAMP) install-broker install-postgres
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || { \
@@ -26,6 +26,13 @@ install-broker:
 	@command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto || { \
 	  echo "installing mosquitto"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq mosquitto; }
+
+## install-postgres: PostgreSQL's server binaries from apt when missing (the fleet tests run
+## against PostgreSQL; with none on 127.0.0.1:5432 the test session starts a private one)
+install-postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || { \
+	  echo "installing postgresql"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq postgresql; }
 
 ## models: build the digits models when missing
 models: install

@@ -2,15 +2,40 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.broker import Broker
+from tests.postgres import PrivatePostgres, ensure_postgres
 
 ROOT = Path(__file__).resolve().parent.parent
 REPOSITORY = ROOT / "models" / "repository"
+
+
+_private_postgres: list[PrivatePostgres] = []
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Point the fleet tests at a PostgreSQL (the machine's, or a private one) before any
+    test module reads ``TETHER_TEST_POSTGRES_URL``."""
+    try:
+        url, private = ensure_postgres()
+    except Exception as exc:  # the PostgreSQL tests then fail (never skip), naming the cause
+        os.environ.setdefault("TETHER_TEST_POSTGRES_URL", "postgresql://unavailable/")
+        print(f"\nno PostgreSQL for the fleet tests: {exc}", file=sys.stderr)
+        return
+    os.environ["TETHER_TEST_POSTGRES_URL"] = url
+    if private is not None:
+        _private_postgres.append(private)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    while _private_postgres:
+        _private_postgres.pop().stop()
 
 
 @pytest.fixture(scope="session")
