@@ -143,10 +143,13 @@ class DataPlane:
             prediction.compute_ms / 1000.0,
             flops,
         )
-        prediction.parameters.setdefault("served_by", prediction.served_by)
-        prediction.parameters.setdefault("route", route)
-        prediction.parameters.setdefault("edge_ms", round(elapsed * 1000.0, 3))
-        prediction.parameters.setdefault("compute_ms", round(prediction.compute_ms, 3))
+        params = prediction.parameters
+        params.setdefault("served_by", prediction.served_by)
+        params.setdefault("route", route)
+        # Time on the device itself: all of it, less what the network and the cloud took.
+        remote_ms = params.get("network_ms", 0.0) + params.get("cloud_ms", 0.0)
+        params["edge_ms"] = round(max(0.0, elapsed * 1000.0 - remote_ms), 3)
+        params.setdefault("compute_ms", round(prediction.compute_ms, 3))
         if self.observers:
             self._observe(name, runtime, request, prediction, None, started)
         return prediction

@@ -219,7 +219,6 @@ class CascadeRoute(RouteRuntime):
         params: dict[str, Any] = {
             "confidence": _round(conf),
             "threshold": self.threshold,
-            "edge_ms": round(local.compute_ms, 3),
         }
         total = len(conf)
         if low.size == 0:
@@ -542,7 +541,6 @@ def _local_answer(
         model_version=prediction.model_version,
         route=route,
     )
-    prediction.parameters.setdefault("edge_ms", round(prediction.compute_ms, 3))
     if outputs is not None:
         prediction.outputs = outputs
     prediction.served_by = "edge"
