@@ -56,7 +56,11 @@ class EdgeAgent:
         enabled = settings.uplink.enabled
         if enabled or (enabled is None and needs_uplink(settings.routes)):
             self.uplink = Uplink(
-                settings.mqtt_url, settings.device_id, settings.uplink, metrics=self.metrics
+                settings.mqtt_url,
+                settings.device_id,
+                settings.uplink,
+                metrics=self.metrics,
+                tls=settings.mqtt_tls_config(),
             )
         self.router = Router(
             self.repository,

@@ -110,6 +110,7 @@ class FleetAgent:
             settings.mqtt_url,
             client_id or f"{self.device}-fleet",
             will=self.reporter.will(),
+            tls=settings.mqtt_tls_config(),
         )
         self.reporter.attach(self.client)
         self._queue: queue.Queue[tuple[str, RolloutOrder | None]] = queue.Queue()

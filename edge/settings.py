@@ -11,7 +11,7 @@ import ipaddress
 import os
 import socket
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic.fields import FieldInfo
@@ -24,6 +24,9 @@ from pydantic_settings import (
 
 from edge.runtimes.base import DEFAULT_PROVIDERS, RuntimeOptions
 from edge.sensors.settings import SensorSettings
+
+if TYPE_CHECKING:
+    from shared.mqtt import TlsConfig
 
 
 class Section(BaseModel):
@@ -326,6 +329,20 @@ class AbSettings(Section):
     )
 
 
+class MqttTlsSettings(Section):
+    """TLS to the broker (a ``mqtts://`` URL turns it on with the system's CAs)."""
+
+    ca_file: Path | None = Field(None, description="CA bundle that signed the broker's cert.")
+    cert_file: Path | None = Field(
+        None, description="This device's client certificate (certificate logins)."
+    )
+    key_file: Path | None = Field(None, description="The client certificate's private key.")
+
+    @property
+    def configured(self) -> bool:
+        return any((self.ca_file, self.cert_file, self.key_file))
+
+
 class EdgeSettings(BaseSettings):
     """Everything the edge agent is configured with."""
 
@@ -342,6 +359,7 @@ class EdgeSettings(BaseSettings):
     )
     data_dir: Path = Field(Path(".tether"), description="Where the agent keeps its state.")
     mqtt_url: str = Field("mqtt://127.0.0.1:1883", description="The MQTT broker to talk to.")
+    mqtt_tls: MqttTlsSettings = Field(default_factory=MqttTlsSettings)
     repository: Path = Field(Path("models/repository"), description="The model repository folder.")
     models: list[str] | None = Field(
         None, description="Models to load at start (default: every model in the repository)."
@@ -381,6 +399,19 @@ class EdgeSettings(BaseSettings):
         if toml_file is not None:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
         return tuple(sources)
+
+    def mqtt_tls_config(self) -> TlsConfig | None:
+        """The TLS options every MQTT connection of the agent uses (``None``: URL decides)."""
+        from shared.mqtt import TlsConfig  # paho stays out of processes that never connect
+
+        tls = self.mqtt_tls
+        if not tls.configured:
+            return None
+        return TlsConfig(
+            ca_file=str(tls.ca_file) if tls.ca_file else None,
+            cert_file=str(tls.cert_file) if tls.cert_file else None,
+            key_file=str(tls.key_file) if tls.key_file else None,
+        )
 
     def startup_models(self) -> list[str]:
         """The models to load at start: the configured list, or every model on disk except

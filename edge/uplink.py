@@ -57,7 +57,7 @@ from shared.errors import (
     Unavailable,
     Unsupported,
 )
-from shared.mqtt import Message, MqttClient, MqttError
+from shared.mqtt import Message, MqttClient, MqttError, TlsConfig
 from shared.protocol import InferenceRequest
 from shared.tracing import current_request_id
 
@@ -101,6 +101,7 @@ class Uplink:
         *,
         metrics: EdgeMetrics | None = None,
         client_id: str | None = None,
+        tls: TlsConfig | None = None,
     ) -> None:
         self.settings = settings or UplinkSettings()
         self.device_id = topics.check_segment(device_id, "device id")
@@ -116,7 +117,7 @@ class Uplink:
             self.breaker.add_listener(
                 lambda state: metrics.breaker_open.set(1 if state is BreakerState.OPEN else 0)
             )
-        self.client = MqttClient(broker_url, self.client_id)
+        self.client = MqttClient(broker_url, self.client_id, tls=tls)
         self.client.add_connection_listener(self._on_connection)
         self.client.subscribe(self.reply_topic, self._on_reply, qos=1)
         self._pending: dict[bytes, Future[Message]] = {}

@@ -94,6 +94,7 @@ class SensorBridge:
             session_expiry_s=sensors.session_expiry_s,
             receive_maximum=sensors.queue_size,
             max_inflight=sensors.outbox.publish_window,
+            tls=settings.mqtt_tls_config(),
         )
         self.batchers: dict[tuple[str, str | None], MicroBatcher] = {}
         for binding in self.bindings:
