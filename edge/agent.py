@@ -72,6 +72,10 @@ class EdgeAgent:
         self.dataplane = DataPlane(
             self.repository, self.metrics, version=__version__, resolver=self.router.resolve
         )
+        # Per-version errors and shadow agreement for a fleet agent in another process.
+        from edge.fleet_health import install_worker_health
+
+        self.shadow = install_worker_health(self)
 
     def start(self) -> None:
         """Load the start-up models; a model that fails is reported, the rest still serve.
@@ -82,6 +86,8 @@ class EdgeAgent:
         """
         if self.uplink is not None:
             self.uplink.start()
+        if self.shadow is not None:
+            self.shadow.start()
         if self.repository.control is not None:
             self.repository.sync()
         else:
@@ -95,6 +101,8 @@ class EdgeAgent:
 
     def close(self) -> None:
         """Release what the agent holds: the uplink's connection (idempotent)."""
+        if self.shadow is not None:
+            self.shadow.stop()
         if self.uplink is not None:
             self.uplink.close()
 

@@ -30,6 +30,7 @@ def fleet_agent_command(config_file: Path | None) -> None:
     from edge.agent import control_file_path
     from edge.control_file import ControlFile
     from edge.fleet_agent import FleetAgent
+    from edge.fleet_health import FileShadowRates, MetricsHealthSource, shadow_rates_path
     from edge.fleet_target import ControlFileTarget
 
     try:
@@ -42,7 +43,14 @@ def fleet_agent_command(config_file: Path | None) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     target = ControlFileTarget(ControlFile(control_file_path(settings)), settings.repository)
-    agent = FleetAgent(settings, target)
+    # The workers answer the requests: their /metrics carry each version's health, and
+    # the shadow rates reach them through a file (edge/fleet_health.py).
+    agent = FleetAgent(
+        settings,
+        target,
+        health=MetricsHealthSource.from_settings(settings),
+        shadow_rates=FileShadowRates(shadow_rates_path(settings)),
+    )
     agent.start(connect_wait_s=None)
     log.info("fleet agent %s running (broker %s)", settings.device_id, settings.mqtt_url)
     stop.wait()

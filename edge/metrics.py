@@ -111,6 +111,26 @@ class EdgeMetrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+        # Per-version health for the fleet agent beside the workers (edge/fleet_health.py).
+        self.version_errors = Counter(
+            "tether_request_errors",
+            "Server-side (5xx) failures of requests a model version was chosen for, by model "
+            "and version: what a rollout's health window judges.",
+            ["model", "version"],
+            registry=r,
+        )
+        self.shadow_samples = Counter(
+            "tether_shadow_samples",
+            "Rows of sampled requests compared with the cloud teacher, by model and version.",
+            ["model", "version"],
+            registry=r,
+        )
+        self.shadow_agreements = Counter(
+            "tether_shadow_agreements",
+            "Compared rows whose top-1 class agreed with the cloud teacher, by model and version.",
+            ["model", "version"],
+            registry=r,
+        )
         self.registry.register(OffloadRatioCollector(self.requests))
 
     def record_success(

@@ -14,11 +14,11 @@ import queue
 import random
 import threading
 from collections.abc import Callable, Mapping
+from typing import Protocol
 
 import numpy as np
 
 from edge.dataplane import Observation
-from edge.health import HealthRecorder
 from edge.uplink import Uplink
 from shared.errors import TetherError
 
@@ -52,6 +52,13 @@ def uplink_teacher(uplink: Uplink, cloud_models: Mapping[str, str] | None = None
     return ask
 
 
+class ShadowRecorder(Protocol):
+    """Where compared shadow rows are counted: a :class:`~edge.health.HealthRecorder`
+    in-process, Prometheus counters in server workers (:mod:`edge.fleet_health`)."""
+
+    def record_shadow(self, model: str, version: str, samples: int, agreements: int) -> None: ...
+
+
 class ShadowRates:
     """The shadow sample rate per ``(model, version)``; the fleet agent sets it per rollout."""
 
@@ -74,7 +81,7 @@ class ShadowSampler:
     def __init__(
         self,
         teacher: Teacher,
-        recorder: HealthRecorder,
+        recorder: ShadowRecorder,
         rates: ShadowRates,
         *,
         max_queue: int = 64,
