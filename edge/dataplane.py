@@ -123,11 +123,15 @@ class DataPlane:
             prediction = runtime.infer(request.inputs, wanted)
         except TetherError as exc:
             self.count_failure(name, exc)
+            if runtime is not None and exc.status >= 500:
+                metrics.version_errors.labels(name, runtime.version).inc()
             if self.observers:
                 self._observe(name, runtime, request, None, exc, started)
             raise
         except Exception:
             metrics.failures.labels(name, "internal").inc()
+            if runtime is not None:
+                metrics.version_errors.labels(name, runtime.version).inc()
             if self.observers:
                 self._observe(name, runtime, request, None, InternalError("internal"), started)
             raise

@@ -38,7 +38,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
-from edge.dataplane import Observation
 from edge.health import LATENCY_BOUNDS_MS, HealthCounters
 from edge.metrics import EdgeMetrics
 from edge.model_config import load_model_config
@@ -136,21 +135,16 @@ class FileShadowRates(ShadowRates):
 
 
 class MetricsHealthObserver:
-    """A data-plane observer that counts per-version health in Prometheus counters.
+    """The shadow sampler's recorder: compared rows in Prometheus counters
+    (``tether_shadow_samples_total``, ``tether_shadow_agreements_total``).
 
     Answered requests and their latency are already in ``tether_requests_total`` and
-    ``tether_request_duration_seconds``; this adds the server errors per version
-    (``tether_request_errors_total``) and, as the shadow sampler's recorder, the compared
-    rows (``tether_shadow_samples_total``, ``tether_shadow_agreements_total``).
+    ``tether_request_duration_seconds``, and the data plane counts server errors per
+    version (``tether_request_errors_total``), so nothing else needs observing.
     """
 
     def __init__(self, metrics: EdgeMetrics) -> None:
         self.metrics = metrics
-
-    def __call__(self, seen: Observation) -> None:
-        if seen.version is None or seen.error is None or seen.error.status < 500:
-            return  # answered (counted by the data plane) or the caller's mistake
-        self.metrics.version_errors.labels(seen.model, seen.version).inc()
 
     def record_shadow(self, model: str, version: str, samples: int, agreements: int) -> None:
         self.metrics.shadow_samples.labels(model, version).inc(samples)
@@ -180,10 +174,9 @@ def teacher_through(agent: EdgeAgent) -> Teacher | None:
 
 
 def install_worker_health(agent: EdgeAgent) -> ShadowSampler | None:
-    """Put the health observer (and a shadow sampler, given an uplink) on a worker's data
-    plane; returns the sampler, which the caller starts after the fork and stops."""
+    """Put a shadow sampler on a worker's data plane when it has an uplink to a teacher;
+    returns the sampler, which the caller starts after the fork and stops."""
     observer = MetricsHealthObserver(agent.metrics)
-    agent.dataplane.observers.append(observer)
     teacher = teacher_through(agent)
     if teacher is None:
         return None
