@@ -115,6 +115,7 @@ class EdgeAgent:
             max_body_bytes=self.settings.http.max_body_bytes,
             limits=TensorLimits(max_elements=self.settings.http.max_tensor_elements),
             access_log=self.settings.http.access_log,
+            fast_path=self.settings.http.fast_path,
         )
         install_security(app, self.settings.http)  # tokens and rate limits (docs/security.md)
         return app

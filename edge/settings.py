@@ -145,6 +145,11 @@ class HttpSettings(Section):
         16 * 1024 * 1024, ge=1, description="Largest element count of one input tensor."
     )
     timeout_s: int = Field(60, ge=1, description="A worker silent this long is restarted.")
+    fast_path: bool = Field(
+        True,
+        description="Answer inference requests in a plain-WSGI fast path in front of Flask "
+        "(same semantics; off: Flask's view answers them).",
+    )
     access_log: bool = Field(
         False, description="Log one line per HTTP request (method, path, status, ms, request id)."
     )

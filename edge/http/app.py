@@ -34,6 +34,7 @@ def create_app(
     max_body_bytes: int = 64 * 1024 * 1024,
     limits: TensorLimits | None = None,
     access_log: bool = False,
+    fast_path: bool = True,
 ) -> Flask:
     """Build the HTTP app around a data plane; the app holds no state of its own."""
     app = Flask("tether.edge", static_folder=None)  # no file serving: every route is the API's
@@ -42,7 +43,12 @@ def create_app(
     app.extensions[LIMITS_KEY] = limits or TensorLimits()
     app.register_blueprint(v2)
     _register_error_handlers(app)
-    app.wsgi_app = RequestIdMiddleware(app.wsgi_app, access_log)  # type: ignore[method-assign]
+    wsgi: WSGIApp = app.wsgi_app
+    if fast_path:
+        from edge.http.fast_infer import InferFastPath
+
+        wsgi = InferFastPath(app, wsgi)
+    app.wsgi_app = RequestIdMiddleware(wsgi, access_log)  # type: ignore[method-assign]
     return app
 
 

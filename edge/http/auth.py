@@ -142,31 +142,59 @@ def endpoint_name(endpoint: str | None) -> str | None:
     return endpoint.rsplit(".", 1)[-1] if endpoint else None
 
 
-def install_security(app: Flask, http: HttpSettings) -> None:
-    """Guard every request of ``app`` with the tokens and rate limits of ``http``."""
-    store = TokenStore.from_settings(http.auth)
-    limiter = RateLimiter.from_settings(http.rate_limit) if http.rate_limited else None
-    app.extensions[AUTH_KEY] = store
-    app.extensions[RATE_LIMITER_KEY] = limiter
-    if not store.enabled and limiter is None:
-        return
+GUARD_KEY = "tether.guard"
 
-    @app.before_request
-    def guard() -> None:
-        name = endpoint_name(request.endpoint)
-        address = f"addr:{request.remote_addr or 'unknown'}"
+
+class Guard:
+    """Tokens and rate limits for one request; the Flask hook and the inference fast path
+    (``edge/http/fast_infer.py``) both ask it, so both enforce the same rules."""
+
+    def __init__(self, store: TokenStore, limiter: RateLimiter | None) -> None:
+        self.store = store
+        self.limiter = limiter
+
+    @property
+    def active(self) -> bool:
+        return self.store.enabled or self.limiter is not None
+
+    def check(
+        self, endpoint: str | None, authorization: str | None, remote_addr: str | None
+    ) -> None:
+        """Raise :class:`Unauthorized` or :class:`TooManyRequests`, or let the request in."""
+        store, limiter = self.store, self.limiter
+        address = f"addr:{remote_addr or 'unknown'}"
         client = address
-        if store.enabled and name not in PUBLIC_ENDPOINTS:
-            token = bearer_token(request.headers.get("Authorization"))
+        if store.enabled and endpoint not in PUBLIC_ENDPOINTS:
+            token = bearer_token(authorization)
             identity = store.identify(token) if token is not None else None
             if identity is None:
                 if limiter is not None:
                     limiter.check(address, "unauthorized")
                 raise Unauthorized(
                     "a valid bearer token is required"
-                    if token is not None or "Authorization" in request.headers
+                    if authorization is not None
                     else "this endpoint needs Authorization: Bearer <token>"
                 )
             client = identity
-        if limiter is not None and name is not None:
-            limiter.check(client, name)
+        if limiter is not None and endpoint is not None:
+            limiter.check(client, endpoint)
+
+
+def install_security(app: Flask, http: HttpSettings) -> None:
+    """Guard every request of ``app`` with the tokens and rate limits of ``http``."""
+    store = TokenStore.from_settings(http.auth)
+    limiter = RateLimiter.from_settings(http.rate_limit) if http.rate_limited else None
+    app.extensions[AUTH_KEY] = store
+    app.extensions[RATE_LIMITER_KEY] = limiter
+    guard = Guard(store, limiter)
+    app.extensions[GUARD_KEY] = guard
+    if not guard.active:
+        return
+
+    @app.before_request
+    def check() -> None:
+        guard.check(
+            endpoint_name(request.endpoint),
+            request.headers.get("Authorization"),
+            request.remote_addr,
+        )

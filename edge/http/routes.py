@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import time
-from typing import Any
-
 from flask import Blueprint, Response, current_app, request
-from werkzeug.exceptions import RequestEntityTooLarge
 
 from edge.dataplane import DataPlane
+from edge.http.inference import infer_body
 from edge.http.responses import json_response, tensor_response
-from shared.codec import HEADER_LENGTH_HEADER, decode_request, encode_response
-from shared.errors import InvalidInput, TetherError
 
 DATAPLANE_KEY = "tether.dataplane"
 LIMITS_KEY = "tether.limits"
@@ -71,61 +66,17 @@ def model_ready(model: str, version: str | None = None) -> Response:
 @v2.post("/v2/models/<model>/infer")
 @v2.post("/v2/models/<model>/versions/<version>/infer")
 def infer(model: str, version: str | None = None) -> Response:
-    started = time.perf_counter()
+    """Inference (the fast path in ``edge/http/fast_infer.py`` answers it first, the same way)."""
     app = current_app._get_current_object()  # type: ignore[attr-defined]
-    environ = request.environ
-    plane: DataPlane = app.extensions[DATAPLANE_KEY]
-    runtime = plane.resolve_for_request(model, version)  # unknown model: 404 whatever the body
-    try:
-        decoded = decode_request(
-            _body(environ, app.config["MAX_CONTENT_LENGTH"]),
-            _header_length(environ),
-            app.extensions[LIMITS_KEY],
-        )
-    except TetherError as exc:
-        plane.count_failure(model, exc)
-        raise
-    prediction = plane.infer(model, version, decoded, started, runtime)
-    payload, length = encode_response(
-        model_name=model,
-        model_version=prediction.model_version,
-        outputs=prediction.outputs,
-        request_id=decoded.id,
-        parameters=prediction.parameters,
-        requested=decoded.outputs,
-        binary_default=decoded.binary_output_default,
+    payload, length = infer_body(
+        app.extensions[DATAPLANE_KEY],
+        request.environ,
+        model,
+        version,
+        app.extensions[LIMITS_KEY],
+        app.config["MAX_CONTENT_LENGTH"],
     )
     return tensor_response(payload, length)
-
-
-_HEADER_LENGTH_KEY = "HTTP_" + HEADER_LENGTH_HEADER.upper().replace("-", "_")
-
-
-def _header_length(environ: dict[str, Any]) -> int | None:
-    raw = environ.get(_HEADER_LENGTH_KEY)
-    if raw is None:
-        return None
-    try:
-        return int(raw)
-    except ValueError:
-        raise InvalidInput(f"{HEADER_LENGTH_HEADER} must be an integer") from None
-
-
-def _body(environ: dict[str, Any], limit: int | None) -> bytes:
-    """The request body, read straight from the WSGI input when its length is known."""
-    raw = environ.get("CONTENT_LENGTH")
-    if not raw:
-        return request.get_data(cache=False)  # chunked: werkzeug enforces the size limit
-    try:
-        length = int(raw)
-    except ValueError:
-        raise InvalidInput("Content-Length must be an integer") from None
-    if limit is not None and length > limit:
-        raise RequestEntityTooLarge()
-    body: bytes = environ["wsgi.input"].read(length)
-    if len(body) != length:
-        raise InvalidInput(f"body ended after {len(body)} of {length} bytes")
-    return body
 
 
 # ---------------------------------------------------------------------- repository

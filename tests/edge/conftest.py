@@ -33,6 +33,9 @@ def settings(tmp_path: Path, repository: Path) -> EdgeSettings:
     return load_settings(None, repository=repository, data_dir=tmp_path / "data")
 
 
-@pytest.fixture
-def app(settings: EdgeSettings) -> Flask:
-    return build_app(settings)
+@pytest.fixture(params=[True, False], ids=["fast-path", "flask-view"])
+def app(settings: EdgeSettings, request: pytest.FixtureRequest) -> Flask:
+    """The app with inference answered by the WSGI fast path, and by Flask's view: both
+    must behave the same."""
+    http = settings.http.model_copy(update={"fast_path": request.param})
+    return build_app(settings.model_copy(update={"http": http}))
