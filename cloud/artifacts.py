@@ -21,9 +21,11 @@ import re
 import tarfile
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from flask import Flask, Response, abort, send_file
+from prometheus_client import CONTENT_TYPE_LATEST
 from werkzeug.serving import BaseWSGIServer, make_server
 
 from shared.errors import InvalidInput
@@ -108,8 +110,11 @@ class ArtifactStore:
         return sha
 
 
-def create_app(store: ArtifactStore | Path | str) -> Flask:
-    """The artifact HTTP app: ``GET``/``HEAD /artifacts/<sha256>`` with Range support."""
+def create_app(
+    store: ArtifactStore | Path | str, metrics: Callable[[], bytes] | None = None
+) -> Flask:
+    """The artifact HTTP app: ``GET``/``HEAD /artifacts/<sha256>`` with Range support, and
+    ``/metrics`` when ``metrics`` renders them."""
     if not isinstance(store, ArtifactStore):
         store = ArtifactStore(Path(store))
     app = Flask(__name__)
@@ -135,15 +140,27 @@ def create_app(store: ArtifactStore | Path | str) -> Flask:
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
+    if metrics is not None:
+
+        @app.get("/metrics")
+        def prometheus() -> Response:
+            return Response(metrics(), content_type=CONTENT_TYPE_LATEST)
+
     return app
 
 
 class ArtifactServer:
     """The artifact app in a threaded WSGI server on a background thread."""
 
-    def __init__(self, store: ArtifactStore, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self,
+        store: ArtifactStore,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        metrics: Callable[[], bytes] | None = None,
+    ) -> None:
         self._server: BaseWSGIServer = make_server(
-            host, port, create_app(store), threaded=True, passthrough_errors=False
+            host, port, create_app(store, metrics), threaded=True, passthrough_errors=False
         )
         self.host = host
         self.port = int(self._server.server_port)

@@ -197,9 +197,14 @@ def serve_command(ctx: click.Context, host: str | None, port: int | None) -> Non
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
+        from cloud.fleet_metrics import FleetMetrics
+
         db = _db(settings)
         server = ArtifactServer(
-            ArtifactStore(settings.artifacts), settings.http_host, settings.http_port
+            ArtifactStore(settings.artifacts),
+            settings.http_host,
+            settings.http_port,
+            metrics=FleetMetrics(db).render,
         ).start()
         mqtt = MqttClient(settings.mqtt_url, f"tether-fleet-{int(time.time())}")
         mqtt.start(wait_s=None)
