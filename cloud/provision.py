@@ -376,6 +376,8 @@ def provision_command(
             "on the certificate listener (8884) instead of the password."
         )
     click.echo(
-        "  trust the fleet CA if it signed the broker's certificate: copy ca.crt to "
-        "/usr/local/share/ca-certificates/tether-fleet.crt and run update-ca-certificates."
+        "  trust the fleet CA if it signed the broker's certificate: on a device set "
+        "TETHER_MQTT_TLS__CA_FILE=/etc/tether/ca.crt (the [mqtt_tls] ca_file setting); "
+        "anywhere, or copy ca.crt to /usr/local/share/ca-certificates/tether-fleet.crt and "
+        "run update-ca-certificates (or set SSL_CERT_FILE)."
     )
