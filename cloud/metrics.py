@@ -21,12 +21,10 @@ from prometheus_client import (
     start_http_server,
 )
 
+from edge.metrics import LATENCY_BUCKETS  # one latency scale for edge and cloud
+
 disable_created_metrics()
 
-LATENCY_BUCKETS = (
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-    5.0, 10.0,
-)  # fmt: skip
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 

@@ -27,7 +27,7 @@ from pydantic_settings import (
 )
 
 from edge.runtimes.base import RuntimeOptions
-from edge.settings import RuntimeSettings, Section
+from edge.settings import RuntimeSettings, Section, load_toml_settings
 from shared.errors import InvalidInput
 from shared.topics import CLOUD_SHARE_GROUP, check_segment
 
@@ -182,18 +182,6 @@ _TOML_FILE: dict[str, Path] = {}
 
 
 def load_cloud_settings(config_file: Path | None = None, **overrides: Any) -> CloudSettings:
-    """Build the settings from ``config_file`` (TOML), the environment and ``overrides``.
-
-    ``overrides`` with the value ``None`` are ignored, so unset command-line flags fall
-    through to the environment and the file.
-    """
-    if config_file is not None and not config_file.is_file():
-        raise FileNotFoundError(f"config file {config_file} does not exist")
-    given = {k: v for k, v in overrides.items() if v is not None}
-    _TOML_FILE.clear()
-    if config_file is not None:
-        _TOML_FILE["path"] = config_file
-    try:
-        return CloudSettings(**given)
-    finally:
-        _TOML_FILE.clear()
+    """Build the settings from ``config_file`` (TOML), the environment and ``overrides``
+    (``None`` values fall through to the environment and the file)."""
+    return load_toml_settings(CloudSettings, _TOML_FILE, config_file, overrides)

@@ -11,7 +11,7 @@ import ipaddress
 import os
 import socket
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic.fields import FieldInfo
@@ -454,23 +454,33 @@ class ApiTokensVariable(PydanticBaseSettingsSource):
         return {"http": {"auth": {"tokens": tokens}}} if tokens else {}
 
 
-# The TOML file for the settings being built; set only inside load_settings.
+# The TOML file for the settings being built; set only inside load_toml_settings.
 _TOML_FILE: dict[str, Path] = {}
 
+S = TypeVar("S", bound=BaseSettings)
 
-def load_settings(config_file: Path | None = None, **overrides: Any) -> EdgeSettings:
-    """Build the settings from ``config_file`` (TOML), ``TETHER_*`` variables and overrides.
 
-    ``overrides`` with the value ``None`` are ignored, so unset command-line flags fall
-    through to the file and the environment.
+def load_toml_settings(
+    cls: type[S], toml_files: dict[str, Path], config_file: Path | None, overrides: dict[str, Any]
+) -> S:
+    """Build ``cls`` from ``config_file`` (TOML), its environment variables and ``overrides``.
+
+    ``toml_files`` is the holder the class's ``settings_customise_sources`` reads the file
+    from. ``overrides`` with the value ``None`` are ignored, so unset command-line flags fall
+    through to the environment and the file.
     """
     if config_file is not None and not config_file.is_file():
         raise FileNotFoundError(f"config file {config_file} does not exist")
     given = {k: v for k, v in overrides.items() if v is not None}
-    _TOML_FILE.clear()
+    toml_files.clear()
     if config_file is not None:
-        _TOML_FILE["path"] = config_file
+        toml_files["path"] = config_file
     try:
-        return EdgeSettings(**given)
+        return cls(**given)
     finally:
-        _TOML_FILE.clear()
+        toml_files.clear()
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> EdgeSettings:
+    """Build the settings from ``config_file`` (TOML), ``TETHER_*`` variables and overrides."""
+    return load_toml_settings(EdgeSettings, _TOML_FILE, config_file, overrides)
