@@ -17,15 +17,16 @@ from flask import Flask
 from cloud.settings import CloudSettings
 from cloud.worker import CloudWorker
 from edge.agent import EdgeAgent, build_app
-from edge.settings import RuntimeSettings, load_settings
+from edge.settings import MqttTlsSettings, RuntimeSettings, load_settings
 from shared import topics
 from shared.codec import build_request
 from shared.envelopes import InferRequestEnvelope, decode_envelope, frame
 from shared.fleet import EVENTS_FILTER, RolloutEvent, RolloutOrder
+from shared.manifest import public_key_text
 from shared.mqtt import Message, MqttClient
 from shared.protocol import InferenceRequest
 from tests.onnx_models import dense_model, write_model
-from tests.security.secure_broker import SecureBroker
+from tests.security.secure_broker import Pki, SecureBroker
 
 CPU = ["CPUExecutionProvider"]
 
@@ -74,8 +75,15 @@ def collect(mqtt: MqttClient, topic_filter: str) -> queue.Queue[Message]:
 
 
 def test_hybrid_round_trip_for_a_provisioned_device(
-    secure_broker: SecureBroker, worker: CloudWorker, repository: Path, tmp_path: Path
+    secure_broker: SecureBroker,
+    pki: Pki,
+    worker: CloudWorker,
+    repository: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # The device trusts the fleet CA through its own setting, not the process's trust store.
+    monkeypatch.delenv("SSL_CERT_FILE")
     settings = load_settings(
         None,
         repository=repository,
@@ -85,6 +93,7 @@ def test_hybrid_round_trip_for_a_provisioned_device(
         routes={"dense": {"mode": "cloud"}},
         runtime=RuntimeSettings(backend="onnxruntime", providers=CPU),
         uplink={"timeout_s": 5.0},
+        mqtt_tls=MqttTlsSettings(ca_file=pki.ca_file),  # the device's own CA setting
     )
     app: Flask = build_app(settings)
     agent = app.extensions["tether.agent"]
@@ -195,3 +204,38 @@ def test_a_rollout_reaches_its_device_and_its_events_reach_the_controller(
     finally:
         for mqtt in (controller, a, b):
             mqtt.stop()
+
+
+def test_a_full_rollout_works_for_provisioned_identities(
+    secure_broker: SecureBroker, trust_fleet_ca: Path, tmp_path: Path
+) -> None:
+    """The real controller (as ``fleet-controller``) rolls a signed version out to the real
+    fleet agent (as ``dev-a``), over TLS, both confined by the shipped ACL."""
+    from cloud.fleet_db import FleetDB
+    from tests.integration.fleet_e2e import E2EDevice, E2EFleet, policy, student, wait_for
+
+    db = FleetDB(f"sqlite:///{tmp_path / 'fleet.db'}")
+    teacher = lambda model, inputs: {}  # noqa: E731 - no shadow traffic in this test
+    fleet = E2EFleet(
+        secure_broker.url("fleet-controller"), db, tmp_path, teacher, np.zeros((1, 64), np.float32)
+    )
+    device = E2EDevice(
+        "dev-a",
+        tmp_path / "devices" / "dev-a",
+        secure_broker.url("dev-a"),
+        [public_key_text(fleet.key)],
+        {"run": fleet.run},
+        teacher,
+    )
+    try:
+        fleet.devices.append(device)
+        device.start()
+        wait_for(lambda: db.get_device("dev-a") is not None, 15, "dev-a's status")
+        fleet.publish(student(), 2)
+        rollout = fleet.start(
+            2, policy(waves=["100%"], window_s=0.3, shadow_sample_rate=0.0), run=fleet.run
+        )
+        assert fleet.wait_final(rollout, timeout_s=30) == "completed"
+        assert device.served() == [2]
+    finally:
+        fleet.close()
