@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from pathlib import Path
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
@@ -55,7 +56,9 @@ class EdgeServer(BaseApplication):
             "errorlog": "-",
             "loglevel": "info",
             "child_exit": child_exit,
-            "worker_tmp_dir": str(self.run_dir),
+            # The heartbeat file is touched on every loop of every worker: keep it in
+            # memory (gunicorn's advice), not on a disk whose metadata writes can stall.
+            "worker_tmp_dir": _heartbeat_dir(self.run_dir),
             "control_socket_disable": True,
         }
         # READY/WATCHDOG/STOPPING to systemd under a Type=notify unit; empty otherwise.
@@ -80,6 +83,11 @@ class EdgeServer(BaseApplication):
         for name, test in self.settings.ab.items():  # A/B splits reach every worker this way
             versions = sorted(int(v) for v in test.split)
             self.control.record(name, "load", versions=versions, split=test.split)
+
+
+def _heartbeat_dir(fallback: Path) -> str:
+    shm = Path("/dev/shm")
+    return str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else str(fallback)
 
 
 def _bracket(host: str) -> str:
