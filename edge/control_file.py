@@ -4,19 +4,27 @@ The HTTP server runs several worker processes; a ``load`` or ``unload`` request 
 only one of them. That worker records the order here (one JSON file, written atomically
 under an advisory lock) and every worker applies any order it has not applied yet before
 it answers its next request, so all workers agree on what is loaded.
+
+Checking for news happens on every request, so it must not cost a system call: every
+write also bumps a 64-bit counter in a small memory-mapped file (``<name>.gen``), which
+each reader compares with the last value it saw — a read from shared memory.
 """
 
 from __future__ import annotations
 
 import fcntl
 import json
+import mmap
 import os
+import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
 Action = Literal["load", "unload"]
+
+_GEN = struct.Struct("<Q")
 
 
 class ControlFile:
@@ -25,7 +33,9 @@ class ControlFile:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock_path = path.with_suffix(".lock")
-        self._seen_mtime: int | None = None
+        self._gen_path = path.with_suffix(".gen")
+        self._gen: mmap.mmap | None = None
+        self._seen: int | None = None
 
     def reset(self, models: list[str]) -> None:
         """Start a new run: every model in ``models`` is to be loaded, nothing else."""
@@ -66,20 +76,38 @@ class ControlFile:
         return data if isinstance(data, dict) else {}
 
     def changed(self) -> bool:
-        """Cheap check (one ``stat``) whether the file changed since the last call."""
-        try:
-            mtime = self.path.stat().st_mtime_ns
-        except FileNotFoundError:
+        """Whether any order was written since the last call (a read of shared memory)."""
+        gen = self._generation()
+        if gen is None or gen == self._seen:
             return False
-        if mtime == self._seen_mtime:
-            return False
-        self._seen_mtime = mtime
+        self._seen = gen
         return True
+
+    def _generation(self) -> int | None:
+        if self._gen is None:
+            try:
+                with open(self._gen_path, "rb") as handle:
+                    self._gen = mmap.mmap(handle.fileno(), _GEN.size, access=mmap.ACCESS_READ)
+            except (FileNotFoundError, ValueError):
+                return None  # nothing written yet
+        return int(_GEN.unpack_from(self._gen)[0])
+
+    def _bump(self) -> None:
+        """Advance the counter readers watch (called with the lock held, after a write)."""
+        try:
+            with open(self._gen_path, "r+b") as handle:
+                value = _GEN.unpack(handle.read(_GEN.size))[0] + 1
+                handle.seek(0)
+                handle.write(_GEN.pack(value))
+        except (FileNotFoundError, struct.error):
+            with open(self._gen_path, "wb") as handle:
+                handle.write(_GEN.pack(1))
 
     def _write(self, state: dict[str, dict[str, Any]]) -> None:
         tmp = self.path.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text(json.dumps(state, sort_keys=True))
         os.replace(tmp, self.path)
+        self._bump()
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
