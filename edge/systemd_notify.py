@@ -202,11 +202,16 @@ def gunicorn_hooks(
 
     def when_ready(server: Any) -> None:
         listeners = getattr(server, "LISTENERS", None) or []
-        if not listeners:
-            notifier.ready(status="serving (no TCP listener to probe)")
-            return
+        if listeners:
+            address = listeners[0].sock.getsockname()
+        else:  # reuse_port: each worker binds its own socket; probe the configured address
+            configured = getattr(getattr(server, "cfg", None), "address", None) or []
+            tcp = [a for a in configured if isinstance(a, tuple)]
+            if not tcp:
+                notifier.ready(status="serving (no TCP listener to probe)")
+                return
+            address = tcp[0]
         tls = bool(getattr(getattr(server, "cfg", None), "is_ssl", False))
-        address = listeners[0].sock.getsockname()
         watchdog = ReadinessWatchdog(notifier, probe_base_url(address, tls))
         state["watchdog"] = watchdog
         watchdog.start()

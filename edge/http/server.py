@@ -60,6 +60,11 @@ class EdgeServer(BaseApplication):
             # memory (gunicorn's advice), not on a disk whose metadata writes can stall.
             "worker_tmp_dir": _heartbeat_dir(self.run_dir),
             "control_socket_disable": True,
+            # Each worker listens on its own SO_REUSEPORT socket, so the kernel spreads new
+            # connections over the workers. With one shared socket, a burst of keep-alive
+            # connections can all land on one worker while the other idles (docs/performance.md).
+            # (A random port, 0, would differ per worker: one shared socket then.)
+            "reuse_port": http.port != 0,
         }
         # READY/WATCHDOG/STOPPING to systemd under a Type=notify unit; empty otherwise.
         options.update(gunicorn_hooks())
