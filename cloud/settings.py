@@ -154,13 +154,7 @@ class CloudSettings(BaseSettings):
 
     def runtime_options(self) -> RuntimeOptions:
         """The runtime layer's options (the same layer the edge uses)."""
-        return RuntimeOptions(
-            providers=tuple(self.runtime.providers),
-            intra_op_threads=self.runtime.intra_op_threads,
-            engine_cache_dir=self.runtime.engine_cache_dir or self.data_dir / "engines",
-            fp16=self.runtime.fp16,
-            int8=self.runtime.int8,
-        )
+        return self.runtime.options(self.data_dir)
 
 
 class SharedBrokerUrl(PydanticBaseSettingsSource):

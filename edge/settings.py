@@ -205,6 +205,16 @@ class RuntimeSettings(Section):
         None, description="Where TensorRT engines are cached (default: <data_dir>/engines)."
     )
 
+    def options(self, data_dir: Path) -> RuntimeOptions:
+        """The runtime layer's options (engines cached under ``data_dir`` by default)."""
+        return RuntimeOptions(
+            providers=tuple(self.providers),
+            intra_op_threads=self.intra_op_threads,
+            engine_cache_dir=self.engine_cache_dir or data_dir / "engines",
+            fp16=self.fp16,
+            int8=self.int8,
+        )
+
 
 RouteMode = Literal["local", "cloud", "cascade", "local-first", "cloud-first"]
 ConfidenceMeasure = Literal["max_probability", "margin", "entropy"]
@@ -430,13 +440,7 @@ class EdgeSettings(BaseSettings):
 
     def runtime_options(self) -> RuntimeOptions:
         """The runtime layer's options, derived from these settings."""
-        return RuntimeOptions(
-            providers=tuple(self.runtime.providers),
-            intra_op_threads=self.runtime.intra_op_threads,
-            engine_cache_dir=self.runtime.engine_cache_dir or self.data_dir / "engines",
-            fp16=self.runtime.fp16,
-            int8=self.runtime.int8,
-        )
+        return self.runtime.options(self.data_dir)
 
 
 class ApiTokensVariable(PydanticBaseSettingsSource):

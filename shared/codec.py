@@ -291,19 +291,16 @@ def build_response(
     header_outputs: list[dict[str, Any]] = []
     blobs: list[bytes] = []
     for name in names:
-        array = outputs[name]
-        datatype = (datatypes or {}).get(name) or from_numpy_dtype(array.dtype)
-        entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
         binary = wanted_binary.get(name)
-        if binary is None:
-            binary = binary_default
-        if binary:
-            blob = tensor_bytes(array, datatype)
-            entry["parameters"] = {"binary_data_size": len(blob)}
-            blobs.append(blob)
-        else:
-            entry["data"] = json_data(array, datatype)
-        header_outputs.append(entry)
+        header_outputs.append(
+            _tensor_entry(
+                name,
+                outputs[name],
+                datatypes,
+                binary_default if binary is None else binary,
+                blobs,
+            )
+        )
     body: dict[str, Any] = {"model_name": model_name}
     if model_version is not None:
         body["model_version"] = model_version
@@ -314,6 +311,25 @@ def build_response(
     body["outputs"] = header_outputs
     body["schema_version"] = str(PROTOCOL_SCHEMA)
     return body, blobs
+
+
+def _tensor_entry(
+    name: str,
+    array: np.ndarray,
+    datatypes: Mapping[str, str] | None,
+    binary: bool,
+    blobs: list[bytes],
+) -> dict[str, Any]:
+    """One tensor of a request or response header; binary data is appended to ``blobs``."""
+    datatype = (datatypes or {}).get(name) or from_numpy_dtype(array.dtype)
+    entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
+    if binary:
+        blob = tensor_bytes(array, datatype)
+        entry["parameters"] = {"binary_data_size": len(blob)}
+        blobs.append(blob)
+    else:
+        entry["data"] = json_data(array, datatype)
+    return entry
 
 
 def encode_response(**kwargs: Any) -> tuple[bytes, int | None]:
@@ -339,15 +355,7 @@ def build_request(
     header_inputs: list[dict[str, Any]] = []
     blobs: list[bytes] = []
     for name, array in inputs.items():
-        datatype = (datatypes or {}).get(name) or from_numpy_dtype(array.dtype)
-        entry: dict[str, Any] = {"name": name, "shape": list(array.shape), "datatype": datatype}
-        if binary:
-            blob = tensor_bytes(array, datatype)
-            entry["parameters"] = {"binary_data_size": len(blob)}
-            blobs.append(blob)
-        else:
-            entry["data"] = json_data(array, datatype)
-        header_inputs.append(entry)
+        header_inputs.append(_tensor_entry(name, array, datatypes, binary, blobs))
     body: dict[str, Any] = {"inputs": header_inputs}
     if request_id is not None:
         body["id"] = request_id
