@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,7 +28,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +39,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.edge_http import WRK_SCRIPT, wrk  # noqa: E402
+from bench.edge_http import WRK_SCRIPT, Result, median_of, wrk  # noqa: E402
 from edge.settings import UplinkSettings  # noqa: E402
 from edge.uplink import Uplink  # noqa: E402
 from models.onnx_export import save_onnx  # noqa: E402
@@ -53,27 +51,12 @@ REPOSITORY = ROOT / "models" / "repository"
 PIXELS = np.random.default_rng(0).integers(0, 17, size=(1, 64)).astype(np.float32)
 
 
-@dataclass
-class Result:
-    rps: float
-    p50_ms: float
-    p99_ms: float
-
-
 def summarise(latencies: list[float], seconds: float) -> Result:
     ordered = sorted(latencies)
     return Result(
         len(ordered) / seconds,
         ordered[len(ordered) // 2] * 1e3,
         ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1e3,
-    )
-
-
-def median_of(runs: list[Result]) -> Result:
-    return Result(
-        statistics.median(r.rps for r in runs),
-        statistics.median(r.p50_ms for r in runs),
-        statistics.median(r.p99_ms for r in runs),
     )
 
 
