@@ -26,7 +26,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from edge.runtimes.base import RuntimeOptions
+from edge.runtime_options import RuntimeOptions
 from edge.settings import RuntimeSettings, Section, load_toml_settings
 from shared.errors import InvalidInput
 from shared.topics import CLOUD_SHARE_GROUP, check_segment

@@ -31,7 +31,7 @@ from edge.confidence import confidence
 from edge.metrics import EdgeMetrics
 from edge.model_config import load_model_config
 from edge.repository import ModelRepository
-from edge.runtimes.base import Prediction, Runtime, TensorSpec
+from edge.runtimes.base import Prediction, Runtime, TensorSpec, model_flops
 from edge.settings import RouteSettings
 from edge.uplink import CloudRuntime, Uplink
 from shared.datatypes import from_numpy_dtype
@@ -482,30 +482,19 @@ def read_model_metadata(
         log.warning("cannot read %s: %s", model_dir, exc.message)
         return None
     path = model_dir / str(versions[-1]) / config.model_filename
-    graph_in: list[TensorSpec] = []
-    graph_out: list[TensorSpec] = []
-    flops = config.parameters.get("flops")
-    if path.suffix == ".onnx" and path.is_file():
-        graph_in, graph_out = _onnx_specs(path)
-        if not isinstance(flops, int):
-            try:
-                from edge.runtimes.flops import count_flops
-
-                flops = int(count_flops(path))
-            except Exception:
-                flops = None
     declared_in = [
         TensorSpec(t.name, t.datatype, tuple(config.input_shape(t))) for t in config.input
     ]
     declared_out = [
         TensorSpec(t.name, t.datatype, tuple(config.input_shape(t))) for t in config.output
     ]
-    return (
-        declared_in or graph_in,
-        declared_out or graph_out,
-        flops if isinstance(flops, int) else None,
-        config.max_batch_size,
-    )
+    graph_in: list[TensorSpec] = []
+    graph_out: list[TensorSpec] = []
+    is_onnx = path.suffix == ".onnx" and path.is_file()
+    if is_onnx and not (declared_in and declared_out):  # the graph only where the config is silent
+        graph_in, graph_out = _onnx_specs(path)
+    flops = model_flops(path, config.parameters.get("flops")) if is_onnx else None
+    return (declared_in or graph_in, declared_out or graph_out, flops, config.max_batch_size)
 
 
 def _onnx_specs(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:

@@ -22,7 +22,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from edge.runtimes.base import DEFAULT_PROVIDERS, RuntimeOptions
+from edge.runtime_options import DEFAULT_PROVIDERS, RuntimeOptions
 from edge.sensors.settings import SensorSettings
 
 if TYPE_CHECKING:
@@ -136,15 +136,27 @@ class HttpSettings(Section):
 
     host: str = Field("127.0.0.1", description="Address to bind.")
     port: int = Field(8000, ge=0, le=65535, description="Port to bind (0 picks a free one).")
+    server: Literal["granian", "gunicorn"] = Field(
+        "granian",
+        description="WSGI server: granian (a Rust HTTP stack; the faster, default) or gunicorn "
+        "(gthread workers).",
+    )
     workers: int = Field(2, ge=1, le=64, description="Server worker processes.")
-    threads: int = Field(4, ge=1, le=256, description="Threads per worker process.")
+    threads: int = Field(
+        4, ge=1, le=256, description="Threads per worker process that run requests."
+    )
     max_body_bytes: int = Field(
         64 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 past it)."
     )
     max_tensor_elements: int = Field(
         16 * 1024 * 1024, ge=1, description="Largest element count of one input tensor."
     )
-    timeout_s: int = Field(60, ge=1, description="A worker silent this long is restarted.")
+    timeout_s: int = Field(
+        60,
+        ge=1,
+        description="gunicorn: a worker silent this long is restarted (granian restarts "
+        "workers that exit; systemd's watchdog covers a hung agent).",
+    )
     fast_path: bool = Field(
         True,
         description="Answer inference requests in a plain-WSGI fast path in front of Flask "

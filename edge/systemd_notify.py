@@ -4,8 +4,8 @@ Under a ``Type=notify`` unit (``deploy/systemd/tether-edge.service``) systemd pa
 ``$NOTIFY_SOCKET`` (and ``$WATCHDOG_USEC`` with ``WatchdogSec=``). The protocol is one
 datagram per message on that Unix socket, so the standard library is enough.
 
-:func:`gunicorn_hooks` is the integration point: the server's master process starts a
-:class:`ReadinessWatchdog` once it listens. The watchdog sends ``READY=1`` only when the
+:func:`gunicorn_hooks` and ``edge.http.granian_server`` are the integration points: the
+server's main process starts a :class:`ReadinessWatchdog` once it listens. The watchdog sends ``READY=1`` only when the
 agent answers ``/v2/health/ready`` (every start-up model loaded and warmed up, TensorRT
 engines built), then ``WATCHDOG=1`` at half the watchdog period for as long as
 ``/v2/health/live`` answers, so systemd restarts an agent that stops serving, not merely
@@ -180,22 +180,31 @@ def probe_base_url(sockname: Any, tls: bool = False) -> str:
     return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
+def take_notifier(
+    environ: Mapping[str, str] | None = None, pid: int | None = None
+) -> SystemdNotifier:
+    """The notifier for this process. Reading the process environment (the default) takes
+    the notify variables out of it, so that neither the server (gunicorn would send its own
+    ``READY=1`` as soon as it listens, before any model is loaded) nor the workers it
+    starts touch the socket."""
+    source = os.environ if environ is None else environ
+    notifier = SystemdNotifier.from_environ(source, os.getpid() if pid is None else pid)
+    if environ is None:
+        for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
+            os.environ.pop(name, None)
+    return notifier
+
+
 def gunicorn_hooks(
     environ: Mapping[str, str] | None = None, pid: int | None = None
 ) -> dict[str, Callable[..., None]]:
     """gunicorn ``when_ready``/``on_exit`` hooks that notify systemd; empty outside systemd.
 
     ``when_ready`` runs in the master once it listens; the probe address comes from the
-    bound socket, so ``port = 0`` works too. Reading the process environment (the default)
-    takes the notify variables out of it: gunicorn would otherwise send its own
-    ``READY=1`` as soon as it listens, before any model is loaded, and the workers have
-    no business with the socket.
+    bound socket, so ``port = 0`` works too. The notify variables leave the process
+    environment (:func:`take_notifier`).
     """
-    source = os.environ if environ is None else environ
-    notifier = SystemdNotifier.from_environ(source, os.getpid() if pid is None else pid)
-    if environ is None:
-        for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
-            os.environ.pop(name, None)
+    notifier = take_notifier(environ, pid)
     if not notifier.enabled:
         return {}
     state: dict[str, ReadinessWatchdog] = {}

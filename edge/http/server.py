@@ -1,102 +1,101 @@
-"""Serving the edge API with gunicorn (threaded workers), never Flask's development server."""
+"""Serving the edge API with a production WSGI server, never Flask's development server.
+
+Two servers sit behind one entry point, :func:`serve`, chosen by ``http.server``:
+
+* ``granian`` (the default): a Rust HTTP/1.1 and HTTP/2 stack that calls the WSGI app on a
+  few Python threads per worker process. Parsing, keep-alive and writing cost no Python, so
+  a small model answers at about twice gunicorn's rate (``docs/performance.md``).
+* ``gunicorn``: gthread workers, for sites standardised on it; its worker timeout
+  (``http.timeout_s``) restarts a worker that stops answering.
+
+Both fork ``http.workers`` processes, and each builds its own agent after the fork (ONNX
+Runtime sessions must not cross a fork). The workers share the repository orders through a
+control file and the metrics through prometheus_client's multiprocess directory, both
+reset here before any worker starts.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from gunicorn.app.base import BaseApplication
+from typing import TYPE_CHECKING
 
 from edge.control_file import ControlFile
 from edge.settings import EdgeSettings
-from edge.systemd_notify import gunicorn_hooks
+
+if TYPE_CHECKING:
+    from flask import Flask
 
 log = logging.getLogger(__name__)
 
 METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+_PID_IN_NAME = re.compile(r"_(\d+)\.db$")
 
 
-class EdgeServer(BaseApplication):
-    """gunicorn running the edge app in ``workers`` processes of ``threads`` threads each.
+@dataclass(frozen=True)
+class RunState:
+    """The files one run of the server shares between its workers."""
 
-    Each worker builds its own agent after the fork (ONNX Runtime sessions must not cross
-    a fork); they share the repository orders through a control file and the metrics
-    through prometheus_client's multiprocess directory.
-    """
+    run_dir: Path
+    metrics_dir: Path
+    control: ControlFile
 
-    def __init__(self, settings: EdgeSettings) -> None:
-        self.settings = settings
-        self.run_dir = settings.data_dir / "run"
-        self.metrics_dir = self.run_dir / "metrics"
-        self.control = ControlFile(self.run_dir / "repository.json")
-        super().__init__()
+    @classmethod
+    def of(cls, settings: EdgeSettings) -> RunState:
+        run_dir = settings.data_dir / "run"
+        return cls(run_dir, run_dir / "metrics", ControlFile(run_dir / "repository.json"))
 
-    def load_config(self) -> None:
-        http = self.settings.http
-        metrics_dir = self.metrics_dir
-
-        def child_exit(server: Any, worker: Any) -> None:
-            from prometheus_client import multiprocess
-
-            multiprocess.mark_process_dead(worker.pid, str(metrics_dir))
-
-        options: dict[str, Any] = {
-            "bind": f"{_bracket(http.host)}:{http.port}",
-            "workers": http.workers,
-            "threads": http.threads,
-            "worker_class": "gthread",
-            "timeout": http.timeout_s,
-            "graceful_timeout": 10,
-            "keepalive": 5,
-            "proc_name": "tether-edge",
-            "accesslog": None,
-            "errorlog": "-",
-            "loglevel": "info",
-            "child_exit": child_exit,
-            # The heartbeat file is touched on every loop of every worker: keep it in
-            # memory (gunicorn's advice), not on a disk whose metadata writes can stall.
-            "worker_tmp_dir": _heartbeat_dir(self.run_dir),
-            "control_socket_disable": True,
-            # Each worker listens on its own SO_REUSEPORT socket, so the kernel spreads new
-            # connections over the workers. With one shared socket, a burst of keep-alive
-            # connections can all land on one worker while the other idles (docs/performance.md).
-            # (A random port, 0, would differ per worker: one shared socket then.)
-            "reuse_port": http.port != 0,
-        }
-        # READY/WATCHDOG/STOPPING to systemd under a Type=notify unit; empty otherwise.
-        options.update(gunicorn_hooks())
-        if http.tls.enabled:
-            options["certfile"] = str(http.tls.cert_file)
-            options["keyfile"] = str(http.tls.key_file)
-        for key, value in options.items():
-            self.cfg.set(key, value)
-
-    def load(self) -> Any:
-        from edge.agent import build_app
-
-        return build_app(self.settings, control=self.control, multiprocess_dir=self.metrics_dir)
-
-    def prepare(self, models: list[str]) -> None:
+    def prepare(self, settings: EdgeSettings) -> None:
         """Reset this run's shared state: fresh metrics, the start-up models to load."""
         shutil.rmtree(self.metrics_dir, ignore_errors=True)
         self.metrics_dir.mkdir(parents=True, exist_ok=True)
         os.environ[METRICS_ENV] = str(self.metrics_dir)
-        self.control.reset(models)
-        for name, test in self.settings.ab.items():  # A/B splits reach every worker this way
+        self.control.reset(settings.startup_models())
+        for name, test in settings.ab.items():  # A/B splits reach every worker this way
             versions = sorted(int(v) for v in test.split)
             self.control.record(name, "load", versions=versions, split=test.split)
 
 
-def _heartbeat_dir(fallback: Path) -> str:
-    shm = Path("/dev/shm")
-    return str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else str(fallback)
+def worker_app(settings: EdgeSettings, state: RunState) -> Flask:
+    """The app one worker serves, built in the worker after the fork."""
+    from edge.agent import build_app
+
+    forget_dead_workers(state.metrics_dir)
+    return build_app(settings, control=state.control, multiprocess_dir=state.metrics_dir)
 
 
-def _bracket(host: str) -> str:
-    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+def forget_dead_workers(metrics_dir: Path) -> None:
+    """Drop the live gauges of worker processes that no longer exist (a crashed worker's
+    in-flight count would otherwise stay in ``/metrics`` for good)."""
+    from prometheus_client import multiprocess
+
+    pids = set()
+    for path in metrics_dir.glob("*.db"):
+        match = _PID_IN_NAME.search(path.name)
+        if match:
+            pids.add(int(match.group(1)))
+    for pid in pids:
+        if not _alive(pid):
+            multiprocess.mark_process_dead(pid, str(metrics_dir))
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs; a zombie (exited, not yet reaped by the server) does not."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state not in ("Z", "X")
 
 
 def serve(settings: EdgeSettings) -> None:
@@ -104,18 +103,32 @@ def serve(settings: EdgeSettings) -> None:
 
     The server process itself stays light: it imports no runtime, model or metrics code
     (prometheus_client must first be imported after ``PROMETHEUS_MULTIPROC_DIR`` is set,
-    which happens in :meth:`EdgeServer.prepare`); each worker imports them after the fork.
+    which happens in :meth:`RunState.prepare`); each worker imports them after the fork.
     """
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    server = EdgeServer(settings)
-    server.prepare(settings.startup_models())
+    state = RunState.of(settings)
+    state.prepare(settings)
+    http = settings.http
     log.info(
-        "tether edge %s serving %s on %s://%s:%d (%s)",
+        "tether edge %s serving %s on %s://%s:%d (%s, %s)",
         settings.device_id,
         settings.repository,
-        "https" if settings.http.tls.enabled else "http",
-        settings.http.host,
-        settings.http.port,
-        "bearer tokens required" if settings.http.auth.configured else "no authentication",
+        "https" if http.tls.enabled else "http",
+        http.host,
+        http.port,
+        f"{http.server} {http.workers}x{http.threads}",
+        "bearer tokens required" if http.auth.configured else "no authentication",
     )
-    server.run()
+    if http.server == "gunicorn":
+        from edge.http.gunicorn_server import GunicornServer
+
+        GunicornServer(settings, state).run()
+    else:
+        from edge.http.granian_server import serve_granian
+
+        serve_granian(settings, state)
+
+
+def bracket(host: str) -> str:
+    """An IPv6 literal in brackets, as it goes into a bind address or URL."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host

@@ -8,6 +8,7 @@ and the data plane never knows which backend answered except through the
 
 from __future__ import annotations
 
+import logging
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
@@ -17,15 +18,19 @@ from typing import Any
 
 import numpy as np
 
+from edge.runtime_options import DEFAULT_PROVIDERS, RuntimeOptions
 from shared.datatypes import FLOAT_DATATYPES, to_numpy_dtype
 from shared.errors import InternalError, ModelNotReady
 
-#: The default execution-provider preference: TensorRT, then CUDA, then the CPU.
-DEFAULT_PROVIDERS: tuple[str, ...] = (
-    "TensorrtExecutionProvider",
-    "CUDAExecutionProvider",
-    "CPUExecutionProvider",
-)
+__all__ = [
+    "DEFAULT_PROVIDERS",
+    "Prediction",
+    "Runtime",
+    "RuntimeOptions",
+    "TensorSpec",
+    "model_file",
+    "model_flops",
+]
 
 
 @dataclass(frozen=True)
@@ -38,19 +43,6 @@ class TensorSpec:
 
     def to_metadata(self) -> dict[str, Any]:
         return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
-
-
-@dataclass(frozen=True)
-class RuntimeOptions:
-    """How runtimes are built on this host; filled from the settings by the caller."""
-
-    providers: tuple[str, ...] = DEFAULT_PROVIDERS
-    intra_op_threads: int = 1
-    inter_op_threads: int = 1
-    engine_cache_dir: Path | None = None
-    fp16: bool = True
-    int8: bool = False
-    warmup_batch_sizes: tuple[int, ...] = (1,)
 
 
 @dataclass
@@ -168,3 +160,24 @@ def model_file(version_dir: Path, filename: str) -> Path:
     if not path.is_file():
         raise InternalError(f"missing model file {path}")
     return path
+
+
+def model_flops(onnx_path: Path, declared: Any) -> int | None:
+    """FLOPs of one inference: the config's ``parameters.flops`` when it declares them
+    (``tether models build`` writes them), else counted from the ONNX graph.
+
+    Counting imports the ``onnx`` package (protobuf and its C extension, ~20 MB in every
+    worker), so a declared figure is preferred. Cost accounting never stops a model
+    loading: a graph that cannot be counted gives ``None``.
+    """
+    if isinstance(declared, int) and not isinstance(declared, bool) and declared >= 0:
+        return declared
+    if not onnx_path.is_file():
+        return None
+    try:
+        from edge.runtimes.flops import count_flops
+
+        return int(count_flops(onnx_path))
+    except Exception:
+        logging.getLogger(__name__).warning("could not count FLOPs of %s", onnx_path, exc_info=True)
+        return None

@@ -16,7 +16,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edge.model_config import ModelConfig
-from edge.runtimes.base import Runtime, RuntimeOptions, TensorSpec, model_file
+from edge.runtimes.base import Runtime, RuntimeOptions, TensorSpec, model_file, model_flops
 from shared.datatypes import ONNX_TO_V2
 from shared.errors import InternalError, InvalidInput, Unavailable
 
@@ -49,7 +49,7 @@ class OnnxRuntime(Runtime):
         self.inputs = [_spec(arg, self.config) for arg in self._session.get_inputs()]
         self.outputs = [_spec(arg, self.config) for arg in self._session.get_outputs()]
         self._output_names = [spec.name for spec in self.outputs]
-        self.flops = _count_flops(self.path, self.config)
+        self.flops = model_flops(self.path, self.config.parameters.get("flops"))
 
     def _create_session(self) -> tuple[ort.InferenceSession, str]:
         available = set(ort.get_available_providers())
@@ -137,15 +137,3 @@ def _spec(arg: Any, config: ModelConfig) -> TensorSpec:
                 f"model has {datatype}{list(shape)}"
             )
     return TensorSpec(arg.name, datatype, shape)
-
-
-def _count_flops(path: Path, config: ModelConfig) -> int | None:
-    """FLOPs of one inference, counted from the graph (the config's figure as a fallback)."""
-    try:
-        from edge.runtimes.flops import count_flops
-
-        return int(count_flops(path))
-    except Exception:
-        log.warning("could not count FLOPs of %s", path, exc_info=True)
-    declared = config.parameters.get("flops")
-    return declared if isinstance(declared, int) else None

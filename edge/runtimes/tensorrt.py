@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from edge.model_config import ModelConfig
-from edge.runtimes.base import Runtime, RuntimeOptions, TensorSpec, model_file
+from edge.runtimes.base import Runtime, RuntimeOptions, TensorSpec, model_file, model_flops
 from edge.runtimes.tensorrt_engine import (
     EngineOptions,
     cuda_call,
@@ -114,7 +114,9 @@ class TensorRTRuntime(Runtime):
         except Exception:
             self._free()
             raise
-        self.flops = self._count_flops()
+        self.flops = model_flops(
+            self.version_dir / "model.onnx", self.config.parameters.get("flops")
+        )
         log.info("%s v%s runs on %s (%s)", self.name, self.version, self.provider, plan_path)
 
     def _engine_file(self) -> tuple[Path, str]:
@@ -142,18 +144,6 @@ class TensorRTRuntime(Runtime):
             onnx_path, cache_dir, self.name, self.version, options, calibration=calibration
         )
         return engine.path, options.precision
-
-    def _count_flops(self) -> int | None:
-        onnx_path = self.version_dir / "model.onnx"
-        try:
-            if onnx_path.is_file():
-                from edge.runtimes.flops import count_flops
-
-                return count_flops(onnx_path)
-        except Exception:  # cost accounting must never stop a model loading
-            log.warning("could not count FLOPs of %s", onnx_path, exc_info=True)
-        declared = self.config.parameters.get("flops")
-        return declared if isinstance(declared, int) else None
 
     # -- serving ---------------------------------------------------------------------------
 

@@ -154,7 +154,10 @@ def test_probe_urls() -> None:
     assert probe_base_url(("10.0.0.5", 80)) == "http://10.0.0.5:80"
 
 
-def test_edge_agent_notifies_systemd(notify_socket: NotifySocket, tmp_path: Path) -> None:
+@pytest.mark.parametrize("server", ["granian", "gunicorn"])
+def test_edge_agent_notifies_systemd(
+    notify_socket: NotifySocket, tmp_path: Path, server: str
+) -> None:
     """`tether edge` under a notify socket: one READY=1, once models are loaded, then pings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TETHER_")}
     env.update(
@@ -162,6 +165,7 @@ def test_edge_agent_notifies_systemd(notify_socket: NotifySocket, tmp_path: Path
         WATCHDOG_USEC="400000",
         TETHER_DATA_DIR=str(tmp_path / "data"),
         TETHER_HTTP__WORKERS="1",
+        TETHER_HTTP__SERVER=server,
     )
     with socket.socket() as probe_socket:
         probe_socket.bind(("127.0.0.1", 0))
