@@ -23,7 +23,7 @@ from edge.settings import load_settings
     type=click.Path(path_type=Path, file_okay=False),
     help="Model repository folder (default models/repository).",
 )
-@click.option("--workers", type=int, help="Server worker processes (default 2).")
+@click.option("--workers", type=int, help="Server worker processes (default 1).")
 def edge_command(
     config_file: Path | None,
     host: str | None,

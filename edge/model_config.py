@@ -13,7 +13,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from shared.datatypes import V2_TO_NUMPY
 from shared.errors import InvalidInput
 
 CONFIG_FILE = "config.json"
@@ -33,6 +32,9 @@ class TensorConfig(BaseModel):
 
     @model_validator(mode="after")
     def _known_datatype(self) -> TensorConfig:
+        # imported here: listing a repository (the server's main process) needs no numpy
+        from shared.datatypes import V2_TO_NUMPY
+
         if self.datatype not in V2_TO_NUMPY:
             raise ValueError(f"unknown datatype {self.datatype!r} for tensor {self.name!r}")
         return self

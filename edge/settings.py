@@ -141,9 +141,21 @@ class HttpSettings(Section):
         description="WSGI server: granian (a Rust HTTP stack; the faster, default) or gunicorn "
         "(gthread workers).",
     )
-    workers: int = Field(2, ge=1, le=64, description="Server worker processes.")
-    threads: int = Field(
-        4, ge=1, le=256, description="Threads per worker process that run requests."
+    workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Server worker processes. One suits a GPU (one CUDA context, one copy of "
+        "each engine) and a small device; on a CPU-only host with cores to spare, more "
+        "workers serve more (each holds its own copy of the models).",
+    )
+    threads: int | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description="Threads per worker that run requests. Unset: 1 when every route is "
+        "local and no GPU runtime is installed (threads then only contend for the GIL), "
+        "else 4 (requests waiting on the cloud or the GPU overlap).",
     )
     max_body_bytes: int = Field(
         64 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 past it)."
@@ -440,6 +452,13 @@ class EdgeSettings(BaseSettings):
             key_file=str(tls.key_file) if tls.key_file else None,
         )
 
+    def request_threads(self) -> int:
+        """``http.threads``, or its default for this configuration (see the field)."""
+        if self.http.threads is not None:
+            return self.http.threads
+        waits = any(route.mode != "local" for route in self.routes.values())
+        return 4 if waits or gpu_runtime_installed() else 1
+
     def startup_models(self) -> list[str]:
         """The models to load at start: the configured list, or every model on disk except
         those routed to the cloud only (even when their files are here)."""
@@ -453,6 +472,21 @@ class EdgeSettings(BaseSettings):
     def runtime_options(self) -> RuntimeOptions:
         """The runtime layer's options, derived from these settings."""
         return self.runtime.options(self.data_dir)
+
+
+def gpu_runtime_installed() -> bool:
+    """Whether TensorRT or ONNX Runtime's GPU build is installed (checked without importing
+    either, so the server's main process stays light)."""
+    import importlib.metadata
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt") is not None:
+        return True
+    try:
+        importlib.metadata.distribution("onnxruntime-gpu")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
 
 
 class ApiTokensVariable(PydanticBaseSettingsSource):

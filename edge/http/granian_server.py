@@ -55,7 +55,7 @@ def serve_granian(settings: EdgeSettings, state: RunState) -> None:
         port=http.port,
         interface=Interfaces.WSGI,
         workers=http.workers,
-        blocking_threads=http.threads,
+        blocking_threads=settings.request_threads(),
         http=HTTPModes.auto,
         websockets=False,
         log_level=LogLevels.info,

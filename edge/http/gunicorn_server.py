@@ -37,7 +37,7 @@ class GunicornServer(BaseApplication):
         options: dict[str, Any] = {
             "bind": f"{bracket(http.host)}:{http.port}",
             "workers": http.workers,
-            "threads": http.threads,
+            "threads": self.settings.request_threads(),
             "worker_class": "gthread",
             "timeout": http.timeout_s,
             "graceful_timeout": 10,

@@ -116,7 +116,7 @@ def serve(settings: EdgeSettings) -> None:
         "https" if http.tls.enabled else "http",
         http.host,
         http.port,
-        f"{http.server} {http.workers}x{http.threads}",
+        f"{http.server}, {http.workers} worker(s) x {settings.request_threads()} thread(s)",
         "bearer tokens required" if http.auth.configured else "no authentication",
     )
     if http.server == "gunicorn":

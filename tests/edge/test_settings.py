@@ -47,3 +47,27 @@ def test_typos_and_bad_values_are_errors(tmp_path: Path) -> None:
         load_settings(config)
     with pytest.raises(FileNotFoundError):
         load_settings(tmp_path / "missing.toml")
+
+
+def test_request_threads_follow_what_requests_wait_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("TETHER_HTTP__THREADS", raising=False)
+    monkeypatch.setattr("edge.settings.gpu_runtime_installed", lambda: False)
+    local = tmp_path / "local.toml"
+    local.write_text('[routes.digits]\nmode = "local"\nlocal_model = "digits-student"\n')
+    hybrid = tmp_path / "hybrid.toml"
+    hybrid.write_text(
+        '[routes.digits]\nmode = "cascade"\nlocal_model = "digits-student"\n'
+        'cloud_model = "digits-teacher"\n'
+    )
+    # Nothing waits: one thread per worker (more would only contend for the GIL).
+    assert load_settings(None).request_threads() == 1
+    assert load_settings(local).request_threads() == 1
+    # Requests may wait on the cloud, or on a GPU: threads overlap the waits.
+    assert load_settings(hybrid).request_threads() == 4
+    monkeypatch.setattr("edge.settings.gpu_runtime_installed", lambda: True)
+    assert load_settings(None).request_threads() == 4
+    # The operator's figure wins.
+    monkeypatch.setenv("TETHER_HTTP__THREADS", "3")
+    assert load_settings(hybrid).request_threads() == 3
