@@ -230,7 +230,13 @@ def test_a_full_rollout_works_for_provisioned_identities(
     try:
         fleet.devices.append(device)
         device.start()
-        wait_for(lambda: db.get_device("dev-a") is not None, 15, "dev-a's status")
+
+        def selectable() -> bool:
+            record = db.get_device("dev-a")
+            return record is not None and record.online and record.matches({"run": fleet.run})
+
+        # A device is selectable once an online status with its labels is in.
+        wait_for(selectable, 15, "dev-a's status with its labels")
         fleet.publish(student(), 2)
         rollout = fleet.start(
             2, policy(waves=["100%"], window_s=0.3, shadow_sample_rate=0.0), run=fleet.run
