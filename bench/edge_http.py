@@ -7,10 +7,11 @@ Measures, in one run on one machine, with ``wrk`` as the load generator:
    (2 workers x 4 threads, gthread);
 3. an empty Flask route on the same gunicorn setup (the framework's floor: the reference
    of the 75 % target);
-4. the Tether edge agent (``tether edge``, its defaults: granian, 2 workers x 4 threads);
+4. the Tether edge agent (``tether edge`` with its defaults: granian, one worker, one
+   request thread as no route reaches the cloud);
 
-and, for context, the empty route on granian (Tether's default server) and the agent on
-gunicorn (``http.server = "gunicorn"``);
+and, for context, the empty route on granian (Tether's default server), the agent with two
+workers, and the agent on gunicorn 2x4 (``http.server = "gunicorn"``);
 
 each at concurrency 1, 8 and 32 on ``digits-student`` (requests/s, p50 and p99 latency,
 median of ``--runs`` runs). Then JSON vs binary tensors through Tether on a generated
@@ -51,6 +52,8 @@ REPOSITORY = ROOT / "models" / "repository"
 STUDENT = REPOSITORY / "digits-student" / "1" / "model.onnx"
 PYTHON = sys.executable
 GUNICORN = str(Path(sys.executable).parent / "gunicorn")
+
+TETHER = "Tether edge agent (defaults: granian, 1 worker x 1 thread)"
 
 MINIMAL_APP = """
 import numpy as np
@@ -322,7 +325,21 @@ def main() -> None:
     rss, pss = memory_of(agent.pids())
     processes = len(agent.pids())
     try:
-        rows["Tether edge agent (granian 2x4)"] = {
+        rows[TETHER] = {
+            c: median_of(
+                [
+                    wrk(agent.url + "/v2/models/digits-student/infer", script, c, args.seconds)
+                    for _ in range(args.runs)
+                ]
+            )
+            for c in levels
+        }
+    finally:
+        agent.stop()
+    agent = AgentProcess(work / "agent-2", repository=REPOSITORY, env={"TETHER_HTTP__WORKERS": "2"})
+    agent.start()
+    try:
+        rows["Tether edge agent (granian, 2 workers x 1 thread, context)"] = {
             c: median_of(
                 [
                     wrk(agent.url + "/v2/models/digits-student/infer", script, c, args.seconds)
@@ -334,7 +351,13 @@ def main() -> None:
     finally:
         agent.stop()
     agent = AgentProcess(
-        work / "agent-gunicorn", repository=REPOSITORY, env={"TETHER_HTTP__SERVER": "gunicorn"}
+        work / "agent-gunicorn",
+        repository=REPOSITORY,
+        env={
+            "TETHER_HTTP__SERVER": "gunicorn",
+            "TETHER_HTTP__WORKERS": "2",
+            "TETHER_HTTP__THREADS": "4",
+        },
     )
     agent.start()
     try:
@@ -404,7 +427,7 @@ def main() -> None:
     for name, by_c in rows.items():
         for c, r in by_c.items():
             lines.append(f"| {name} | {c} | {r.rps:,.0f} | {r.p50_ms:.3f} | {r.p99_ms:.3f} |")
-    tether = rows["Tether edge agent (granian 2x4)"]
+    tether = rows[TETHER]
     minimal = rows["minimal Flask+ORT (gunicorn 2x4)"]
     empty = rows["empty Flask route (gunicorn 2x4)"]
     empty_granian = rows["empty Flask route (granian 2x4, context)"]
