@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -22,9 +23,16 @@ from edge.repository import ModelRepository
 from edge.runtimes import RuntimeOptions
 from edge.settings import load_settings
 
+_SAY = threading.Lock()
+
 
 def say(**fields: object) -> None:
-    print(json.dumps(fields), flush=True)
+    """One JSON line on stdout. Several threads say things: ``print`` writes the text and
+    the newline separately, so two lines could interleave into one the reader cannot parse."""
+    line = json.dumps(fields) + "\n"
+    with _SAY:
+        sys.stdout.write(line)
+        sys.stdout.flush()
 
 
 def main() -> None:

@@ -187,7 +187,9 @@ def test_version_disagreeing_with_the_teacher_stops_at_the_canary(fleet: E2EFlee
     before = fleet.versions()
     started = time.monotonic()
     with fleet.traffic() as traffic:
-        rid = fleet.start(version, policy(shadow_sample_rate=1.0, window_s=0.6))
+        # The window must outlast the first shadow samples on a loaded machine: with none in,
+        # the agreement gate has no evidence (docs/rollouts.md).
+        rid = fleet.start(version, policy(shadow_sample_rate=1.0, window_s=2.0))
         assert fleet.wait_final(rid, 60) == "rolled_back"
     _report(fleet.db.dialect.name, "bad canary (shadow agreement)", time.monotonic() - started)
 
