@@ -166,33 +166,23 @@ def bare_onnxruntime(x: np.ndarray, concurrency: int, seconds: float) -> Result:
     )
 
 
-class Granian:
-    """The same app file on granian, 2 workers x 4 blocking threads (Tether's server)."""
+class AppServer:
+    """The minimal app file (with its empty route) on a WSGI server, 2 workers x 4 threads."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, command: list[str]) -> None:
         (workdir / "minimal_app.py").write_text(MINIMAL_APP.format(model=str(STUDENT)))
         self.port = free_port()
         self.workdir = workdir
+        self.command = [part.format(port=self.port) for part in command]
         self.process: subprocess.Popen[bytes] | None = None
 
-    def __enter__(self) -> Granian:
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> AppServer:
         self.process = subprocess.Popen(
-            [
-                str(Path(sys.executable).parent / "granian"),
-                "--interface",
-                "wsgi",
-                "--workers",
-                "2",
-                "--blocking-threads",
-                "4",
-                "--port",
-                str(self.port),
-                "--no-ws",
-                "minimal_app:app",
-            ],
-            cwd=self.workdir,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            self.command, cwd=self.workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         wait_for_port(self.port)
         time.sleep(1.0)
@@ -204,42 +194,13 @@ class Granian:
         self.process.wait()
 
 
-class Gunicorn:
-    """The minimal app on gunicorn, 2 workers x 4 threads (gthread)."""
-
-    def __init__(self, workdir: Path) -> None:
-        (workdir / "minimal_app.py").write_text(MINIMAL_APP.format(model=str(STUDENT)))
-        self.port = free_port()
-        self.workdir = workdir
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def __enter__(self) -> Gunicorn:
-        self.process = subprocess.Popen(
-            [
-                GUNICORN,
-                "-w",
-                "2",
-                "--threads",
-                "4",
-                "-k",
-                "gthread",
-                "-b",
-                f"127.0.0.1:{self.port}",
-                "--chdir",
-                str(self.workdir),
-                "minimal_app:app",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        wait_for_port(self.port)
-        time.sleep(1.0)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        assert self.process is not None
-        self.process.terminate()
-        self.process.wait()
+#: gunicorn as a user would run the minimal app: gthread, 2 workers x 4 threads.
+GUNICORN_2X4 = [GUNICORN, "-w", "2", "--threads", "4", "-k", "gthread"]
+GUNICORN_2X4 += ["-b", "127.0.0.1:{port}", "minimal_app:app"]
+#: granian (Tether's server) with the same shape: 2 workers x 4 blocking threads.
+GRANIAN_2X4 = [str(Path(sys.executable).parent / "granian"), "--interface", "wsgi"]
+GRANIAN_2X4 += ["--workers", "2", "--blocking-threads", "4", "--no-ws"]
+GRANIAN_2X4 += ["--port", "{port}", "minimal_app:app"]
 
 
 def memory_of(pids: list[int]) -> tuple[float, float]:
@@ -289,89 +250,48 @@ def main() -> None:
         WRK_SCRIPT.format(body=str(json_body), content_type="application/json", extra="")
     )
 
+    def measure(url: str) -> dict[int, Result]:
+        """The median of ``--runs`` wrk runs at each concurrency level."""
+        return {
+            c: median_of([wrk(url, script, c, args.seconds) for _ in range(args.runs)])
+            for c in levels
+        }
+
+    infer_path = "/v2/models/digits-student/infer"
     rows: dict[str, dict[int, Result]] = {}
     rows["bare onnxruntime session.run"] = {
         c: median_of([bare_onnxruntime(x, c, args.seconds) for _ in range(args.runs)])
         for c in levels
     }
-    with Gunicorn(work) as g:
-        base = f"http://127.0.0.1:{g.port}"
-        rows["minimal Flask+ORT (gunicorn 2x4)"] = {
-            c: median_of(
-                [
-                    wrk(base + "/v2/models/digits-student/infer", script, c, args.seconds)
-                    for _ in range(args.runs)
-                ]
-            )
-            for c in levels
-        }
-        rows["empty Flask route (gunicorn 2x4)"] = {
-            c: median_of([wrk(base + "/empty", script, c, args.seconds) for _ in range(args.runs)])
-            for c in levels
-        }
-    with Granian(work) as g:
-        rows["empty Flask route (granian 2x4, context)"] = {
-            c: median_of(
-                [
-                    wrk(f"http://127.0.0.1:{g.port}/empty", script, c, args.seconds)
-                    for _ in range(args.runs)
-                ]
-            )
-            for c in levels
-        }
+    with AppServer(work, GUNICORN_2X4) as server:
+        rows["minimal Flask+ORT (gunicorn 2x4)"] = measure(server.url + infer_path)
+        rows["empty Flask route (gunicorn 2x4)"] = measure(server.url + "/empty")
+    with AppServer(work, GRANIAN_2X4) as server:
+        rows["empty Flask route (granian 2x4, context)"] = measure(server.url + "/empty")
     agent = AgentProcess(work / "agent", repository=REPOSITORY)
     ready_s = agent.start()
     time.sleep(1.0)
     rss, pss = memory_of(agent.pids())
     processes = len(agent.pids())
     try:
-        rows[TETHER] = {
-            c: median_of(
-                [
-                    wrk(agent.url + "/v2/models/digits-student/infer", script, c, args.seconds)
-                    for _ in range(args.runs)
-                ]
-            )
-            for c in levels
-        }
+        rows[TETHER] = measure(agent.url + infer_path)
     finally:
         agent.stop()
-    agent = AgentProcess(work / "agent-2", repository=REPOSITORY, env={"TETHER_HTTP__WORKERS": "2"})
-    agent.start()
-    try:
-        rows["Tether edge agent (granian, 2 workers x 1 thread, context)"] = {
-            c: median_of(
-                [
-                    wrk(agent.url + "/v2/models/digits-student/infer", script, c, args.seconds)
-                    for _ in range(args.runs)
-                ]
-            )
-            for c in levels
-        }
-    finally:
-        agent.stop()
-    agent = AgentProcess(
-        work / "agent-gunicorn",
-        repository=REPOSITORY,
-        env={
+    context_agents = {
+        "Tether edge agent (granian, 2 workers x 1 thread, context)": {"TETHER_HTTP__WORKERS": "2"},
+        "Tether edge agent (gunicorn 2x4, context)": {
             "TETHER_HTTP__SERVER": "gunicorn",
             "TETHER_HTTP__WORKERS": "2",
             "TETHER_HTTP__THREADS": "4",
         },
-    )
-    agent.start()
-    try:
-        rows["Tether edge agent (gunicorn 2x4, context)"] = {
-            c: median_of(
-                [
-                    wrk(agent.url + "/v2/models/digits-student/infer", script, c, args.seconds)
-                    for _ in range(args.runs)
-                ]
-            )
-            for c in levels
-        }
-    finally:
-        agent.stop()
+    }
+    for index, (name, env) in enumerate(context_agents.items()):
+        agent = AgentProcess(work / f"agent-{index}", repository=REPOSITORY, env=env)
+        agent.start()
+        try:
+            rows[name] = measure(agent.url + infer_path)
+        finally:
+            agent.stop()
 
     # JSON vs binary tensors on a 1x3x224x224 FP32 input.
     image_repo = work / "image-repo"
