@@ -180,6 +180,27 @@ def probe_base_url(sockname: Any, tls: bool = False) -> str:
     return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
+class ServerLifecycle:
+    """What a server's main process tells systemd: readiness and watchdog pings once it
+    listens (a :class:`ReadinessWatchdog`), ``STOPPING=1`` as it exits. Each server's
+    hooks call it (:func:`gunicorn_hooks`, ``edge.http.granian_server``)."""
+
+    def __init__(self, notifier: SystemdNotifier) -> None:
+        self.notifier = notifier
+        self._watchdog: ReadinessWatchdog | None = None
+
+    def listening(self, address: Any, tls: bool) -> None:
+        """The server listens on ``address``: probe it, then READY=1 and pings."""
+        self._watchdog = ReadinessWatchdog(self.notifier, probe_base_url(address, tls))
+        self._watchdog.start()
+
+    def exiting(self) -> None:
+        self.notifier.stopping()
+        if self._watchdog is not None:
+            self._watchdog.stop()
+            self._watchdog = None
+
+
 def take_notifier(
     environ: Mapping[str, str] | None = None, pid: int | None = None
 ) -> SystemdNotifier:
@@ -207,7 +228,7 @@ def gunicorn_hooks(
     notifier = take_notifier(environ, pid)
     if not notifier.enabled:
         return {}
-    state: dict[str, ReadinessWatchdog] = {}
+    lifecycle = ServerLifecycle(notifier)
 
     def when_ready(server: Any) -> None:
         listeners = getattr(server, "LISTENERS", None) or []
@@ -220,15 +241,9 @@ def gunicorn_hooks(
                 notifier.ready(status="serving (no TCP listener to probe)")
                 return
             address = tcp[0]
-        tls = bool(getattr(getattr(server, "cfg", None), "is_ssl", False))
-        watchdog = ReadinessWatchdog(notifier, probe_base_url(address, tls))
-        state["watchdog"] = watchdog
-        watchdog.start()
+        lifecycle.listening(address, bool(getattr(getattr(server, "cfg", None), "is_ssl", False)))
 
     def on_exit(server: Any) -> None:
-        notifier.stopping()
-        watchdog = state.pop("watchdog", None)
-        if watchdog is not None:
-            watchdog.stop()
+        lifecycle.exiting()
 
     return {"when_ready": when_ready, "on_exit": on_exit}

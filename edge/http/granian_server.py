@@ -14,7 +14,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from edge.settings import EdgeSettings
-from edge.systemd_notify import ReadinessWatchdog, probe_base_url, take_notifier
+from edge.systemd_notify import ServerLifecycle, take_notifier
 
 if TYPE_CHECKING:
     from edge.http.server import RunState
@@ -67,21 +67,14 @@ def serve_granian(settings: EdgeSettings, state: RunState) -> None:
         workers_kill_timeout=GRACEFUL_TIMEOUT_S,
     )
     if notifier.enabled:
-        watchdogs: list[ReadinessWatchdog] = []
+        lifecycle = ServerLifecycle(notifier)
 
         def started() -> None:
             # The probe address comes from the bound socket, so ``port = 0`` works too.
             bound = getattr(server, "_sso", None)
             address = bound.getsockname() if bound is not None else (http.host, http.port)
-            watchdog = ReadinessWatchdog(notifier, probe_base_url(address, http.tls.enabled))
-            watchdogs.append(watchdog)
-            watchdog.start()
-
-        def stopping() -> None:
-            notifier.stopping()
-            for watchdog in watchdogs:
-                watchdog.stop()
+            lifecycle.listening(address, http.tls.enabled)
 
         server.on_startup(started)
-        server.on_shutdown(stopping)
+        server.on_shutdown(lifecycle.exiting)
     server.serve(target_loader=partial(worker_app, settings, state), wrap_loader=False)
