@@ -14,8 +14,8 @@ from edge.dataplane import DataPlane
 from edge.http.app import create_app
 from edge.metrics import EdgeMetrics
 from edge.repository import ModelRepository
-from edge.router import Router, needs_uplink
-from edge.settings import EdgeSettings
+from edge.router import Router
+from edge.settings import EdgeSettings, needs_uplink
 from edge.uplink import Uplink
 from shared import __version__
 from shared.codec import TensorLimits

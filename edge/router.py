@@ -39,9 +39,6 @@ from shared.errors import InternalError, InvalidInput, TetherError, Unavailable
 
 log = logging.getLogger(__name__)
 
-#: Route modes that need the cloud.
-CLOUD_MODES = frozenset({"cloud", "cascade", "local-first", "cloud-first"})
-
 
 class InflightCounter:
     """Requests in flight per local model version (what ``local-first`` compares)."""
@@ -456,11 +453,6 @@ class Router:
                 local.max_batch_size,
             )
         return declared_in, declared_out, None, 0
-
-
-def needs_uplink(routes: Mapping[str, RouteSettings]) -> bool:
-    """True when some route may send a request to the cloud."""
-    return any(route.mode in CLOUD_MODES for route in routes.values())
 
 
 def read_model_metadata(

@@ -6,6 +6,7 @@ server's main process does nothing more) imports neither.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,3 +29,11 @@ class RuntimeOptions:
     fp16: bool = True
     int8: bool = False
     warmup_batch_sizes: tuple[int, ...] = (1,)
+
+
+def tensorrt_available() -> bool:
+    """True when the TensorRT Python package and CUDA bindings are importable."""
+    return (
+        importlib.util.find_spec("tensorrt") is not None
+        and importlib.util.find_spec("cuda") is not None
+    )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
@@ -22,7 +23,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from edge.runtime_options import DEFAULT_PROVIDERS, RuntimeOptions
+from edge.runtime_options import DEFAULT_PROVIDERS, RuntimeOptions, tensorrt_available
 from edge.sensors.settings import SensorSettings
 
 if TYPE_CHECKING:
@@ -241,6 +242,8 @@ class RuntimeSettings(Section):
 
 
 RouteMode = Literal["local", "cloud", "cascade", "local-first", "cloud-first"]
+#: Route modes that need the cloud.
+CLOUD_MODES = frozenset({"cloud", "cascade", "local-first", "cloud-first"})
 ConfidenceMeasure = Literal["max_probability", "margin", "entropy"]
 
 
@@ -456,8 +459,7 @@ class EdgeSettings(BaseSettings):
         """``http.threads``, or its default for this configuration (see the field)."""
         if self.http.threads is not None:
             return self.http.threads
-        waits = any(route.mode != "local" for route in self.routes.values())
-        return 4 if waits or gpu_runtime_installed() else 1
+        return 4 if needs_uplink(self.routes) or gpu_runtime_installed() else 1
 
     def startup_models(self) -> list[str]:
         """The models to load at start: the configured list, or every model on disk except
@@ -474,13 +476,17 @@ class EdgeSettings(BaseSettings):
         return self.runtime.options(self.data_dir)
 
 
-def gpu_runtime_installed() -> bool:
-    """Whether TensorRT or ONNX Runtime's GPU build is installed (checked without importing
-    either, so the server's main process stays light)."""
-    import importlib.metadata
-    import importlib.util
+def needs_uplink(routes: Mapping[str, RouteSettings]) -> bool:
+    """True when some route may send a request to the cloud."""
+    return any(route.mode in CLOUD_MODES for route in routes.values())
 
-    if importlib.util.find_spec("tensorrt") is not None:
+
+def gpu_runtime_installed() -> bool:
+    """Whether the native TensorRT runtime or ONNX Runtime's GPU build is installed (checked
+    without importing either, so the server's main process stays light)."""
+    import importlib.metadata
+
+    if tensorrt_available():
         return True
     try:
         importlib.metadata.distribution("onnxruntime-gpu")

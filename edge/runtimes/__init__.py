@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 from edge.model_config import ModelConfig
+from edge.runtime_options import tensorrt_available
 from edge.runtimes.base import Prediction, Runtime, RuntimeOptions, TensorSpec
 
-__all__ = ["Prediction", "Runtime", "RuntimeOptions", "TensorSpec", "create_runtime"]
-
-
-def tensorrt_available() -> bool:
-    """True when the TensorRT Python package and CUDA bindings are importable."""
-    return (
-        importlib.util.find_spec("tensorrt") is not None
-        and importlib.util.find_spec("cuda") is not None
-    )
+__all__ = [
+    "Prediction",
+    "Runtime",
+    "RuntimeOptions",
+    "TensorSpec",
+    "create_runtime",
+    "tensorrt_available",
+]
 
 
 def create_runtime(
