@@ -272,11 +272,12 @@ class RolloutController:
 
     def tick(self, now: float | None = None) -> None:
         """Advance every unfinished rollout by what has happened since the last tick."""
+        given = now
         now = self.clock() if now is None else now
         for rollout in self.db.list_rollouts(active_only=True):
             try:
                 if rollout.state == "running":
-                    self._advance(rollout, now)
+                    self._advance(rollout, given)
                 elif rollout.state == "aborting":
                     self._roll_back(rollout, rollout.reason or "aborted", now)
                 elif rollout.state == "rolling_back":
@@ -284,9 +285,12 @@ class RolloutController:
             except MqttError as exc:
                 log.warning("rollout %s waits for the broker: %s", rollout.id, exc.message)
 
-    def _advance(self, rollout: RolloutRecord, now: float) -> None:
+    def _advance(self, rollout: RolloutRecord, now: float | None) -> None:
         policy = rollout.policy
         devices = self.db.rollout_devices(rollout.id)
+        # Decisions are stamped with the time after the state they rest on was read: a
+        # report received during a slow read is older than an order that follows it.
+        now = self.clock() if now is None else now
         if rollout.wave_started_at is None:
             self._send_installs(rollout, [d for d in devices if d.wave == rollout.wave], now)
             self.db.set_rollout_state(
