@@ -213,7 +213,9 @@ def test_abort_in_the_middle_of_a_wave_rolls_every_updated_device_back(fleet: E2
     fleet.publish(student(), version)
     before = fleet.versions()
     with fleet.traffic() as traffic:
-        rid = fleet.start(version, policy(window_s=1.5))
+        # A health window long enough that the abort lands while the third wave is still in
+        # it, even when a loaded machine is slow to pass the abort on.
+        rid = fleet.start(version, policy(window_s=4.0))
 
         def third_wave_under_way() -> bool:
             rows = fleet.db.rollout_devices(rid)
