@@ -79,6 +79,12 @@ def test_granian_restarts_a_killed_worker_and_forgets_its_gauges(tmp_path: Path)
     )
     agent.start()
     try:
+        # Kill a worker once both are serving: granian shuts down altogether when a worker
+        # dies while it is still starting the others (seen with granian 2.8.7).
+        deadline = time.monotonic() + 30
+        while agent.log_path.read_text().count("Started worker-") < 2:
+            assert time.monotonic() < deadline, agent.log()
+            time.sleep(0.05)
         before = workers_of(agent)
         victim = before[0]
         os.kill(victim, signal.SIGKILL)
