@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install install-broker install-postgres up test lint typecheck pytest models schemas docs bench clean
+.PHONY: install install-broker install-postgres up test lint typecheck pytest models schemas proto docs bench clean
 
 ## install: create .venv and install Tether with its dev extra (quick when nothing changed)
 install: $(STAMP) install-broker install-postgres
@@ -58,6 +58,10 @@ pytest:
 ## schemas: regenerate the committed JSON Schema files under shared/schemas
 schemas: install
 	$(BIN)/python -m shared.schema_export shared/schemas
+
+## proto: regenerate the gRPC modules from edge/grpc/grpc_predict_v2.proto
+proto: install
+	$(BIN)/python -m edge.grpc.stubs
 
 ## docs: regenerate docs/configuration.md from the settings objects
 docs: install
