@@ -236,8 +236,11 @@ class HttpSettings(Section):
 
 
 class GrpcSettings(Section):
-    """The local Open Inference Protocol gRPC API (KServe V2 ``GRPCInferenceService``), served
-    beside HTTP by every worker with the same tokens, scopes and rate limits."""
+    """The local Open Inference Protocol gRPC API (KServe V2), beside HTTP with its tokens.
+
+    Every worker serves ``GRPCInferenceService`` with the same tokens, scopes and rate limits
+    as HTTP (docs/api.md, "gRPC").
+    """
 
     port: int = Field(
         8001, ge=0, le=65535, description="Port to bind (Triton's gRPC port; 0 turns gRPC off)."
