@@ -475,10 +475,11 @@ def read_model_metadata(
         return None
     path = model_dir / str(versions[-1]) / config.model_filename
     declared_in = [
-        TensorSpec(t.name, t.datatype, tuple(config.input_shape(t))) for t in config.input
+        TensorSpec(t.name, t.datatype, tuple(config.input_shape(t))) for t in config.client_inputs()
     ]
     declared_out = [
-        TensorSpec(t.name, t.datatype, tuple(config.input_shape(t))) for t in config.output
+        TensorSpec(t.name, t.datatype, tuple(config.input_shape(t)))
+        for t in config.client_outputs()
     ]
     graph_in: list[TensorSpec] = []
     graph_out: list[TensorSpec] = []
