@@ -223,7 +223,9 @@ class CascadeRoute(RouteRuntime):
             answer = _local_answer(local, "local", outputs)
             answer.parameters.update(params)
             return answer
-        sub = {key: np.ascontiguousarray(value[low]) for key, value in inputs.items()}
+        sub = self.local.escalation_inputs(
+            {key: np.ascontiguousarray(value[low]) for key, value in inputs.items()}
+        )
         try:
             remote = self._run_cloud(sub, wanted)
         except TetherError as exc:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from edge.pipelines.config import PipelineConfig
-from edge.pipelines.image import ImageDecoder, encode_image
+from edge.pipelines.image import ImageDecoder, encode_image, file_bytes
 from edge.pipelines.labels import TopKLabeller
 from edge.runtimes.base import Prediction, Runtime, TensorSpec, synthetic_input
 from shared.errors import InternalError, ModelNotReady, Unavailable
@@ -110,6 +110,17 @@ class PipelineRuntime(Runtime):
         feeds = {name: array for name, array in inputs.items() if name != stage.name}
         feeds[stage.tensor] = self.decoder.batch(inputs[stage.name])
         return feeds
+
+    def escalation_inputs(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Images as their raw file bytes (a JSON client's base64 text is a third larger)."""
+        stage = self.pipeline.input
+        if stage is None or stage.name not in inputs:
+            return dict(inputs)
+        images = inputs[stage.name]
+        raw = np.empty(images.shape, dtype=object)
+        for index, item in enumerate(images.ravel()):
+            raw.flat[index] = file_bytes(item, index)
+        return {**inputs, stage.name: raw}
 
     def run(
         self, feeds: Mapping[str, np.ndarray], output_names: Sequence[str] | None = None
