@@ -17,7 +17,6 @@ ImageNet class names; the server decodes, resizes, crops and normalises.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import tempfile
@@ -26,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from edge.downloader import sha256_file
 
 #: Bump when the exported graph would change (names, opset, wrapper): invalidates the cache.
 EXPORT_REVISION = 1
@@ -111,14 +112,6 @@ def weights_path(spec: EfficientNetSpec) -> Path:
     return path
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def model_config(spec: EfficientNetSpec, parameters: dict[str, Any]) -> dict[str, Any]:
     """The ``config.json`` of an EfficientNet model, with its image pipeline."""
     return {
@@ -173,7 +166,7 @@ def build_efficientnet(
     """Write ``spec`` into ``repository`` (config, labels, ``1/model.onnx``), from the cache
     when it holds this export, else by exporting with torch (and filling the cache)."""
     source = weights_path(spec)
-    digest = sha256_of(source)
+    digest = sha256_file(source)
     if digest != spec.weights_sha256:
         raise BuildDependencyMissing(
             f"{spec.name}: {source} has SHA-256 {digest}, expected {spec.weights_sha256}; "
