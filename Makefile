@@ -56,6 +56,7 @@ test: install lint typecheck pytest
 lint:
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/python -m shared.schema_compat shared/schemas
 
 typecheck:
 	$(BIN)/mypy

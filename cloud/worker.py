@@ -36,7 +36,7 @@ from cloud.settings import BatchPolicy, CloudSettings
 from edge.dataplane import validate_inputs
 from edge.repository import ModelRepository
 from edge.runtimes import Prediction, Runtime
-from shared import topics
+from shared import __version__, topics
 from shared.codec import DecodedRequest, TensorLimits, build_response, decode_request_parts
 from shared.envelopes import (
     ErrorEnvelope,
@@ -486,6 +486,7 @@ class CloudWorker:
             queue_ms=queue_ms,
             compute_ms=compute_ms,
             batch_size=rows,
+            worker_version=__version__,
             response=header,
         )
         payload = frame(envelope.dump(), blobs)
