@@ -76,10 +76,10 @@ def render(db: FleetDB, recent: int = 5) -> list[str]:
             f"  {rollout.id:<36} {rollout.state:<12} wave {summary['wave']}/{summary['waves']} "
             f"{bar(done, total)}" + (f"  {bad} failed/undone" if bad else "")
         )
-        counts = device_counts(db, rollout.id, online_by_name)
+        where = device_counts(db, rollout.id, online_by_name)
         lines.append(
-            f"      devices: {counts['done']} done, {counts['pending']} pending "
-            f"({counts['offline']} offline), {counts['failed']} failed"
+            f"      devices: {where['done']} done, {where['pending']} pending "
+            f"({where['offline']} offline), {where['failed']} failed"
         )
         if rollout.reason:
             lines.append(f"      {rollout.reason}")

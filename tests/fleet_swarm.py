@@ -40,6 +40,8 @@ from tests.fleet_sim import Behaviour
 #: Seconds one device waits to connect before it counts as failed (a loaded broker
 #: answers thousands of CONNECTs in a burst; nothing is waited out when all is well).
 CONNECT_TIMEOUT_S = 60.0
+#: Tries per Range request (0.2 s, 0.4 s, ... apart), like the agent's downloader.
+DOWNLOAD_ATTEMPTS = 6
 
 
 def raise_open_files_limit() -> int:
@@ -251,7 +253,7 @@ class _Process:
         self.errors: list[str] = []
         self.tasks: set[asyncio.Task[None]] = set()
         #: Downloads at once per process (the artifact server's worker threads are few).
-        self.downloads = asyncio.Semaphore(32)
+        self.downloads = asyncio.Semaphore(16)
 
     def spawn(self, coroutine: Any) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
@@ -259,11 +261,22 @@ class _Process:
         task.add_done_callback(self.tasks.discard)
 
     async def download(self, url: str, size: int) -> bytes:
-        """The artifact in two Range requests, as a resumed download fetches it."""
+        """The artifact in two Range requests, as a resumed download fetches it; a failed
+        request is retried with backoff, as the fleet agent's downloader does."""
         half = size // 2
         ranges = [(0, half - 1), (half, size - 1)] if half else [(0, size - 1)]
+        parts = []
         async with self.downloads:
-            return b"".join([await _get_range(url, a, b) for a, b in ranges])
+            for first, last in ranges:
+                for attempt in range(DOWNLOAD_ATTEMPTS):
+                    try:
+                        parts.append(await _get_range(url, first, last))
+                        break
+                    except (OSError, asyncio.IncompleteReadError, ValueError):
+                        if attempt == DOWNLOAD_ATTEMPTS - 1:
+                            raise
+                        await asyncio.sleep(0.2 * 2**attempt)
+        return b"".join(parts)
 
     async def connect(self, names: list[str]) -> int:
         chosen = [self.devices[n] for n in names]
