@@ -2,14 +2,21 @@
 
 One :class:`Uplink` per worker process owns one :class:`~shared.mqtt.MqttClient` (paho
 stays inside that adapter). A request is an :class:`InferRequestEnvelope` published with
-QoS 1 to ``tether/cloud/infer/<device>/<model>``, carrying an MQTT 5 response topic (this
+QoS 0 to ``tether/cloud/infer/<device>/<model>``, carrying an MQTT 5 response topic (this
 connection's reply topic), correlation data (the request id) and a message expiry equal to
 what is left of the request's deadline, so the broker drops a request nobody waits for.
+The worker answers at QoS 0 too.
+
+Why QoS 0: QoS 1 would add nothing that the uplink does not already do better (it
+retries within the request's own deadline, and the cloud worker runs a retried request
+once and re-sends its answer), and its PUBACKs cost ~40 ms per round trip on a broker that
+leaves Nagle's algorithm on (a stock Mosquitto): the broker's PUBACK to us waits for our
+delayed ACK, and the reply behind it waits too (docs/troubleshooting.md).
 
 Replies resolve futures keyed by correlation id. A reply that does not come within
-``attempt_timeout_s`` (a cloud worker killed mid-request) makes the request go out again
-while its deadline allows; past the deadline the caller gets :class:`DeadlineExceeded`,
-never a hang. When the broker is down, publishing fails at once and requests in flight
+``attempt_timeout_s`` (a lost message, a cloud worker killed mid-request) makes the
+request go out again while its deadline allows; past the deadline the caller gets
+:class:`DeadlineExceeded`, never a hang. When the broker is down, publishing fails at once and requests in flight
 fail at once. A :class:`~edge.breaker.CircuitBreaker` turns a cloud that keeps timing out
 into immediate 503s until a trial call succeeds.
 
@@ -119,7 +126,7 @@ class Uplink:
             )
         self.client = MqttClient(broker_url, self.client_id, tls=tls)
         self.client.add_connection_listener(self._on_connection)
-        self.client.subscribe(self.reply_topic, self._on_reply, qos=1)
+        self.client.subscribe(self.reply_topic, self._on_reply, qos=0)
         self._pending: dict[bytes, Future[Message]] = {}
         self._lock = threading.Lock()
         self._started = False
@@ -245,7 +252,7 @@ class Uplink:
                     self.client.publish(
                         topic,
                         payload,
-                        qos=1,
+                        qos=0,
                         response_topic=self.reply_topic,
                         correlation_data=correlation,
                         expiry_s=remaining,

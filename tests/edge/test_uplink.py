@@ -1,4 +1,8 @@
-"""The uplink against a real Mosquitto and a small responder built on the MQTT adapter."""
+"""The uplink against a real Mosquitto and a small responder built on the MQTT adapter.
+
+Each test runs on Tether's tuned broker and on a stock Mosquitto 2.0 (only a listener),
+which leaves Nagle's algorithm on and keeps its default queue limits.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ from shared.codec import build_response, decode_request_parts
 from shared.envelopes import ErrorEnvelope, InferRequestEnvelope, decode_envelope, frame
 from shared.errors import DeadlineExceeded, ModelNotFound, TetherError
 from shared.mqtt import Message, MqttClient
-from tests.broker import Broker
+from tests.broker import BROKER_KINDS, Broker
 
 
 class Responder:
@@ -29,6 +33,7 @@ class Responder:
         self.mode = "answer"
         self.seen: list[InferRequestEnvelope] = []
         self.expiries: list[int | None] = []
+        self.qos: list[int] = []
         self.drop_first = 0
         self._lock = threading.Lock()
         self.client.subscribe(topics.cloud_request_filter(), self._handle)
@@ -46,6 +51,7 @@ class Responder:
         with self._lock:
             self.seen.append(envelope)
             self.expiries.append(message.expiry_s)
+            self.qos.append(message.qos)
             if self.drop_first > 0:
                 self.drop_first -= 1
                 return
@@ -79,14 +85,25 @@ class Responder:
                 },
                 blobs,
             )
-        self.client.publish(
-            message.response_topic, reply, correlation_data=message.correlation_data
+        self.client.publish(  # as the cloud worker does: at the request's QoS
+            message.response_topic,
+            reply,
+            qos=message.qos,
+            correlation_data=message.correlation_data,
         )
 
 
+@pytest.fixture(params=BROKER_KINDS)
+def any_broker(request: pytest.FixtureRequest) -> Broker:
+    """The session's tuned broker, then its stock one."""
+    broker = request.getfixturevalue("stock_broker" if request.param == "stock" else "broker")
+    assert isinstance(broker, Broker)
+    return broker
+
+
 @pytest.fixture
-def responder(broker: Broker) -> Iterator[Responder]:
-    instance = Responder(broker.url).start()
+def responder(any_broker: Broker) -> Iterator[Responder]:
+    instance = Responder(any_broker.url).start()
     yield instance
     instance.stop()
 
@@ -100,8 +117,8 @@ def make_uplink(url: str, **settings: float) -> Uplink:
 X = np.arange(8, dtype=np.float32).reshape(2, 4)
 
 
-def test_request_response_with_binary_tensors(broker: Broker, responder: Responder) -> None:
-    uplink = make_uplink(broker.url)
+def test_request_response_with_binary_tensors(any_broker: Broker, responder: Responder) -> None:
+    uplink = make_uplink(any_broker.url)
     try:
         reply = uplink.request("big", {"x": X}, outputs=["y"], timeout_s=2.0)
     finally:
@@ -115,9 +132,11 @@ def test_request_response_with_binary_tensors(broker: Broker, responder: Respond
     assert responder.expiries[-1] in (1, 2)  # the deadline, rounded up to whole seconds
 
 
-def test_lost_reply_is_sent_again_within_the_deadline(broker: Broker, responder: Responder) -> None:
+def test_lost_reply_is_sent_again_within_the_deadline(
+    any_broker: Broker, responder: Responder
+) -> None:
     responder.drop_first = 1
-    uplink = make_uplink(broker.url, attempt_timeout_s=0.3)
+    uplink = make_uplink(any_broker.url, attempt_timeout_s=0.3)
     try:
         started = time.monotonic()
         reply = uplink.request("big", {"x": X}, timeout_s=3.0)
@@ -130,10 +149,10 @@ def test_lost_reply_is_sent_again_within_the_deadline(broker: Broker, responder:
 
 
 def test_silent_cloud_fails_at_the_deadline_then_the_breaker_opens(
-    broker: Broker, responder: Responder
+    any_broker: Broker, responder: Responder
 ) -> None:
     responder.mode = "silent"
-    uplink = make_uplink(broker.url, attempt_timeout_s=0.1, breaker_failures=2)
+    uplink = make_uplink(any_broker.url, attempt_timeout_s=0.1, breaker_failures=2)
     try:
         for _ in range(2):
             started = time.monotonic()
@@ -155,11 +174,11 @@ def test_silent_cloud_fails_at_the_deadline_then_the_breaker_opens(
 
 
 def test_breaker_closes_after_cooldown_when_the_cloud_answers(
-    broker: Broker, responder: Responder
+    any_broker: Broker, responder: Responder
 ) -> None:
     responder.mode = "silent"
     uplink = make_uplink(
-        broker.url, attempt_timeout_s=0.1, breaker_failures=1, breaker_cooldown_s=0.3
+        any_broker.url, attempt_timeout_s=0.1, breaker_failures=1, breaker_cooldown_s=0.3
     )
     try:
         with pytest.raises(DeadlineExceeded):
@@ -175,10 +194,10 @@ def test_breaker_closes_after_cooldown_when_the_cloud_answers(
 
 
 def test_cloud_error_keeps_its_status_and_does_not_trip_the_breaker(
-    broker: Broker, responder: Responder
+    any_broker: Broker, responder: Responder
 ) -> None:
     responder.mode = "error"
-    uplink = make_uplink(broker.url, breaker_failures=1)
+    uplink = make_uplink(any_broker.url, breaker_failures=1)
     try:
         for _ in range(3):
             with pytest.raises(TetherError) as info:
@@ -189,6 +208,24 @@ def test_cloud_error_keeps_its_status_and_does_not_trip_the_breaker(
         uplink.close()
 
 
+def test_a_round_trip_waits_on_no_delayed_ack(any_broker: Broker, responder: Responder) -> None:
+    """On a stock Mosquitto a QoS 1 round trip waits for a delayed ACK every time (the
+    broker's PUBACK holds the reply back under Nagle's algorithm; the timer is >= 40 ms on
+    Linux), so even the fastest of 15 would take 40 ms. The fastest under 20 ms shows no
+    such wait, while load on the machine (which slows some round trips) cannot fail it."""
+    uplink = make_uplink(any_broker.url)
+    try:
+        uplink.request("big", {"x": X}, timeout_s=2.0)  # connected and warm
+        round_trips = sorted(
+            uplink.request("big", {"x": X}, timeout_s=2.0).round_trip_ms for _ in range(15)
+        )
+    finally:
+        uplink.close()
+    assert round_trips[0] < 20.0, round_trips
+    assert responder.seen and {qos for qos in responder.qos} == {0}
+
+
+@pytest.mark.parametrize("fresh_broker", BROKER_KINDS, indirect=True)
 def test_broker_down_fails_fast_and_recovers(fresh_broker: Broker) -> None:
     responder = Responder(fresh_broker.url).start()
     uplink = make_uplink(fresh_broker.url)
