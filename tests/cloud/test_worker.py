@@ -330,8 +330,18 @@ def test_metrics_endpoint_serves_prometheus_text(make_worker: WorkerFactory, ask
     worker, _ = make_worker(metrics_port=free_port())
     asker.ask("dense", rows(1))
     asker.collect(1)
-    with urllib.request.urlopen(f"http://127.0.0.1:{worker.metrics_port}/metrics") as response:
-        text = response.read().decode()
+
+    def scrape() -> str:
+        url = f"http://127.0.0.1:{worker.metrics_port}/metrics"
+        with urllib.request.urlopen(url) as response:
+            return str(response.read().decode())
+
+    # The worker thread counts the request answered just after publishing the reply, so
+    # the reply can reach us a moment before the gauge drops back to 0.
+    until = time.monotonic() + 5.0
+    while "tether_cloud_inflight 0.0" not in (text := scrape()):
+        assert time.monotonic() < until, text
+        time.sleep(0.02)
     for name in (
         'tether_cloud_requests_total{model="dense",version="1"} 1.0',
         "tether_cloud_queue_seconds_bucket",
