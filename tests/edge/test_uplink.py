@@ -6,6 +6,7 @@ which leaves Nagle's algorithm on and keeps its default queue limits.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -14,8 +15,10 @@ import numpy as np
 import pytest
 
 from edge.breaker import BreakerOpen
+from edge.broker_check import STALL_MS, check_broker
 from edge.metrics import EdgeMetrics
 from edge.settings import UplinkSettings
+from edge.status import Scrape, render_edge
 from edge.uplink import CloudUnreachable, Uplink
 from shared import topics
 from shared.codec import build_response, decode_request_parts
@@ -115,6 +118,7 @@ def make_uplink(url: str, **settings: float) -> Uplink:
 
 
 X = np.arange(8, dtype=np.float32).reshape(2, 4)
+ROUND_TRIP = "tether_broker_round_trip_seconds"
 
 
 def test_request_response_with_binary_tensors(any_broker: Broker, responder: Responder) -> None:
@@ -223,6 +227,38 @@ def test_a_round_trip_waits_on_no_delayed_ack(any_broker: Broker, responder: Res
         uplink.close()
     assert round_trips[0] < 20.0, round_trips
     assert responder.seen and {qos for qos in responder.qos} == {0}
+
+
+def test_the_broker_check_tells_a_broker_without_tcp_nodelay(any_broker: Broker) -> None:
+    check = check_broker(any_broker.url, "dev1", f"check-{any_broker.kind}")
+    assert check.nagle_stall == any_broker.stock, check
+    advice = check.advice()
+    assert (advice is not None and "set_tcp_nodelay true" in advice) == any_broker.stock
+    assert check.qos0_ms < STALL_MS  # the uplink's own exchanges never wait on the broker
+
+
+def test_the_uplink_measures_its_broker_for_the_log_and_the_metrics(
+    any_broker: Broker, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="edge.uplink"):
+        uplink = make_uplink(any_broker.url)
+        try:
+            assert uplink.metrics is not None
+            registry = uplink.metrics.registry
+            until = time.monotonic() + 15.0  # two connections and 12 round trips, or a stall
+            while registry.get_sample_value(ROUND_TRIP, {"qos": "1"}) is None:
+                assert time.monotonic() < until, "the uplink never measured its broker"
+                time.sleep(0.05)
+            qos0 = registry.get_sample_value(ROUND_TRIP, {"qos": "0"})
+            assert qos0 is not None and qos0 < STALL_MS / 1000.0
+            status = "\n".join(render_edge(Scrape.parse(uplink.metrics.render()[0].decode())))
+        finally:
+            uplink.close()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("set_tcp_nodelay true" in w for w in warnings) == any_broker.stock, warnings
+    # `tether status` reads the same measurement from /metrics
+    assert "broker round trip" in status and "ms at QoS 1" in status
+    assert ("WARNING" in status and "set_tcp_nodelay true" in status) == any_broker.stock
 
 
 @pytest.mark.parametrize("fresh_broker", BROKER_KINDS, indirect=True)
