@@ -121,6 +121,7 @@ def test_tether_up_from_anywhere_on_a_stock_broker(
     device = f"up-{uuid.uuid4().hex[:6]}"
     ports = {
         "edge": free_port(),
+        "edge grpc": free_port(),
         "cloud metrics": free_port(),
         "fleet": free_port(),
         "bridge metrics": free_port(),
@@ -131,6 +132,7 @@ def test_tether_up_from_anywhere_on_a_stock_broker(
         "TETHER_DEVICE_ID": device,
         "TETHER_DATA_DIR": str(tmp_path / "edge"),
         "TETHER_REPOSITORY": str(tmp_path / "edge" / "repository"),
+        "TETHER_GRPC__PORT": str(ports["edge grpc"]),
         "TETHER_CLOUD_METRICS_PORT": str(ports["cloud metrics"]),
         "TETHER_FLEET_HTTP_PORT": str(ports["fleet"]),
         "TETHER_SENSORS__METRICS_PORT": str(ports["bridge metrics"]),
