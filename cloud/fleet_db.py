@@ -258,6 +258,10 @@ class FleetDB:
                 health TEXT, at DOUBLE PRECISION NOT NULL)""",
             f"""CREATE INDEX IF NOT EXISTS {t("rollout_events_by_device")}
                 ON {t("rollout_events")} (rollout_id, device)""",
+            f"""CREATE TABLE IF NOT EXISTS {t("wave_log")} (
+                rollout_id TEXT NOT NULL, wave INTEGER NOT NULL, holder TEXT NOT NULL,
+                epoch BIGINT NOT NULL, at DOUBLE PRECISION NOT NULL,
+                PRIMARY KEY (rollout_id, wave))""",
             f"""CREATE TABLE IF NOT EXISTS {t("leases")} (
                 name TEXT PRIMARY KEY, holder TEXT NOT NULL, epoch BIGINT NOT NULL,
                 expires_at DOUBLE PRECISION NOT NULL)""",
@@ -270,6 +274,7 @@ class FleetDB:
         """Drop every table of this prefix (tests clean up with it)."""
         with self._lock:
             for name in (
+                "wave_log",
                 "leases",
                 "rollout_events",
                 "rollout_devices",
@@ -590,6 +595,53 @@ class FleetDB:
             (rollout_id, device),
         )
         return [(str(s), str(r), float(a)) for s, r, a in rows]
+
+    def open_wave(
+        self,
+        rollout_id: str,
+        wave: int,
+        now: float,
+        *,
+        expect_wave: int,
+        first: bool,
+        fence: LeaseTerm | None,
+        holder: str,
+        epoch: int,
+    ) -> bool:
+        """Record that ``wave`` of a running rollout starts now, once: moves the rollout from
+        ``expect_wave`` (not yet started when ``first``) under ``fence``, and writes the wave
+        log, whose key refuses a second opening. True when this call opened it."""
+        with self.transaction():
+            sql = (
+                f"UPDATE {self._t('rollouts')} SET wave = ?, wave_started_at = ?, updated_at = ? "
+                "WHERE id = ? AND state = 'running' AND wave = ?"
+            )
+            params: list[Any] = [wave, now, now, rollout_id, expect_wave]
+            if first:
+                sql += " AND wave_started_at IS NULL"
+            if fence is not None:
+                sql += (
+                    f" AND EXISTS (SELECT 1 FROM {self._t('leases')}"
+                    " WHERE name = ? AND holder = ? AND epoch = ?)"
+                )
+                params += [fence.name, fence.holder, fence.epoch]
+            if self._exec(sql, params).rowcount == 0:
+                return False
+            self._exec(
+                f"""INSERT INTO {self._t("wave_log")} VALUES (?, ?, ?, ?, ?)
+                ON CONFLICT (rollout_id, wave) DO NOTHING""",
+                (rollout_id, wave, holder, epoch, now),
+            )
+            return True
+
+    def wave_log(self, rollout_id: str) -> list[tuple[int, str, int, float]]:
+        """``(wave, holder, epoch, at)`` of every wave opening of a rollout, in order."""
+        rows = self._rows(
+            f"SELECT wave, holder, epoch, at FROM {self._t('wave_log')} WHERE rollout_id = ? "
+            "ORDER BY wave",
+            (rollout_id,),
+        )
+        return [(int(w), str(h), int(e), float(a)) for w, h, e, a in rows]
 
     # ------------------------------------------------------------------ leases
 
