@@ -182,6 +182,7 @@ def publish_command(
 def serve_command(ctx: click.Context, host: str | None, port: int | None) -> None:
     """Run the artifact server, device registry and rollout controller until SIGTERM."""
     from cloud.artifacts import ArtifactServer, ArtifactStore
+    from cloud.leadership import Leadership
     from cloud.rollout import RolloutController
     from shared.mqtt import MqttClient
 
@@ -208,7 +209,8 @@ def serve_command(ctx: click.Context, host: str | None, port: int | None) -> Non
         ).start()
         mqtt = MqttClient(settings.mqtt_url, f"tether-fleet-{int(time.time())}")
         mqtt.start(wait_s=None)
-        controller = RolloutController(db, mqtt, tick_s=settings.tick_s)
+        leadership = Leadership(db, ttl_s=settings.lease_ttl_s)
+        controller = RolloutController(db, mqtt, tick_s=settings.tick_s, leadership=leadership)
         controller.start()
         log.info("fleet service: artifacts on %s, database %s", server.url, settings.database)
         stop.wait()

@@ -677,6 +677,13 @@ class FleetDB:
             ).rowcount
             return LeaseTerm(name, holder, epoch + 1) if taken else None
 
+    def lease(self, name: str) -> tuple[str, int, float] | None:
+        """``(holder, epoch, expires_at)`` of lease ``name`` as recorded (maybe expired)."""
+        rows = self._rows(
+            f"SELECT holder, epoch, expires_at FROM {self._t('leases')} WHERE name = ?", (name,)
+        )
+        return (str(rows[0][0]), int(rows[0][1]), float(rows[0][2])) if rows else None
+
     def release_lease(self, term: LeaseTerm) -> None:
         """Give the lease up now (a clean stop), so another holder need not wait it out."""
         self._exec(
