@@ -23,6 +23,9 @@ Order semantics, as the device agent implements them:
 * ``abort``: stop an install of ``rollout_id`` wherever it is; undo it if it already became
   active (like ``rollback`` to ``rollback_to``); report ``rolled_back`` with reason
   ``"aborted"``.
+
+Every order is signed with the fleet key for one device, with a sequence number and an
+expiry (:mod:`shared.order_signing`); a device acts on nothing else.
 """
 
 from __future__ import annotations
@@ -33,11 +36,14 @@ from pydantic import Field, model_validator
 
 from shared.errors import InvalidInput
 from shared.manifest import SignedManifest
+from shared.model_names import MODEL_NAME_PATTERN
 from shared.protocol import VersionedModel
 from shared.topics import ROOT
 from shared.versioning import SchemaVersion
 
 FLEET_SCHEMA = SchemaVersion(1, 0)
+#: Rollout orders: 1.1 added the signature and what it binds (device, seq, expires_at).
+ORDER_SCHEMA = SchemaVersion(1, 1)
 
 #: Topic filters the cloud subscribes to.
 STATUS_FILTER = f"{ROOT}/+/status"
@@ -92,17 +98,39 @@ class HealthReport(VersionedModel):
 
 
 class RolloutOrder(FleetMessage):
-    """Controller -> device: install, roll back or abort one model version."""
+    """Controller -> device: install, roll back or abort one model version.
+
+    Schema 1.1 added ``device``, ``seq``, ``expires_at``, ``signature`` and ``key_id``: the
+    fleet key signs the whole order for one device, so it cannot be forged, altered, sent
+    to another device, or replayed later (:mod:`shared.order_signing`). They are optional
+    in the schema so that a 1.0 order still parses; a device refuses it as unsigned.
+    """
+
+    SCHEMA: ClassVar[SchemaVersion] = ORDER_SCHEMA
 
     kind: Literal["rollout_order"] = "rollout_order"
     rollout_id: str = Field(min_length=1, max_length=200)
     action: RolloutAction
-    model: str = Field(min_length=1, max_length=128)
+    model: str = Field(min_length=1, max_length=128, pattern=MODEL_NAME_PATTERN)
     signed_manifest: SignedManifest | None = None
     rollback_to: int | None = Field(None, ge=1)
-    health_window_s: float = Field(60.0, ge=0)
+    health_window_s: float = Field(60.0, ge=0, le=7 * 86400)
     shadow_sample_rate: float = Field(0.0, ge=0, le=1)
     issued_at: float
+    device: str | None = Field(
+        None, min_length=1, max_length=128, description="The one device this order is for."
+    )
+    seq: int | None = Field(
+        None,
+        ge=1,
+        description="Increases with every order the controller signs; a device refuses one "
+        "not newer than the last it accepted (a replay).",
+    )
+    expires_at: float | None = Field(None, description="Unix time after which it is refused.")
+    signature: str | None = Field(
+        None, max_length=200, description="Base64 ed25519 signature (shared.order_signing)."
+    )
+    key_id: str | None = Field(None, max_length=64, description="Hint: which key signed it.")
 
     @model_validator(mode="after")
     def _install_needs_manifest(self) -> RolloutOrder:

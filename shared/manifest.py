@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from pydantic import Field
 
 from shared.errors import InvalidInput, SignatureError
+from shared.model_names import MODEL_NAME_PATTERN
 from shared.protocol import VersionedModel
 from shared.versioning import SchemaVersion
 
@@ -39,7 +40,7 @@ class Manifest(VersionedModel):
 
     SCHEMA: ClassVar[SchemaVersion] = MANIFEST_SCHEMA
 
-    model: str = Field(min_length=1, max_length=128)
+    model: str = Field(min_length=1, max_length=128, pattern=MODEL_NAME_PATTERN)
     version: int = Field(ge=1, description="Monotonic per model; devices refuse a lower one.")
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="Hex sha256 of the artifact.")
     size: int = Field(ge=0, description="Artifact size in bytes.")
@@ -141,8 +142,43 @@ def sign_manifest(manifest: Manifest, key: Ed25519PrivateKey) -> SignedManifest:
     )
 
 
-def _format_time(unix: float) -> str:
+def format_time(unix: float) -> str:
+    """A Unix time as ISO 8601 UTC, for reasons people read."""
     return datetime.fromtimestamp(unix, timezone.utc).isoformat(timespec="seconds")
+
+
+def verify_signature(
+    signature_b64: str,
+    message: bytes,
+    claimed_key_id: str,
+    trusted_keys: list[Ed25519PublicKey],
+    what: str,
+) -> None:
+    """Return when a trusted key made ``signature_b64`` over ``message``, else raise
+    :class:`SignatureError` saying why (``what`` names the signed thing in the reason).
+
+    ``claimed_key_id`` is only a hint for picking the key first; any trusted key that
+    verifies counts, so keys can be rotated by trusting the old and the new one for a while.
+    """
+    try:
+        signature = base64.b64decode(signature_b64, validate=True)
+    except (binascii.Error, ValueError):
+        raise SignatureError(f"signature does not verify for {what} (not base64)") from None
+    by_id = {key_id(k): k for k in trusted_keys}
+    candidates = [by_id[claimed_key_id]] if claimed_key_id in by_id else []
+    candidates += [k for k in trusted_keys if k not in candidates]
+    for key in candidates:
+        try:
+            key.verify(signature, message)
+        except InvalidSignature:
+            continue
+        return
+    if claimed_key_id not in by_id:
+        raise SignatureError(
+            f"{what} signed by an untrusted key (key_id {claimed_key_id[:32]!r} is not among "
+            f"the {len(trusted_keys)} trusted keys)"
+        )
+    raise SignatureError(f"signature does not verify for {what}")
 
 
 def verify_manifest(
@@ -155,38 +191,19 @@ def verify_manifest(
     """Return the manifest if a trusted key signed it, it has not expired, and it is newer.
 
     ``last_trusted_version`` is the highest version of this model the device has ever
-    accepted (``None`` for none): an equal or lower version is a rollback attack. The
-    ``key_id`` is only a hint for picking the key; any trusted key that verifies counts.
+    accepted (``None`` for none): an equal or lower version is a rollback attack.
     Raises :class:`SignatureError` saying why it refused.
     """
     manifest = signed.manifest
-    try:
-        signature = base64.b64decode(signed.signature, validate=True)
-    except binascii.Error:
-        raise SignatureError("signature does not verify (not base64)") from None
-    message = canonical_bytes(manifest)
-    by_id = {key_id(k): k for k in trusted_keys}
-    candidates = [by_id[signed.key_id]] if signed.key_id in by_id else []
-    candidates += [k for k in trusted_keys if k not in candidates]
-    verified = False
-    for key in candidates:
-        try:
-            key.verify(signature, message)
-        except InvalidSignature:
-            continue
-        verified = True
-        break
-    if not verified:
-        if signed.key_id not in by_id:
-            raise SignatureError(
-                f"signed by an untrusted key (key_id {signed.key_id!r} is not among the "
-                f"{len(trusted_keys)} trusted keys)"
-            )
-        raise SignatureError(
-            f"signature does not verify for {manifest.model} version {manifest.version}"
-        )
+    verify_signature(
+        signed.signature,
+        canonical_bytes(manifest),
+        signed.key_id,
+        trusted_keys,
+        f"{manifest.model} version {manifest.version}",
+    )
     if now >= manifest.expires_at:
-        raise SignatureError(f"manifest expired at {_format_time(manifest.expires_at)}")
+        raise SignatureError(f"manifest expired at {format_time(manifest.expires_at)}")
     if last_trusted_version is not None and manifest.version <= last_trusted_version:
         raise SignatureError(
             f"version {manifest.version} is not newer than the trusted version "

@@ -196,6 +196,15 @@ class MqttClient:
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
         self._client.on_socket_open = _on_socket_open
+        # Only the network thread writes to the socket. This class drives loop_forever in a
+        # thread of its own, so paho believes no loop thread runs and writes a publish from
+        # the caller's thread, while the network thread writes PUBACKs: two threads writing
+        # one TLS socket corrupt its records (the broker logs "bad record mac" and drops
+        # the connection). A write callback stops paho's direct writes, and the socket pair
+        # that loop() creates (it is not connected yet, so loop() returns at once) wakes
+        # loop_forever to write what was queued.
+        self._client.on_socket_register_write = lambda *_: None
+        self._client.loop(timeout=0.0)
 
     # ------------------------------------------------------------------ lifecycle
 

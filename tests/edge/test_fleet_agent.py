@@ -53,8 +53,8 @@ def artifacts() -> Iterator[ArtifactServer]:
 
 
 @pytest.fixture
-def controller(broker: Broker) -> Iterator[Controller]:
-    instance = Controller(broker.url)
+def controller(broker: Broker, key: Ed25519PrivateKey) -> Iterator[Controller]:
+    instance = Controller(broker.url, key)
     yield instance
     instance.stop()
 
