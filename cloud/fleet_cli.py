@@ -26,6 +26,7 @@ import click
 from cloud.fleet_db import FleetDB, RolloutPolicy
 from cloud.fleet_settings import FleetSettings, load_fleet_settings
 from cloud.provision import provision_command
+from shared.client_ids import random_client_id
 from shared.errors import TetherError
 from shared.redaction import redact_url
 
@@ -245,7 +246,7 @@ def _run_controller(settings: FleetSettings, on_tick: Callable[[], None] | None)
     try:
         key = load_signing_key(settings)
         db = _db(settings)
-        mqtt = MqttClient(settings.mqtt_url, f"tether-fleet-{int(time.time())}")
+        mqtt = MqttClient(settings.mqtt_url, random_client_id("fleet", "controller"))
         mqtt.start(wait_s=None)
         controller = RolloutController(
             db,

@@ -41,7 +41,12 @@ class FleetSettings(BaseSettings):
     http_workers: int = Field(
         2, ge=1, le=64, description="Worker processes of the artifact server (granian)."
     )
-    http_threads: int = Field(8, ge=1, le=256, description="Threads per artifact server worker.")
+    http_threads: int = Field(
+        16,
+        ge=1,
+        le=256,
+        description="Threads per artifact server worker: each serves one download at a time.",
+    )
     artifact_url: str | None = Field(
         None, description="Base URL devices download from (default http://host:port)."
     )

@@ -44,6 +44,7 @@ from edge.fleet_target import ServingTarget
 from edge.health import HealthCounters, HealthSource
 from edge.model_config import list_models, list_versions, load_model_config
 from edge.self_test import self_test
+from edge.session_ids import session_client_id
 from edge.settings import EdgeSettings
 from edge.shadow import ShadowRates
 from edge.staging import (
@@ -127,7 +128,7 @@ class FleetAgent:
         )
         self.client = MqttClient(
             settings.mqtt_url,
-            client_id or f"{self.device}-fleet",
+            client_id or session_client_id(settings.data_dir, self.device, "fleet"),
             will=self.reporter.will(),
             tls=settings.mqtt_tls_config(),
         )

@@ -30,7 +30,6 @@ from shared.manifest import (
 from tests.cloud.fleet_harness import make_version
 from tether.cli import cli
 
-
 #: The environment without a configured signing key (click's runner unsets None values).
 NO_KEY: dict[str, str | None] = {"TETHER_FLEET_SIGNING_KEY": None}
 
@@ -182,9 +181,7 @@ def test_cli_keygen_publish_and_rollout_commands(tmp_path: Path) -> None:
         signed, [load_public_key(other_public)], now=time.time(), last_trusted_version=1
     )
     with pytest.raises(SignatureError):
-        verify_manifest(
-            signed, [load_public_key(public)], now=time.time(), last_trusted_version=1
-        )
+        verify_manifest(signed, [load_public_key(public)], now=time.time(), last_trusted_version=1)
 
     result = runner.invoke(cli, [*base, "rollout", "start", "digits", "2", "--select", "x=y"])
     assert result.exit_code != 0 and "no device matches" in result.output
