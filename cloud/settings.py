@@ -83,7 +83,8 @@ class CloudSettings(BaseSettings):
     )
     worker_id: str = Field(
         default_factory=default_worker_id,
-        description="This worker's MQTT client id and name in replies (default host-pid).",
+        description="This worker's MQTT client id and name in replies (default "
+        "tether-host-pid; on the shipped broker it must start with tether-).",
     )
     repository: Path = Field(Path("models/repository"), description="The model repository.")
     models: Annotated[list[str], NoDecode] = Field(
