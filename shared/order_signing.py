@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +33,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from shared.errors import SignatureError, TetherError
 from shared.fleet import RolloutOrder
-from shared.manifest import format_time, key_id, verify_signature
+from shared.manifest import canonical_json, format_time, key_id, verify_signature
 from shared.model_names import is_model_name
 
 #: The largest order payload a device reads (an install with a manifest listing many files
@@ -64,11 +63,9 @@ class VerifiedOrder:
 
 
 def signed_bytes(body: dict[str, Any]) -> bytes:
-    """The bytes the signature covers: ``body`` without the signature fields, canonical JSON."""
-    unsigned = {k: v for k, v in body.items() if k not in SIGNATURE_FIELDS}
-    return json.dumps(unsigned, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode(
-        "utf-8"
-    )
+    """The bytes the signature covers: ``body`` without the signature fields, canonical JSON
+    (:func:`shared.manifest.canonical_json`; :class:`SignatureError` if it has none)."""
+    return canonical_json({k: v for k, v in body.items() if k not in SIGNATURE_FIELDS})
 
 
 def sign_order(order: RolloutOrder, key: Ed25519PrivateKey) -> bytes:
@@ -115,7 +112,7 @@ def verify_order(
         raise OrderRefused("unsigned order (no signature)", claimed)
     try:
         message = signed_bytes(body)
-    except (ValueError, TypeError, RecursionError):
+    except SignatureError:
         raise OrderRefused("order cannot be read back as canonical JSON", claimed) from None
     try:
         verify_signature(
