@@ -15,23 +15,16 @@ import logging
 import multiprocessing
 import sys
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from cloud.fleet_settings import FleetSettings
+from shared.tracing import GRANIAN_LOGGING
 
 if TYPE_CHECKING:
     from flask import Flask
 
 log = logging.getLogger(__name__)
 
-#: granian's own records go to the root logger, so they come out in Tether's format.
-_LOGGING: dict[str, Any] = {
-    "formatters": {},
-    "handlers": {},
-    "loggers": {
-        name: {"handlers": [], "propagate": True} for name in ("_granian", "granian.access")
-    },
-}
 #: Seconds a stopping worker gets to finish its downloads.
 _GRACEFUL_S = 10
 
@@ -74,7 +67,7 @@ def serve(settings: FleetSettings) -> None:
         http=HTTPModes.auto,
         websockets=False,
         log_level=LogLevels.info,
-        log_dictconfig=_LOGGING,
+        log_dictconfig=GRANIAN_LOGGING,
         log_access=False,
         respawn_failed_workers=True,
         workers_kill_timeout=_GRACEFUL_S,

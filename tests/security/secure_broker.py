@@ -140,15 +140,29 @@ class SecureBroker:
             identity = Identity(identity, password or self.identities[identity].password)
         return f"mqtts://{identity.name}:{identity.password}@127.0.0.1:{self.password_port}"
 
-    def clear_retained(self, identity: str, topic: str) -> None:
-        """Clear a retained message (as ``identity``, who may write ``topic``), so that a
-        test leaves no retained status or order for the next one to receive."""
-        probe = Probe(
+    def password_probe(self, identity: str, client_id: str | None = None) -> Probe:
+        """A (not yet connected) probe logged in as ``identity`` with its password."""
+        return Probe(
             self.password_port,
             self.pki.ca_file,
             username=identity,
             password=self.identities[identity].password,
-        ).connect()
+            client_id=client_id,
+        )
+
+    def certificate_probe(self, common_name: str, client_id: str | None = None) -> Probe:
+        """A (not yet connected) probe with a fleet certificate for ``common_name``."""
+        return Probe(
+            self.cert_port,
+            self.pki.ca_file,
+            cert=self.pki.client_cert(common_name),
+            client_id=client_id,
+        )
+
+    def clear_retained(self, identity: str, topic: str) -> None:
+        """Clear a retained message (as ``identity``, who may write ``topic``), so that a
+        test leaves no retained status or order for the next one to receive."""
+        probe = self.password_probe(identity).connect()
         try:
             probe.publish(topic, b"", retain=True)
         finally:

@@ -68,13 +68,7 @@ def fleet_agent_b(tmp_path: Path, secure_broker: SecureBroker) -> Iterator[Fleet
 def bridge_b(secure_broker: SecureBroker) -> Iterator[Probe]:
     """dev-b's Mosquitto bridge: its certificate, a persistent session, the id it sends as
     in deploy/mosquitto/bridge.conf."""
-    pki = secure_broker.pki
-    probe = Probe(
-        secure_broker.cert_port,
-        pki.ca_file,
-        cert=pki.client_cert("dev-b"),
-        client_id="tether-bridge-dev-b",
-    )
+    probe = secure_broker.certificate_probe("dev-b", "tether-bridge-dev-b")
     probe.connect(clean_start=False, session_expiry_s=SESSION_S)
     assert probe.subscribe("tether/dev-b/cloud/replies/+") == 1  # granted QoS 1
     yield probe
@@ -110,36 +104,18 @@ def test_device_a_cannot_connect_with_device_bs_ids(
     bridge_b: Probe,
     offline_wills: queue.Queue[Message],
 ) -> None:
-    a = secure_broker.identities["dev-a"]
     fleet_id = fleet_agent_b.client.client_id
     assert fleet_id.startswith("tether-dev-b-fleet-") and len(fleet_id) > len("tether-dev-b-fleet-")
     # B's fleet id as it used to be, and B's certificate session id: refused outright.
     for stolen in ("dev-b-fleet", "dev-b"):
-        probe = Probe(
-            secure_broker.password_port,
-            secure_broker.pki.ca_file,
-            username="dev-a",
-            password=a.password,
-            client_id=stolen,
-        )
+        probe = secure_broker.password_probe("dev-a", stolen)
         with pytest.raises(Refused, match="0x87"):
             probe.connect()
     # Guesses with the prefix connect, as themselves: none of them is one of B's sessions.
     for guess in ("tether-dev-b-fleet", "tether-bridge-dev-b", "tether-dev-b"):
-        Probe(
-            secure_broker.password_port,
-            secure_broker.pki.ca_file,
-            username="dev-a",
-            password=a.password,
-            client_id=guess,
-        ).connect().close()
+        secure_broker.password_probe("dev-a", guess).connect().close()
     # On the certificate listener A's session is A's, whatever id it sends.
-    a_bridge = Probe(
-        secure_broker.cert_port,
-        secure_broker.pki.ca_file,
-        cert=secure_broker.pki.client_cert("dev-a"),
-        client_id="tether-bridge-dev-b",
-    )
+    a_bridge = secure_broker.certificate_probe("dev-a", "tether-bridge-dev-b")
     a_bridge.connect()
     a_bridge.close()
     # B stayed connected all along, and no offline will went out for it.
@@ -148,12 +124,9 @@ def test_device_a_cannot_connect_with_device_bs_ids(
     assert bridge_b.connected, f"B's bridge was disconnected: {bridge_b.disconnects.get()}"
     # Only B's own certificate reaches that session (here: it takes it over, as a restarted
     # bridge does).
-    again = Probe(
-        secure_broker.cert_port,
-        secure_broker.pki.ca_file,
-        cert=secure_broker.pki.client_cert("dev-b"),
-        client_id="tether-anything",
-    ).connect(clean_start=False, session_expiry_s=SESSION_S)
+    again = secure_broker.certificate_probe("dev-b", "tether-anything").connect(
+        clean_start=False, session_expiry_s=SESSION_S
+    )
     try:
         bridge_b.disconnects.get(timeout=10)  # taken over (0x8E, or the socket closed first)
         assert again.session_present
@@ -169,22 +142,14 @@ def test_the_fleet_agent_and_the_bridge_keep_their_sessions(
 ) -> None:
     """Both persistent clients of one device run side by side, and their sessions survive
     a disconnect: what arrives meanwhile is delivered when they come back."""
-    worker = Probe(
-        secure_broker.password_port,
-        secure_broker.pki.ca_file,
-        username="cloud-worker",
-        password=secure_broker.identities["cloud-worker"].password,
-    ).connect()
+    worker = secure_broker.password_probe("cloud-worker").connect()
     try:
         # The certificate session (the Mosquitto bridge's): away, then back.
         bridge_b.close()
         assert worker.publish("tether/dev-b/cloud/replies/bridge", b"while away") == 0
-        back = Probe(
-            secure_broker.cert_port,
-            secure_broker.pki.ca_file,
-            cert=secure_broker.pki.client_cert("dev-b"),
-            client_id="tether-bridge-dev-b",
-        ).connect(clean_start=False, session_expiry_s=SESSION_S)
+        back = secure_broker.certificate_probe("dev-b", "tether-bridge-dev-b").connect(
+            clean_start=False, session_expiry_s=SESSION_S
+        )
         try:
             assert back.session_present
             assert [m.payload for m in back.received(QUIET_S)] == [b"while away"]
@@ -197,31 +162,17 @@ def test_the_fleet_agent_and_the_bridge_keep_their_sessions(
         assert session_id == client_id_of(settings) and session_id.startswith(
             "tether-bridge-dev-b-"
         )
-        b = secure_broker.identities["dev-b"]
-        first = Probe(
-            secure_broker.password_port,
-            secure_broker.pki.ca_file,
-            username="dev-b",
-            password=b.password,
-            client_id=session_id,
-        ).connect(clean_start=False, session_expiry_s=SESSION_S)
+        first = secure_broker.password_probe("dev-b", session_id).connect(
+            clean_start=False, session_expiry_s=SESSION_S
+        )
         assert first.subscribe("tether/dev-b/sensors/+/data") == 1
         first.close()
-        sensor = Probe(
-            secure_broker.password_port,
-            secure_broker.pki.ca_file,
-            username="dev-b",
-            password=b.password,
-        ).connect()
+        sensor = secure_broker.password_probe("dev-b").connect()
         assert sensor.publish("tether/dev-b/sensors/cam/data", b"reading") == 0
         sensor.close()
-        again = Probe(
-            secure_broker.password_port,
-            secure_broker.pki.ca_file,
-            username="dev-b",
-            password=b.password,
-            client_id=client_id_of(settings),
-        ).connect(clean_start=False, session_expiry_s=SESSION_S)
+        again = secure_broker.password_probe("dev-b", client_id_of(settings)).connect(
+            clean_start=False, session_expiry_s=SESSION_S
+        )
         try:
             assert again.session_present
             assert [m.payload for m in again.received(QUIET_S)] == [b"reading"]
