@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 TORCH ?= torch==2.13.0
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install install-broker install-postgres up test lint typecheck pytest models schemas docs bench clean
+.PHONY: install install-broker install-postgres up test lint typecheck pytest models schemas proto docs bench clean
 
 ## install: create .venv, install Tether with its dev extra, build the models when missing
 ## (quick when nothing changed)
@@ -67,6 +67,10 @@ pytest:
 ## schemas: regenerate the committed JSON Schema files under shared/schemas
 schemas: install
 	$(BIN)/python -m shared.schema_export shared/schemas
+
+## proto: regenerate the gRPC modules from edge/grpc/grpc_predict_v2.proto
+proto: install
+	$(BIN)/python -m edge.grpc.stubs
 
 ## docs: regenerate docs/configuration.md from the settings objects
 docs: install

@@ -34,6 +34,11 @@ class TopKLabeller:
     def classes(self) -> int:
         return len(self._names)
 
+    @property
+    def names(self) -> list[str]:
+        """The class names, in class order."""
+        return [name.decode() for name in self._names]
+
     def __call__(self, scores: np.ndarray) -> np.ndarray:
         """``[batch, classes]`` scores -> ``[batch, k]`` class names."""
         if scores.ndim != 2 or scores.shape[1] != len(self._names):

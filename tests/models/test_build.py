@@ -243,7 +243,7 @@ def test_build_command_builds_with_force(tmp_path: Path, mocker: MockerFixture) 
 
 
 def test_models_group_holds_build_and_build_engine() -> None:
-    assert set(models_group.commands) == {"build", "build-engine"}
+    assert set(models_group.commands) == {"build", "build-engine", "distill"}
 
 
 def test_build_engine_without_tensorrt_says_so(mocker: MockerFixture) -> None:
