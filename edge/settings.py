@@ -20,7 +20,6 @@ from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
-    TomlConfigSettingsSource,
 )
 
 from edge.http.tokens import (
@@ -33,6 +32,7 @@ from edge.http.tokens import (
 )
 from edge.runtime_options import DEFAULT_PROVIDERS, RuntimeOptions, tensorrt_available
 from edge.sensors.settings import SensorSettings
+from edge.settings_toml import ConfigFileSource
 
 if TYPE_CHECKING:
     from shared.mqtt import TlsConfig
@@ -507,7 +507,7 @@ class EdgeSettings(BaseSettings):
         ]
         toml_file = _TOML_FILE.get("path")
         if toml_file is not None:
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+            sources.append(ConfigFileSource(settings_cls, toml_file))
         return tuple(sources)
 
     def mqtt_tls_config(self) -> TlsConfig | None:
