@@ -281,12 +281,12 @@ def batching(workdir: Path, seconds: float, in_flight: int = 32) -> list[tuple[s
         )
         uplink.start()
         try:
-            call = caller(uplink, {"image": images(jpeg)})
-
-            deadline = time.monotonic() + 120
-            while True:  # the worker loads Lite2 first
+            inputs = {"image": images(jpeg)}
+            call = caller(uplink, inputs)
+            deadline = time.monotonic() + 180
+            while True:  # the worker loads Lite2 first; a request before it subscribes is lost
                 try:
-                    call()
+                    uplink.request(LITE2, inputs, datatypes={"image": "BYTES"}, timeout_s=10)
                     break
                 except Exception:
                     if time.monotonic() > deadline:
