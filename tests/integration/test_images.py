@@ -31,7 +31,7 @@ from shared import topics
 from shared.codec import HEADER_LENGTH_HEADER, encode_request
 from shared.mqtt import Message, MqttClient
 from tests.agent_process import AgentProcess
-from tests.broker import Broker
+from tests.broker import Broker, free_port
 from tests.images import LITE0, LITE2, REPOSITORY, images_built, png_bomb, sample
 
 CPU = ["CPUExecutionProvider"]
@@ -102,7 +102,7 @@ def agent(
         f'cloud_model = "{LITE2}"\n'
         f"threshold = {THRESHOLD}\n"
     )
-    process = AgentProcess(data, config=config)
+    process = AgentProcess(data, config=config, grpc_port=free_port())
     process.start(ready_timeout_s=60.0)
     yield process
     process.stop()
@@ -174,6 +174,17 @@ def uplink_wire(images_broker: Broker) -> Iterator[list[Message]]:
     client.subscribe(f"{topics.ROOT}/cloud/infer/+/+", seen.append)
     yield seen
     client.stop()
+
+
+def test_tritonclient_grpc_jpegs_get_labels(agent: AgentProcess) -> None:
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(url=f"127.0.0.1:{agent.grpc_port}")
+    image = grpcclient.InferInput("image", [1], "BYTES")
+    image.set_data_from_numpy(np.array([sample("coffee")], dtype=np.object_))
+    result = client.infer(LITE0, [image], outputs=[grpcclient.InferRequestedOutput("labels")])
+    labels = result.as_numpy("labels")
+    assert labels is not None and labels[0][0] == b"espresso"
 
 
 def test_the_imagenet_cascade_escalates_the_unsure_image_and_the_cloud_answers(
