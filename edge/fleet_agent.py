@@ -20,6 +20,7 @@ All work runs on one thread per agent; the MQTT handler only parses and queues o
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import queue
 import shutil
@@ -34,6 +35,7 @@ from edge.downloader import DigestMismatch, Downloader, check_free_disk
 from edge.fleet_state import FleetState, ModelPhase, ModelState, StateStore
 from edge.fleet_target import ServingTarget
 from edge.health import HealthCounters, HealthSource
+from edge.kept_artifacts import Fetched, KeptArtifacts
 from edge.model_config import list_versions, load_model_config
 from edge.self_test import self_test
 from edge.settings import EdgeSettings
@@ -49,6 +51,7 @@ from edge.staging import (
 )
 from edge.status_reporter import StatusReporter
 from shared import __version__, topics
+from shared.delta import apply_delta
 from shared.errors import InvalidInput, SignatureError, TetherError
 from shared.fleet import HealthReport, RolloutEvent, RolloutOrder
 from shared.manifest import Manifest, load_public_key, verify_manifest
@@ -102,6 +105,7 @@ class FleetAgent:
         self.clock = clock
         self.trusted_keys = [load_public_key(k) for k in self.fleet.public_keys()]
         self.store = StateStore(settings.data_dir / "fleet" / "state.json")
+        self.artifacts = KeptArtifacts(settings.data_dir / "fleet" / "artifacts")
         self.state: FleetState = self.store.load()
         self.reporter = StatusReporter(
             self.device, hardware=self.fleet.hardware, labels=self.fleet.labels
@@ -328,9 +332,9 @@ class FleetAgent:
         self._cancel[order.model] = cancel
         self._installing[order.model] = rid
         try:
-            self._fetch_and_stage(order, manifest, st, cancel)
+            fetched = self._fetch_and_stage(order, manifest, st, cancel)
             self._phase(st, "staged")
-            self._event(rid, order.model, version, "staged")
+            self._event(rid, order.model, version, "staged", fetched=fetched)
             self._hook("staged", order.model, version)
             self_test(
                 self.root / order.model,
@@ -382,13 +386,15 @@ class FleetAgent:
 
     def _fetch_and_stage(
         self, order: RolloutOrder, manifest: Manifest, st: ModelState, cancel: threading.Event
-    ) -> None:
+    ) -> Fetched | None:
+        """Download (a delta when one applies, else the full artifact), verify and stage;
+        what was fetched, or ``None`` when the version was already staged."""
         name, version = order.model, manifest.version
         model_dir = self.root / name
         model_dir.mkdir(parents=True, exist_ok=True)
         version_dir = model_dir / str(version)
         if version_dir.is_dir() and verify_version(version_dir, manifest.sha256) is None:
-            return  # staged before a restart
+            return None  # staged before a restart
         part = part_file(model_dir, version)
         have = part.stat().st_size if part.exists() else 0
         check_free_disk(
@@ -401,18 +407,23 @@ class FleetAgent:
             self._phase(st, "verifying")
             self._event(order.rollout_id, name, version, "verifying")
 
-        try:
-            self.downloader.fetch(
-                manifest.url,
-                part,
-                size=manifest.size,
-                sha256=manifest.sha256,
-                cancel=cancel,
-                verifying=verifying,
-            )
-        except DigestMismatch:
-            part.unlink(missing_ok=True)
-            raise
+        fetched = self._fetch_delta(name, manifest, st, part, cancel) if not have else None
+        if fetched is not None:
+            verifying()
+        else:
+            try:
+                self.downloader.fetch(
+                    manifest.url,
+                    part,
+                    size=manifest.size,
+                    sha256=manifest.sha256,
+                    cancel=cancel,
+                    verifying=verifying,
+                )
+            except DigestMismatch:
+                part.unlink(missing_ok=True)
+                raise
+            fetched = Fetched(manifest.size - have, None)
         self._hook("verified", name, version)
         config = load_model_config(model_dir)
         stage(
@@ -423,7 +434,48 @@ class FleetAgent:
             model_filename=config.model_filename,
             expected_files=manifest.files,
         )
-        part.unlink(missing_ok=True)
+        self.artifacts.keep(name, version, manifest.sha256, part, also=st.active)
+        return fetched
+
+    def _fetch_delta(
+        self,
+        name: str,
+        manifest: Manifest,
+        st: ModelState,
+        part: Path,
+        cancel: threading.Event,
+    ) -> Fetched | None:
+        """Build the artifact from a delta against the kept artifact of the active version;
+        ``None`` (and nothing left behind) when no delta applies or it fails."""
+        base = self.artifacts.find(name, st.active) if st.active is not None else None
+        for delta in manifest.deltas or []:
+            if base is None or (delta.from_version, delta.from_sha256) != base[:2]:
+                continue
+            delta_part = part.with_name(part.name + ".delta")
+            try:
+                self.downloader.fetch(
+                    delta.url, delta_part, size=delta.size, sha256=delta.sha256, cancel=cancel
+                )
+                target = apply_delta(
+                    base[2].read_bytes(), delta_part.read_bytes(), max_size=manifest.size
+                )
+                if hashlib.sha256(target).hexdigest() != manifest.sha256:
+                    raise DigestMismatch("the patched artifact does not match the manifest")
+                part.write_bytes(target)
+                return Fetched(delta.size, delta.from_version)
+            except TetherError as exc:
+                log.warning(
+                    "%s: delta %s v%s -> v%s failed (%s); fetching the full artifact",
+                    self.device,
+                    name,
+                    delta.from_version,
+                    manifest.version,
+                    exc.message,
+                )
+                part.unlink(missing_ok=True)
+            finally:
+                delta_part.unlink(missing_ok=True)
+        return None
 
     def _activate(self, order: RolloutOrder, st: ModelState, version: int) -> None:
         name, rid = order.model, order.rollout_id
@@ -632,6 +684,7 @@ class FleetAgent:
         step: Any,
         reason: str = "",
         health: HealthReport | None = None,
+        fetched: Fetched | None = None,
     ) -> None:
         event = RolloutEvent(
             rollout_id=rid or "none",
@@ -642,6 +695,8 @@ class FleetAgent:
             reason=reason,
             health=health,
             at=self.clock(),
+            bytes_downloaded=fetched.bytes if fetched is not None else None,
+            delta_from=fetched.delta_from if fetched is not None else None,
         )
         log.info("%s: %s v%s %s %s", self.device, name, version, step, reason)
         self.reporter.publish_event(event)
