@@ -10,6 +10,8 @@ from __future__ import annotations
 import base64
 import json
 import shutil
+import threading
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -23,12 +25,13 @@ import tritonclient.http as httpclient
 
 from cloud.settings import CloudSettings
 from cloud.worker import CloudWorker
-from edge.settings import RuntimeSettings
+from edge.sensors.bridge import SensorBridge
+from edge.settings import RuntimeSettings, load_settings
 from shared import topics
 from shared.codec import HEADER_LENGTH_HEADER, encode_request
 from shared.mqtt import Message, MqttClient
 from tests.agent_process import AgentProcess
-from tests.broker import Broker
+from tests.broker import Broker, free_port
 from tests.images import LITE0, LITE2, REPOSITORY, images_built, png_bomb, sample
 
 CPU = ["CPUExecutionProvider"]
@@ -99,7 +102,7 @@ def agent(
         f'cloud_model = "{LITE2}"\n'
         f"threshold = {THRESHOLD}\n"
     )
-    process = AgentProcess(data, config=config)
+    process = AgentProcess(data, config=config, grpc_port=free_port())
     process.start(ready_timeout_s=60.0)
     yield process
     process.stop()
@@ -173,6 +176,17 @@ def uplink_wire(images_broker: Broker) -> Iterator[list[Message]]:
     client.stop()
 
 
+def test_tritonclient_grpc_jpegs_get_labels(agent: AgentProcess) -> None:
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(url=f"127.0.0.1:{agent.grpc_port}")
+    image = grpcclient.InferInput("image", [1], "BYTES")
+    image.set_data_from_numpy(np.array([sample("coffee")], dtype=np.object_))
+    result = client.infer(LITE0, [image], outputs=[grpcclient.InferRequestedOutput("labels")])
+    labels = result.as_numpy("labels")
+    assert labels is not None and labels[0][0] == b"espresso"
+
+
 def test_the_imagenet_cascade_escalates_the_unsure_image_and_the_cloud_answers(
     agent: AgentProcess, uplink_wire: list[Message]
 ) -> None:
@@ -206,3 +220,67 @@ def test_a_20000_pixel_square_png_is_refused_from_its_header(agent: AgentProcess
     assert "refused from its header" in error["error"]
     status, body_after = post_json_image(agent, LITE0, sample("coffee"))  # the agent carries on
     assert status == 200 and outputs(body_after)["labels"][0] == "espresso"
+
+
+def test_a_camera_publishing_jpeg_frames_gets_labels_back(
+    images_broker: Broker, repository: Path, tmp_path: Path
+) -> None:
+    settings = load_settings(
+        None,
+        device_id="camera-hub",
+        data_dir=tmp_path / "bridge",
+        mqtt_url=images_broker.url,
+        repository=repository,
+        models=[LITE0],
+        runtime=RuntimeSettings(backend="onnxruntime", providers=CPU),
+        sensors={
+            "bindings": [{"model": LITE0}],
+            "metrics_port": 0,
+            "client_id": f"bridge-{uuid.uuid4().hex[:6]}",
+        },
+    )
+    bridge = SensorBridge(settings)
+    bridge.start(connect_wait_s=10)
+    results: list[Message] = []
+    arrived = threading.Condition()
+
+    def collect(message: Message) -> None:
+        with arrived:
+            results.append(message)
+            arrived.notify_all()
+
+    listener = MqttClient(images_broker.url, f"app-{uuid.uuid4().hex[:6]}")
+    listener.start()
+    listener.subscribe("tether/camera-hub/sensors/+/+", collect)
+    camera = MqttClient(images_broker.url, f"camera-{uuid.uuid4().hex[:6]}")
+    camera.start()
+    try:
+        frames = {"frame-1": sample("chelsea"), "frame-2": sample("coffee")}
+        for frame_id, jpeg in frames.items():
+            camera.publish(
+                "tether/camera-hub/sensors/door-cam/data",
+                jpeg,
+                content_type="image/jpeg",
+                correlation_data=frame_id.encode(),
+            ).wait_for_publish(10)
+        deadline = time.monotonic() + 120  # two images on a loaded 2-core machine
+        with arrived:
+            while sum(m.topic.endswith("/inference") for m in results) < 2:
+                assert arrived.wait(max(0.0, deadline - time.monotonic())), [
+                    (m.topic, m.payload[:200]) for m in results
+                ]
+        answers = {
+            body["reading_id"]: body
+            for body in (json.loads(m.payload) for m in results if m.topic.endswith("/inference"))
+        }
+        labels = {
+            rid: next(o for o in body["outputs"] if o["name"] == "labels")["data"][0]
+            for rid, body in answers.items()
+        }
+        assert labels == {"frame-1": "Egyptian cat", "frame-2": "espresso"}
+        assert all(body["sensor"] == "door-cam" for body in answers.values())
+        assert all(body["parameters"]["served_by"] == "edge" for body in answers.values())
+    finally:
+        camera.stop()
+        listener.stop()
+        bridge.stop()
