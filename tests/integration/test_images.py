@@ -38,6 +38,8 @@ CPU = ["CPUExecutionProvider"]
 #: Between Lite0's confidence on coffee.png (about 0.95) and on chelsea.png (about 0.40), so
 #: the first stays on the device and the second escalates.
 THRESHOLD = 0.6
+#: Lite0's network without the image pipeline: takes the FP32 tensor, answers no labels.
+PLAIN = "lite0-tensor"
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +49,11 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("images-repository")
     for name in (LITE0, LITE2):
         shutil.copytree(REPOSITORY / name, root / name)
+    # Lite0's network alone, without the pipeline: a cloud model that takes the tensor
+    shutil.copytree(REPOSITORY / LITE0 / "1", root / PLAIN / "1")
+    config = json.loads((REPOSITORY / LITE0 / "config.json").read_text())
+    del config["pipeline"]
+    (root / PLAIN / "config.json").write_text(json.dumps({**config, "name": PLAIN}))
     return root
 
 
@@ -63,7 +70,7 @@ def worker(images_broker: Broker, repository: Path) -> Iterator[CloudWorker]:
         mqtt_url=images_broker.url,
         worker_id=f"cw-{uuid.uuid4().hex[:6]}",
         repository=repository,
-        models=[LITE2],
+        models=[LITE2, PLAIN],
         metrics_port=0,
         drain_timeout_s=2.0,
         runtime=RuntimeSettings(backend="onnxruntime", providers=CPU),
@@ -101,6 +108,13 @@ def agent(
         f'local_model = "{LITE0}"\n'
         f'cloud_model = "{LITE2}"\n'
         f"threshold = {THRESHOLD}\n"
+        f"[routes.{PLAIN}]\n"
+        'mode = "cloud"\n'
+        "[routes.imagenet-tensor]\n"
+        'mode = "cascade"\n'
+        f'local_model = "{LITE0}"\n'
+        f'cloud_model = "{PLAIN}"\n'
+        "threshold = 1.0\n"
     )
     process = AgentProcess(data, config=config, grpc_port=free_port())
     process.start(ready_timeout_s=60.0)
@@ -284,3 +298,16 @@ def test_a_camera_publishing_jpeg_frames_gets_labels_back(
         camera.stop()
         listener.stop()
         bridge.stop()
+
+
+def test_a_cloud_model_without_the_pipeline_gets_the_tensor_and_the_edge_adds_labels(
+    agent: AgentProcess, uplink_wire: list[Message]
+) -> None:
+    status, body = post_json_image(agent, "imagenet-tensor", sample("chelsea"))
+    assert status == 200, body
+    assert body["parameters"]["served_by"] == "cloud" and body["parameters"]["model"] == PLAIN
+    assert outputs(body)["labels"][0] == "Egyptian cat"  # labelled on the edge
+    assert len(outputs(body)["probabilities"]) == 1000
+    assert [m.topic for m in uplink_wire] == [topics.cloud_request("camera-hub", PLAIN)]
+    tensor = 3 * 224 * 224 * 4
+    assert tensor < len(uplink_wire[0].payload) < tensor + 2048
