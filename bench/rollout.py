@@ -90,7 +90,7 @@ class Bench:
         self.registry = Registry(db, store, f"http://127.0.0.1:{port}")
         self.mqtt = MqttClient(broker.url, f"bench-controller-{size}")
         self.mqtt.start()
-        self.controller = RolloutController(db, self.mqtt, tick_s=0.05)
+        self.controller = RolloutController(db, self.mqtt, signing_key=self.key, tick_s=0.05)
         self.controller.start()
         self.run = f"b{size}"
         started = time.monotonic()

@@ -28,6 +28,7 @@ from typing import Any, Protocol
 from shared.errors import InvalidInput, NotFound, Unavailable
 from shared.fleet import DeviceStatus, HealthReport, RolloutEvent
 from shared.manifest import SignedManifest
+from shared.redaction import redact_url
 
 #: Rollout states. ``aborting`` is a request (from the CLI) the controller turns into
 #: ``rolling_back``; ``completed`` and ``rolled_back`` are final.
@@ -183,10 +184,10 @@ class FleetDB:
             try:
                 self._conn = psycopg.connect(url, autocommit=True, connect_timeout=10)
             except psycopg.OperationalError as exc:
-                raise Unavailable(f"cannot reach PostgreSQL at {url}: {exc}") from None
+                raise Unavailable(f"cannot reach PostgreSQL at {redact_url(url)}: {exc}") from None
         else:
             raise InvalidInput(
-                f"database URL must be sqlite:///path or postgresql://..., got {url}"
+                f"database URL must be sqlite:///path or postgresql://..., got {redact_url(url)}"
             )
         self._in_tx = False
         self.create_schema()
@@ -264,7 +265,7 @@ class FleetDB:
                 PRIMARY KEY (rollout_id, wave))""",
             f"""CREATE TABLE IF NOT EXISTS {t("leases")} (
                 name TEXT PRIMARY KEY, holder TEXT NOT NULL, epoch BIGINT NOT NULL,
-                expires_at DOUBLE PRECISION NOT NULL)""",
+                expires_at DOUBLE PRECISION NOT NULL, seq BIGINT NOT NULL)""",
         ]
         with self._lock:
             for statement in statements:
@@ -645,37 +646,43 @@ class FleetDB:
 
     # ------------------------------------------------------------------ leases
 
-    def take_lease(self, name: str, holder: str, now: float, ttl_s: float) -> LeaseTerm | None:
+    def take_lease(
+        self, name: str, holder: str, now: float, ttl_s: float, *, seq: int = 0
+    ) -> tuple[LeaseTerm, int] | None:
         """Renew ``holder``'s unexpired lease ``name``, or take it over once expired (a new
-        term, epoch + 1); the term now held, or ``None`` while someone else holds it.
+        term, epoch + 1); the term now held and the highest ``seq`` any holder recorded
+        (with this call's), or ``None`` while someone else holds it.
 
         Compare-and-set on the epoch, so of several controllers asking at once exactly one
         gets a new term. Expiry is judged by the callers' clocks (keep them in sync: NTP).
+        The recorded ``seq`` lets a new holder number its signed orders above every order
+        the previous one signed, whatever their clocks say.
         """
         leases = self._t("leases")
         with self.transaction():
             self._exec(
-                f"INSERT INTO {leases} VALUES (?, ?, 0, ?) ON CONFLICT (name) DO NOTHING",
+                f"INSERT INTO {leases} VALUES (?, ?, 0, ?, 0) ON CONFLICT (name) DO NOTHING",
                 (name, holder, now - 1.0),
             )
             rows = self._rows(
-                f"SELECT holder, epoch, expires_at FROM {leases} WHERE name = ?", (name,)
+                f"SELECT holder, epoch, expires_at, seq FROM {leases} WHERE name = ?", (name,)
             )
             current, epoch, expires_at = str(rows[0][0]), int(rows[0][1]), float(rows[0][2])
+            floor = max(int(rows[0][3]), seq)
             if current == holder and expires_at > now:
                 renewed = self._exec(
-                    f"UPDATE {leases} SET expires_at = ? WHERE name = ? AND epoch = ?",
-                    (now + ttl_s, name, epoch),
+                    f"UPDATE {leases} SET expires_at = ?, seq = ? WHERE name = ? AND epoch = ?",
+                    (now + ttl_s, floor, name, epoch),
                 ).rowcount
-                return LeaseTerm(name, holder, epoch) if renewed else None
+                return (LeaseTerm(name, holder, epoch), floor) if renewed else None
             if expires_at > now:
                 return None
             taken = self._exec(
-                f"""UPDATE {leases} SET holder = ?, epoch = ?, expires_at = ?
+                f"""UPDATE {leases} SET holder = ?, epoch = ?, expires_at = ?, seq = ?
                 WHERE name = ? AND epoch = ?""",
-                (holder, epoch + 1, now + ttl_s, name, epoch),
+                (holder, epoch + 1, now + ttl_s, floor, name, epoch),
             ).rowcount
-            return LeaseTerm(name, holder, epoch + 1) if taken else None
+            return (LeaseTerm(name, holder, epoch + 1), floor) if taken else None
 
     def lease(self, name: str) -> tuple[str, int, float] | None:
         """``(holder, epoch, expires_at)`` of lease ``name`` as recorded (maybe expired)."""

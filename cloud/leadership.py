@@ -40,10 +40,17 @@ class Leadership:
         self.holder = holder or controller_id()
         self.ttl_s = ttl_s
         self.term: LeaseTerm | None = None
+        #: The highest order sequence number any holder recorded: a new holder's orders
+        #: must be numbered above it (devices refuse a lower one as a replay).
+        self.seq_floor = 0
 
-    def hold(self, now: float) -> LeaseTerm | None:
-        """The term this controller holds now (taking the lease if it is free), or ``None``."""
-        term = self.db.take_lease(LEASE, self.holder, now, self.ttl_s)
+    def hold(self, now: float, seq: int = 0) -> LeaseTerm | None:
+        """The term this controller holds now (taking the lease if it is free), or ``None``;
+        records ``seq``, the highest order number this controller signed so far."""
+        held = self.db.take_lease(LEASE, self.holder, now, self.ttl_s, seq=seq)
+        term = held[0] if held is not None else None
+        if held is not None:
+            self.seq_floor = held[1]
         if term != self.term:
             if term is not None:
                 log.info("controller %s leads rollouts (term %d)", self.holder, term.epoch)

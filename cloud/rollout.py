@@ -19,6 +19,10 @@ on each tick acts on the rollouts that are not finished:
   silent past ``device_timeout_s``).
 * ``paused``: nothing is sent or timed out; devices already ordered carry on.
 
+Every order is signed with the fleet key for its one device, with a sequence number that
+grows with every order and an expiry (``order_ttl_s``), so a device can tell it from a
+forged, altered, misdirected or replayed one (:mod:`shared.order_signing`).
+
 Several controllers may run against one database (``tether fleet serve`` on two or more
 machines): with a :class:`~cloud.leadership.Leadership`, only the holder of the rollout
 lease drives rollouts, every state change it makes is fenced by its lease term, and each
@@ -37,9 +41,10 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-import orjson
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from cloud.fleet_db import (
     ORDERED,
@@ -63,6 +68,7 @@ from shared.fleet import (
 )
 from shared.manifest import SignedManifest
 from shared.mqtt import Message, MqttClient, MqttError
+from shared.order_signing import sign_order
 from shared.topics import device_rollout
 
 log = logging.getLogger(__name__)
@@ -75,6 +81,8 @@ FAILED_STEPS = frozenset({"failed", "refused", "rolled_back", TIMEOUT})
 INSTALL_DONE = FAILED_STEPS | {"committed"}
 #: Steps after which the controller waits no more for a device's rollback.
 ROLLBACK_DONE = frozenset({"rolled_back", "failed", "refused", TIMEOUT})
+#: How long a signed order stays valid (a device that reconnects later refuses it).
+ORDER_TTL_S = 7 * 86400.0
 #: Steps of a device that may run (or be about to run) the new version.
 MAY_HAVE_NEW = frozenset(
     {ORDERED, "received", "downloading", "verifying", "staged", "active", "committed"}
@@ -198,17 +206,26 @@ class RolloutController:
         db: FleetDB,
         mqtt: MqttClient,
         *,
+        signing_key: Ed25519PrivateKey,
+        order_ttl_s: float = ORDER_TTL_S,
         tick_s: float = 0.5,
         clock: Callable[[], float] = time.time,
+        heartbeat: Path | None = None,
         leadership: Leadership | None = None,
     ) -> None:
         self.db = db
         self.mqtt = mqtt
+        self.signing_key = signing_key
+        self.order_ttl_s = order_ttl_s
+        #: Touched after every tick, so a health check can tell the loop is alive.
+        self.heartbeat = heartbeat
         self.tick_s = tick_s
         self.clock = clock
         #: With several controllers per database: only the lease holder drives rollouts.
         self.leadership = leadership
         self._term: LeaseTerm | None = None
+        self._seq = 0
+        self._seq_lock = threading.Lock()
         self._inbox: queue.Queue[tuple[str, str, Any, float]] = queue.Queue()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -284,24 +301,34 @@ class RolloutController:
     # ------------------------------------------------------------------ driving
 
     def _loop(self) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.parent.mkdir(parents=True, exist_ok=True)
         while not self._stop.wait(self.tick_s):
             try:
                 self.tick()
             except Exception:
                 log.exception("rollout tick failed")
+                continue
+            if self.heartbeat is not None:
+                self.heartbeat.touch()
 
     def tick(self, now: float | None = None) -> None:
         """Advance every unfinished rollout by what has happened since the last tick."""
         given = now
         now = self.clock() if now is None else now
         if self.leadership is not None:
-            term = self.leadership.hold(now)
+            term = self.leadership.hold(now, self._seq)
             if term is None:
                 self._term = None
                 return
             if term != self._term:
                 self._term = term
                 self._manifests.clear()
+                with self._seq_lock:
+                    # Above anything the previous leader may have signed since it last
+                    # renewed (at most a lease lifetime of microseconds ago).
+                    floor = self.leadership.seq_floor + int(self.leadership.ttl_s * 1_000_000)
+                    self._seq = max(self._seq, floor)
                 self._resend_unacknowledged(now)
         for rollout in self.db.list_rollouts(active_only=True):
             try:
@@ -432,6 +459,21 @@ class RolloutController:
                 ]
                 self._send_rollbacks(rollout, silent, now)
 
+    def _next_seq(self) -> int:
+        """A number larger than any this controller signed before: microseconds of the
+        wall clock (so it keeps growing across restarts), at least one more than the last."""
+        with self._seq_lock:
+            self._seq = max(self._seq + 1, int(time.time() * 1_000_000))
+            return self._seq
+
+    def _publish_order(self, device: str, order: RolloutOrder, now: float) -> None:
+        """Sign ``order`` for ``device`` and publish it as the device's retained order."""
+        signed = order.model_copy(
+            update={"device": device, "seq": self._next_seq(), "expires_at": now + self.order_ttl_s}
+        )
+        payload = sign_order(signed, self.signing_key)
+        self.mqtt.publish(device_rollout(device), payload, qos=1, retain=True)
+
     def _send_installs(
         self, rollout: RolloutRecord, devices: list[RolloutDevice], now: float, *, wave: int
     ) -> None:
@@ -445,10 +487,9 @@ class RolloutController:
             issued_at=now,
             wave=wave + 1,
         )
-        payload = orjson.dumps(order.dump())
         names = [d.device for d in devices]
         for name in names:
-            self.mqtt.publish(device_rollout(name), payload, qos=1, retain=True)
+            self._publish_order(name, order, now)
         log.info("rollout %s: wave %d ordered on %d devices", rollout.id, wave + 1, len(names))
 
     def _roll_back(self, rollout: RolloutRecord, reason: str, now: float) -> None:
@@ -484,8 +525,7 @@ class RolloutController:
                 health_window_s=0.0,
                 issued_at=now,
             )
-            payload = orjson.dumps(order.dump())
-            self.mqtt.publish(device_rollout(d.device), payload, qos=1, retain=True)
+            self._publish_order(d.device, order, now)
 
     def _finish_rollback(self, rollout: RolloutRecord, now: float) -> None:
         devices = [d for d in self.db.rollout_devices(rollout.id) if d.rollback_at is not None]

@@ -31,11 +31,11 @@ import orjson
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
-from shared.errors import SignatureError, TetherError
+from shared.errors import SignatureError
 from shared.fleet import DeviceStatus, HealthReport, ModelState, RolloutEvent, RolloutOrder
 from shared.manifest import load_public_key, verify_manifest
 from shared.topics import device_rollout, device_rollout_events, device_status
-from tests.fleet_sim import Behaviour
+from tests.fleet_sim import Behaviour, OrderGate
 
 #: Seconds one device waits to connect before it counts as failed (a loaded broker
 #: answers thousands of CONNECTs in a burst; nothing is waited out when all is well).
@@ -78,6 +78,7 @@ class _Device:
         self.task: asyncio.Task[None] | None = None
         self.client: aiomqtt.Client | None = None
         self.crash = False
+        self.gate = OrderGate(spec.name, shared.trusted_keys)
 
     def start(self) -> None:
         if self.task is None or self.task.done():
@@ -177,9 +178,8 @@ class _Device:
         behaviour = self.shared.behaviour
         if behaviour.silent:
             return
-        try:
-            order = RolloutOrder.parse(payload)
-        except TetherError:
+        order = self.gate.accept(payload)
+        if order is None:
             return
         self.spec.generation += 1
         generation = self.spec.generation

@@ -92,7 +92,7 @@ def test_sigkill_at_any_step_leaves_a_serving_device(
     device = f"crash-{uuid.uuid4().hex[:8]}"
     write_repository(tmp_path / "repository", {1: dense_model(seed=1)})
     public = public_key_text(key)
-    controller = Controller(broker.url)
+    controller = Controller(broker.url, key)
     artifact = pack(dense_model(seed=2), 2) + b"\0" * (1 << 20)  # tar padding: still valid
     order = signed_order(key, artifacts, artifact, version=2, health_window_s=0.5)
     model_dir = tmp_path / "repository" / "dense"
@@ -153,7 +153,7 @@ def test_fleet_agent_command_pins_versions_in_the_control_file(
     )
     code = "from edge.fleet_cli import fleet_agent_command; fleet_agent_command()"
     process = subprocess.Popen([sys.executable, "-c", code, "--config", str(config)], cwd=ROOT)
-    controller = Controller(broker.url)
+    controller = Controller(broker.url, key)
     try:
         controller.wait(lambda: controller.statuses.get("cli-dev", {}).get("online") is True)
         assert controller.statuses["cli-dev"]["labels"] == {"site": "lab"}

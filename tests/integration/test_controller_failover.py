@@ -18,7 +18,7 @@ from cloud.artifacts import ArtifactServer, ArtifactStore
 from cloud.leadership import LEASE
 from cloud.registry import Registry
 from cloud.rollout import start_rollout
-from shared.manifest import generate_key
+from shared.manifest import generate_key, save_private_key
 from tests.broker import Broker
 from tests.cloud.fleet_harness import POSTGRES_URL, make_version, open_db, policy, wait_for
 from tests.fleet_sim import SimDevice
@@ -32,7 +32,7 @@ TTL_S = 2.0
 class ControllerProcess:
     """``tests.cloud.controller_process`` in a subprocess."""
 
-    def __init__(self, broker: Broker, prefix: str, holder: str, log: Path) -> None:
+    def __init__(self, broker: Broker, prefix: str, holder: str, log: Path, key: Path) -> None:
         self.holder = holder
         self.process = subprocess.Popen(
             [
@@ -44,6 +44,7 @@ class ControllerProcess:
                 prefix,
                 holder,
                 str(TTL_S),
+                str(key),
             ],
             cwd=ROOT,
             stdout=subprocess.PIPE,
@@ -75,6 +76,7 @@ def test_a_killed_leader_hands_the_rollout_over_without_a_lost_or_twice_opened_w
 ) -> None:
     db = open_db("postgresql", tmp_path)
     key = generate_key()
+    save_private_key(key, tmp_path / "signing.pem")
     store = ArtifactStore(tmp_path / "artifacts")
     server = ArtifactServer(store).start()
     registry = Registry(db, store, server.url)
@@ -96,7 +98,9 @@ def test_a_killed_leader_hands_the_rollout_over_without_a_lost_or_twice_opened_w
             device.start()
             device.announce()
         controllers = [
-            ControllerProcess(fleet_broker, db.prefix, name, tmp_path / f"{name}.log")
+            ControllerProcess(
+                fleet_broker, db.prefix, name, tmp_path / f"{name}.log", tmp_path / "signing.pem"
+            )
             for name in ("alpha", "beta")
         ]
         wait_for(lambda: len(db.list_devices({"ha": db.prefix})) == DEVICES, 30, "statuses")
@@ -143,6 +147,7 @@ def test_a_killed_leader_hands_the_rollout_over_without_a_lost_or_twice_opened_w
     assert all(device.models == {"digits": 2} for device in devices)
     # Every device installed once: no order was lost, none acted on twice.
     assert all(device.steps.count(("active", "")) == 1 for device in devices)
+    assert all(device.gate.refused == [] for device in devices)  # every order was signed
     assert [wave for wave, _, _, _ in log] == [0, 1, 2, 3]  # each wave opened exactly once
     holders = {holder for _, holder, _, _ in log}
     survivor = next(c.holder for c in controllers if c.holder != leader.holder)
