@@ -28,6 +28,7 @@ from typing import Any, Protocol
 from shared.errors import InvalidInput, NotFound, Unavailable
 from shared.fleet import DeviceStatus, HealthReport, RolloutEvent
 from shared.manifest import SignedManifest
+from shared.redaction import redact_url
 
 #: Rollout states. ``aborting`` is a request (from the CLI) the controller turns into
 #: ``rolling_back``; ``completed`` and ``rolled_back`` are final.
@@ -174,10 +175,10 @@ class FleetDB:
             try:
                 self._conn = psycopg.connect(url, autocommit=True, connect_timeout=10)
             except psycopg.OperationalError as exc:
-                raise Unavailable(f"cannot reach PostgreSQL at {url}: {exc}") from None
+                raise Unavailable(f"cannot reach PostgreSQL at {redact_url(url)}: {exc}") from None
         else:
             raise InvalidInput(
-                f"database URL must be sqlite:///path or postgresql://..., got {url}"
+                f"database URL must be sqlite:///path or postgresql://..., got {redact_url(url)}"
             )
         self._in_tx = False
         self.create_schema()

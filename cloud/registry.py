@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from cloud.artifacts import ArtifactStore, pack_version
 from cloud.fleet_db import FleetDB
+from cloud.fleet_settings import FleetSettings
 from shared.delta import make_delta
 from shared.errors import InvalidInput
 from shared.manifest import (
@@ -31,6 +32,7 @@ from shared.manifest import (
     save_private_key,
     sign_manifest,
 )
+from shared.model_names import check_model_name
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +51,49 @@ class PublishOptions:
 
 
 def load_or_create_dev_key(path: Path) -> tuple[Ed25519PrivateKey, bool]:
-    """The development signing key at ``path``, generated on first use (``created`` True)."""
+    """The development signing key at ``path``, generated on first use (``created`` True).
+
+    Only ``tether up`` calls this; it then names the key in ``TETHER_FLEET_SIGNING_KEY``
+    for the services it starts, so nothing else ever falls back to it.
+    """
     if path.is_file():
         return load_private_key(path), False
     key = generate_key()
     save_private_key(key, path)
     return key, True
+
+
+def load_signing_key(settings: FleetSettings) -> Ed25519PrivateKey:
+    """The fleet signing key the settings name (``signing_key``: ``--key`` or
+    ``TETHER_FLEET_SIGNING_KEY``), refusing loudly when there is none to use.
+
+    There is no silent default. The development key of ``tether up`` is refused for a
+    fleet whose database is not the local SQLite file: that is a production configuration
+    that would otherwise run on a key never meant to be trusted.
+    """
+    path = settings.signing_key
+    if path is None:
+        raise InvalidInput(
+            "no fleet signing key: set TETHER_FLEET_SIGNING_KEY (or pass --key) to the key "
+            "`tether fleet keygen` made; the development key is only for `tether up`"
+        )
+    if _same_file(path, settings.dev_key_path) and not settings.database.startswith("sqlite"):
+        raise InvalidInput(
+            f"refusing the development key {path} for the fleet database "
+            f"{settings.database.split('://', 1)[0]}://...: make a real key with "
+            "`tether fleet keygen` and set TETHER_FLEET_SIGNING_KEY"
+        )
+    try:
+        return load_private_key(path)
+    except OSError as exc:
+        raise InvalidInput(f"cannot read the fleet signing key {path}: {exc.strerror}") from None
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
 
 
 class Registry:
@@ -76,7 +115,7 @@ class Registry:
         """Pack, store, sign and record one model version; return its signed manifest."""
         options = options or PublishOptions()
         version_dir = Path(version_dir)
-        model = version_dir.parent.name
+        model = check_model_name(version_dir.parent.name)
         try:
             version = int(version_dir.name)
         except ValueError:

@@ -19,6 +19,10 @@ on each tick acts on the rollouts that are not finished:
   silent past ``device_timeout_s``).
 * ``paused``: nothing is sent or timed out; devices already ordered carry on.
 
+Every order is signed with the fleet key for its one device, with a sequence number that
+grows with every order and an expiry (``order_ttl_s``), so a device can tell it from a
+forged, altered, misdirected or replayed one (:mod:`shared.order_signing`).
+
 One controller per database: run one ``tether fleet serve`` (a second one would send every
 order twice; devices tolerate that, but the step history gets noisy).
 """
@@ -32,9 +36,10 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-import orjson
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from cloud.fleet_db import ORDERED, TIMEOUT, FleetDB, RolloutDevice, RolloutPolicy, RolloutRecord
 from cloud.rollout_policy import allowed_failures, health_verdict, wave_sizes
@@ -49,6 +54,7 @@ from shared.fleet import (
 )
 from shared.manifest import SignedManifest
 from shared.mqtt import Message, MqttClient, MqttError
+from shared.order_signing import sign_order
 from shared.topics import device_rollout
 
 log = logging.getLogger(__name__)
@@ -61,6 +67,8 @@ FAILED_STEPS = frozenset({"failed", "refused", "rolled_back", TIMEOUT})
 INSTALL_DONE = FAILED_STEPS | {"committed"}
 #: Steps after which the controller waits no more for a device's rollback.
 ROLLBACK_DONE = frozenset({"rolled_back", "failed", "refused", TIMEOUT})
+#: How long a signed order stays valid (a device that reconnects later refuses it).
+ORDER_TTL_S = 7 * 86400.0
 #: Steps of a device that may run (or be about to run) the new version.
 MAY_HAVE_NEW = frozenset(
     {ORDERED, "received", "downloading", "verifying", "staged", "active", "committed"}
@@ -184,13 +192,22 @@ class RolloutController:
         db: FleetDB,
         mqtt: MqttClient,
         *,
+        signing_key: Ed25519PrivateKey,
+        order_ttl_s: float = ORDER_TTL_S,
         tick_s: float = 0.5,
         clock: Callable[[], float] = time.time,
+        heartbeat: Path | None = None,
     ) -> None:
         self.db = db
         self.mqtt = mqtt
+        self.signing_key = signing_key
+        self.order_ttl_s = order_ttl_s
+        #: Touched after every tick, so a health check can tell the loop is alive.
+        self.heartbeat = heartbeat
         self.tick_s = tick_s
         self.clock = clock
+        self._seq = 0
+        self._seq_lock = threading.Lock()
         self._inbox: queue.Queue[tuple[str, str, Any, float]] = queue.Queue()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -264,11 +281,16 @@ class RolloutController:
     # ------------------------------------------------------------------ driving
 
     def _loop(self) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.parent.mkdir(parents=True, exist_ok=True)
         while not self._stop.wait(self.tick_s):
             try:
                 self.tick()
             except Exception:
                 log.exception("rollout tick failed")
+                continue
+            if self.heartbeat is not None:
+                self.heartbeat.touch()
 
     def tick(self, now: float | None = None) -> None:
         """Advance every unfinished rollout by what has happened since the last tick."""
@@ -371,6 +393,21 @@ class RolloutController:
             self._manifests[key] = signed
         return self._manifests[key]
 
+    def _next_seq(self) -> int:
+        """A number larger than any this controller signed before: microseconds of the
+        wall clock (so it keeps growing across restarts), at least one more than the last."""
+        with self._seq_lock:
+            self._seq = max(self._seq + 1, int(time.time() * 1_000_000))
+            return self._seq
+
+    def _publish_order(self, device: str, order: RolloutOrder, now: float) -> None:
+        """Sign ``order`` for ``device`` and publish it as the device's retained order."""
+        signed = order.model_copy(
+            update={"device": device, "seq": self._next_seq(), "expires_at": now + self.order_ttl_s}
+        )
+        payload = sign_order(signed, self.signing_key)
+        self.mqtt.publish(device_rollout(device), payload, qos=1, retain=True)
+
     def _send_installs(
         self, rollout: RolloutRecord, devices: list[RolloutDevice], now: float
     ) -> None:
@@ -384,11 +421,10 @@ class RolloutController:
             issued_at=now,
             wave=min(d.wave for d in devices) + 1 if devices else None,
         )
-        payload = orjson.dumps(order.dump())
         names = [d.device for d in devices]
         self.db.mark_devices(rollout.id, names, ORDERED, now, column="ordered_at")
         for name in names:
-            self.mqtt.publish(device_rollout(name), payload, qos=1, retain=True)
+            self._publish_order(name, order, now)
         log.info(
             "rollout %s: wave %d ordered on %d devices", rollout.id, rollout.wave + 1, len(names)
         )
@@ -419,8 +455,7 @@ class RolloutController:
                 health_window_s=0.0,
                 issued_at=now,
             )
-            payload = orjson.dumps(order.dump())
-            self.mqtt.publish(device_rollout(d.device), payload, qos=1, retain=True)
+            self._publish_order(d.device, order, now)
 
     def _finish_rollback(self, rollout: RolloutRecord, now: float) -> None:
         devices = [d for d in self.db.rollout_devices(rollout.id) if d.rollback_at is not None]

@@ -363,7 +363,8 @@ class FleetSettings(Section):
     enabled: bool = Field(False, description="Run the fleet agent beside the HTTP server.")
     trusted_keys: list[str] = Field(
         default_factory=list,
-        description="Base64 ed25519 public keys whose signed manifests this device accepts.",
+        description="Base64 ed25519 public keys whose signed manifests and rollout orders "
+        "this device accepts.",
     )
     trusted_keys_file: Path | None = Field(
         None, description="A file of more trusted public keys, one per line ('#' comments)."

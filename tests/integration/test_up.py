@@ -9,6 +9,7 @@ developer's own stack on the default ports.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -31,6 +32,7 @@ from models.digits import load_split
 from shared.mqtt import Message, MqttClient
 from tests.broker import Broker, free_port
 from tests.conftest import REPOSITORY
+from tests.images import sample
 
 pytestmark = pytest.mark.skipif(
     not (REPOSITORY / "digits-teacher" / "1" / "model.onnx").is_file(),
@@ -180,6 +182,20 @@ def test_tether_up_from_anywhere_on_a_stock_broker(
             "escalated",
             "cloud",
         )
+
+        # The README's image request: a JPEG in, ImageNet labels out (docs/models.md).
+        jpeg = base64.b64encode(sample("chelsea")).decode()
+        image_body = json.dumps(
+            {
+                "inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [jpeg]}],
+                "outputs": [{"name": "labels"}],
+            }
+        ).encode()
+        for route, served_by in (("imagenet", "edge"), ("efficientnet-lite2", "cloud")):
+            status, data = post(f"{edge}/v2/models/{route}/infer", image_body)
+            assert status == 200, data
+            assert data["parameters"]["served_by"] == served_by, data
+            assert data["outputs"][0]["data"][0] == "Egyptian cat"
 
         # A sensor reading on the sensor topic gets its result (docs/sensors.md).
         result = sensor_result(broker, device)
