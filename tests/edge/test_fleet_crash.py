@@ -96,10 +96,10 @@ def test_sigkill_at_any_step_leaves_a_serving_device(
     artifact = pack(dense_model(seed=2), 2) + b"\0" * (1 << 20)  # tar padding: still valid
     order = signed_order(key, artifacts, artifact, version=2, health_window_s=0.5)
     model_dir = tmp_path / "repository" / "dense"
+    first = DeviceProcess(
+        tmp_path, broker, public, device, None if pause == "mid-download" else pause
+    )
     try:
-        first = DeviceProcess(
-            tmp_path, broker, public, device, None if pause == "mid-download" else pause
-        )
         first.wait_for("serving", 1)
         if pause == "mid-download":
             artifacts.delay_s = 0.05
@@ -128,6 +128,8 @@ def test_sigkill_at_any_step_leaves_a_serving_device(
     finally:
         artifacts.delay_s = 0.0
         controller.stop()
+        if first.process.poll() is None:  # a failure before the kill: never leave it running
+            first.kill()
 
     state = StateStore(tmp_path / "data" / "fleet" / "state.json").load().models["dense"]
     assert (state.active, state.previous, state.phase, state.pending) == (2, 1, "committed", None)
