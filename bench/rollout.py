@@ -90,7 +90,7 @@ class Bench:
         self.registry = Registry(db, store, f"http://127.0.0.1:{port}")
         self.mqtt = MqttClient(broker.url, f"bench-controller-{size}")
         self.mqtt.start()
-        self.controller = RolloutController(db, self.mqtt, tick_s=0.05)
+        self.controller = RolloutController(db, self.mqtt, signing_key=self.key, tick_s=0.05)
         self.controller.start()
         self.run = f"b{size}"
         started = time.monotonic()
@@ -103,7 +103,8 @@ class Bench:
             labels={"bench": self.run},
         )
         connected = self.swarm.connect()
-        assert connected == size, f"only {connected} of {size} devices connected"
+        self.reconnects, last_error = self.swarm.reconnects()
+        assert connected == size, f"only {connected} of {size} devices connected: {last_error}"
         self.selector = {"bench": self.run}
         wait_for(lambda: len(db.list_devices(self.selector)) == size, 300, "every device's status")
         self.connect_s = time.monotonic() - started
@@ -191,6 +192,7 @@ def measure(bench: Bench) -> dict[str, str]:
     abort = bench.fleet_wide_abort()
     return {
         "devices connected and known (s)": f"{bench.connect_s:.1f}",
+        "  connections refused or lost and retried while connecting": f"{bench.reconnects}",
         "good rollout, waves 1,10%,50%,100%: start -> completed (s)": f"{good:.2f}",
         "  waves ordered at (s)": " / ".join(f"{w:.1f}" for w in waves),
         "bad canary (self-test fails): start -> rolled back (s)": f"{canary:.2f}",

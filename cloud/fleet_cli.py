@@ -233,6 +233,7 @@ def controller_alive(settings: FleetSettings, now: float | None = None) -> bool:
 
 def _run_controller(settings: FleetSettings, on_tick: Callable[[], None] | None) -> None:
     """The controller until SIGTERM/SIGINT; ``on_tick`` is called every second meanwhile."""
+    from cloud.leadership import Leadership
     from cloud.registry import load_signing_key
     from cloud.rollout import RolloutController
     from shared.mqtt import MqttClient
@@ -255,6 +256,7 @@ def _run_controller(settings: FleetSettings, on_tick: Callable[[], None] | None)
             order_ttl_s=settings.order_ttl_s,
             tick_s=settings.tick_s,
             heartbeat=settings.heartbeat,
+            leadership=Leadership(db, ttl_s=settings.lease_ttl_s),
         )
         controller.start()
         log.info(

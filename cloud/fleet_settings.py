@@ -51,6 +51,12 @@ class FleetSettings(BaseSettings):
         None, description="Base URL devices download from (default http://host:port)."
     )
     tick_s: float = Field(0.5, gt=0, description="How often the rollout controller acts.")
+    lease_ttl_s: float = Field(
+        10.0,
+        gt=0,
+        description="Rollout lease lifetime: with several controllers on one database, how "
+        "long a dead leader can hold rollouts up before another takes over.",
+    )
     order_ttl_s: float = Field(
         7 * 86400.0,
         gt=0,

@@ -31,15 +31,17 @@ import orjson
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
-from shared.errors import SignatureError, TetherError
+from shared.errors import SignatureError
 from shared.fleet import DeviceStatus, HealthReport, ModelState, RolloutEvent, RolloutOrder
 from shared.manifest import load_public_key, verify_manifest
 from shared.topics import device_rollout, device_rollout_events, device_status
-from tests.fleet_sim import Behaviour
+from tests.fleet_sim import Behaviour, OrderGate
 
 #: Seconds one device waits to connect before it counts as failed (a loaded broker
 #: answers thousands of CONNECTs in a burst; nothing is waited out when all is well).
 CONNECT_TIMEOUT_S = 60.0
+#: Seconds :meth:`Swarm.connect` waits for every device to be online (they retry).
+ONLINE_TIMEOUT_S = 600.0
 #: Tries per Range request (0.2 s, 0.4 s, ... apart), like the agent's downloader.
 DOWNLOAD_ATTEMPTS = 6
 
@@ -76,6 +78,7 @@ class _Device:
         self.task: asyncio.Task[None] | None = None
         self.client: aiomqtt.Client | None = None
         self.crash = False
+        self.gate = OrderGate(spec.name, shared.trusted_keys)
 
     def start(self) -> None:
         if self.task is None or self.task.done():
@@ -99,6 +102,24 @@ class _Device:
         self.client = None
 
     async def _run(self) -> None:
+        """Stay connected, as an agent does: after a refused or lost connection, connect
+        again with backoff (1 s doubling to 30 s) until taken offline."""
+        delay = 1.0
+        while True:
+            try:
+                await self._session()
+                delay = 1.0
+            except aiomqtt.MqttError as exc:
+                if self.crash:
+                    return
+                self.online.clear()
+                self.client = None
+                self.shared.reconnects += 1
+                self.shared.last_error = f"{self.spec.name}: {exc}"
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
+
+    async def _session(self) -> None:
         name = self.spec.name
         will = orjson.dumps({"kind": "device_status", "device": name, "online": False})
         client = aiomqtt.Client(
@@ -110,19 +131,15 @@ class _Device:
             keepalive=120,
             timeout=CONNECT_TIMEOUT_S,
         )
-        try:
-            async with client:
-                self.client = client
-                await client.subscribe(device_rollout(name), qos=1)
-                await self.publish_status()
-                self.online.set()
-                async for message in client.messages:
-                    payload = bytes(message.payload) if message.payload else b""
-                    if payload:
-                        self.shared.spawn(self._handle(payload))
-        except aiomqtt.MqttError as exc:
-            if not self.crash:
-                self.shared.errors.append(f"{name}: {exc}")
+        async with client:
+            self.client = client
+            await client.subscribe(device_rollout(name), qos=1)
+            await self.publish_status()
+            self.online.set()
+            async for message in client.messages:
+                payload = bytes(message.payload) if message.payload else b""
+                if payload:
+                    self.shared.spawn(self._handle(payload))
 
     async def publish_status(self) -> None:
         spec = self.spec
@@ -161,9 +178,8 @@ class _Device:
         behaviour = self.shared.behaviour
         if behaviour.silent:
             return
-        try:
-            order = RolloutOrder.parse(payload)
-        except TetherError:
+        order = self.gate.accept(payload)
+        if order is None:
             return
         self.spec.generation += 1
         generation = self.spec.generation
@@ -250,7 +266,9 @@ class _Process:
             s.name: _Device(s, address.hostname or "127.0.0.1", address.port or 1883, self)
             for s in specs
         }
-        self.errors: list[str] = []
+        #: Connections refused or lost and tried again (a loaded broker refuses some).
+        self.reconnects = 0
+        self.last_error = ""
         self.tasks: set[asyncio.Task[None]] = set()
         #: Downloads at once per process (the artifact server's worker threads are few).
         self.downloads = asyncio.Semaphore(16)
@@ -283,7 +301,7 @@ class _Process:
         for device in chosen:
             device.start()
         await asyncio.gather(
-            *(asyncio.wait_for(d.online.wait(), CONNECT_TIMEOUT_S) for d in chosen),
+            *(asyncio.wait_for(d.online.wait(), ONLINE_TIMEOUT_S) for d in chosen),
             return_exceptions=True,
         )
         return sum(1 for d in chosen if d.online.is_set())
@@ -303,7 +321,8 @@ class _Process:
                 }
                 for name, d in self.devices.items()
             },
-            "errors": self.errors[-20:],
+            "reconnects": self.reconnects,
+            "last_error": self.last_error,
         }
 
 
@@ -424,10 +443,11 @@ class Swarm:
             devices.update(part["devices"])
         return devices
 
-    def errors(self) -> list[str]:
-        return [
-            e for part in self._ask("state", [None for _ in self._pipes]) for e in part["errors"]
-        ]
+    def reconnects(self) -> tuple[int, str]:
+        """Connections refused or lost so far, and the last such error."""
+        parts = self._ask("state", [None for _ in self._pipes])
+        last = next((p["last_error"] for p in parts if p["last_error"]), "")
+        return sum(p["reconnects"] for p in parts), last
 
     def stop(self) -> None:
         with contextlib.suppress(OSError, EOFError):

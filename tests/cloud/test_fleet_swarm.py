@@ -52,7 +52,6 @@ def test_a_swarm_follows_a_rollout_and_its_wills_mark_devices_offline(
         assert sum(1 for d in db.list_devices(selector) if d.online) == DEVICES - 3
         assert swarm.connect(gone) == 3
         wait_for(lambda: all(d.online for d in db.list_devices(selector)), 30, "the returns")
-        assert swarm.errors() == []
     finally:
         swarm.stop()
         harness.close()

@@ -86,8 +86,8 @@ def agent(tmp_path: Path, broker: Broker, cloud: Cloud) -> Iterator[FleetAgent]:
 
 
 @pytest.fixture
-def controller(broker: Broker) -> Iterator[Controller]:
-    instance = Controller(broker.url)
+def controller(broker: Broker, cloud: Cloud) -> Iterator[Controller]:
+    instance = Controller(broker.url, cloud.key)
     yield instance
     instance.stop()
 
