@@ -225,10 +225,15 @@ def test_tether_up_from_anywhere_on_a_stock_broker(
         left = [pid for pid, started in tree.items() if alive(pid, started)]
         assert left == [], f"still running after Ctrl-C: {left}"
         assert [name for name, port in ports.items() if listening(port)] == []
-    finally:
+    finally:  # after a failure too, leave nothing running
         if up.poll() is None:
-            os.killpg(up.pid, signal.SIGKILL)
-            up.wait()
+            tree = {**tree, **process_tree(up.pid)}
+            up.send_signal(signal.SIGINT)  # `tether up` stops its children itself
+            try:
+                up.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(up.pid, signal.SIGKILL)
+                up.wait()
         for pid, started in tree.items():
             if alive(pid, started):
                 os.kill(pid, signal.SIGKILL)
