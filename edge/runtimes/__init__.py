@@ -30,8 +30,24 @@ def create_runtime(
     Language models (``llama_cpp_gguf``) run on llama.cpp and sentence encoders
     (``onnx_text_embedding``) on ONNX Runtime with their tokenizer, whatever ``backend``.
     ``backend`` is ``auto`` (native TensorRT for ``tensorrt_plan`` models or when TensorRT
-    is installed, ONNX Runtime otherwise), ``onnxruntime`` or ``tensorrt``.
+    is installed, ONNX Runtime otherwise), ``onnxruntime`` or ``tensorrt``. A config that
+    declares a ``pipeline`` gets the backend wrapped in its pre- and post-processing.
     """
+    runtime = _backend_runtime(config, version, version_dir, options, backend)
+    if config.pipeline is None:
+        return runtime
+    from edge.pipelines.runtime import PipelineRuntime
+
+    return PipelineRuntime(runtime, config.pipeline, version_dir.parent)
+
+
+def _backend_runtime(
+    config: ModelConfig,
+    version: str,
+    version_dir: Path,
+    options: RuntimeOptions,
+    backend: str,
+) -> Runtime:
     if config.platform == "llama_cpp_gguf":
         from edge.runtimes.llama import LlamaRuntime
 
