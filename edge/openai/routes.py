@@ -3,7 +3,8 @@
 Everything else (validation, routing, streaming, metrics) is in
 :class:`~edge.openai.serving.OpenAIServing`. Errors leave in OpenAI's shape; the bearer
 tokens, rate limits and request ids are the agent's own (the app-wide guard and
-middleware), so ``/v1`` needs the same ``Authorization: Bearer`` as V2.
+middleware), so ``/v1`` needs the same ``Authorization: Bearer`` as V2, with the ``infer``
+scope.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from typing import Any
 import orjson
 from flask import Blueprint, Flask, Response, current_app, request
 
-from edge.http.auth import CHALLENGE
+from edge.http.auth import CHALLENGE, requires
+from edge.http.tokens import INFER
 from edge.openai.errors import error_body, openai_error
 from edge.openai.protocol import OpenAIInvalid
 from edge.openai.serving import Answer, OpenAIServing
@@ -58,26 +60,31 @@ def _send(answer: Answer) -> Response:
 
 
 @v1.get("/models")
+@requires(INFER)
 def list_models() -> Response:
     return Response(orjson.dumps(_serving().list_models()), content_type=JSON_CONTENT_TYPE)
 
 
 @v1.get("/models/<path:model>")
+@requires(INFER)
 def retrieve_model(model: str) -> Response:
     return Response(orjson.dumps(_serving().get_model(model)), content_type=JSON_CONTENT_TYPE)
 
 
 @v1.post("/chat/completions")
+@requires(INFER)
 def chat_completions() -> Response:
     return _send(_serving().chat(_json_body()))
 
 
 @v1.post("/completions")
+@requires(INFER)
 def completions() -> Response:
     return _send(_serving().completion(_json_body()))
 
 
 @v1.post("/embeddings")
+@requires(INFER)
 def embeddings() -> Response:
     return _send(_serving().embeddings(_json_body()))
 

@@ -40,7 +40,14 @@ class CountingLlama(Llama):
             )
 
     def begin(self) -> None:
-        """Start counting a new generation."""
+        """Start a new generation from an empty context, and count it.
+
+        llama.cpp would otherwise reuse the key/value cache of the previous prompt's common
+        prefix; evaluating the rest in a different batch shape changes the logits in their
+        last bits, and so greedy decoding could differ between two identical requests.
+        Every request gets the answer a fresh engine gives.
+        """
+        self.reset()
         self._sampled = 0
         self._last_token = -1
 

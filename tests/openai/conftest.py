@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -57,10 +58,9 @@ def client(edge: AgentProcess) -> object:
     return openai.OpenAI(base_url=edge.url + "/v1", api_key=TOKEN, max_retries=0, timeout=60)
 
 
-def http(
-    url: str, body: object | None = None, token: str | None = TOKEN
-) -> tuple[int, dict[str, str], object]:
-    """A raw request (for what the client would hide: headers, base64 as sent, SSE)."""
+def http(url: str, body: object | None = None, token: str | None = TOKEN) -> tuple[int, Any, Any]:
+    """A raw request (for what the client would hide: headers, base64 as sent): status,
+    headers (case-insensitive: the server sends them in lower case) and the JSON body."""
     import json
     import urllib.error
     import urllib.request
@@ -72,6 +72,6 @@ def http(
         request.add_header("Authorization", f"Bearer {token}")
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, dict(response.headers), json.loads(response.read())
+            return response.status, response.headers, json.loads(response.read())
     except urllib.error.HTTPError as exc:
-        return exc.code, dict(exc.headers), json.loads(exc.read())
+        return exc.code, exc.headers, json.loads(exc.read())
