@@ -19,8 +19,17 @@ on each tick acts on the rollouts that are not finished:
   silent past ``device_timeout_s``).
 * ``paused``: nothing is sent or timed out; devices already ordered carry on.
 
-One controller per database: run one ``tether fleet serve`` (a second one would send every
-order twice; devices tolerate that, but the step history gets noisy).
+Every order is signed with the fleet key for its one device, with a sequence number that
+grows with every order and an expiry (``order_ttl_s``), so a device can tell it from a
+forged, altered, misdirected or replayed one (:mod:`shared.order_signing`).
+
+Several controllers may run against one database (``tether fleet serve`` on two or more
+machines): with a :class:`~cloud.leadership.Leadership`, only the holder of the rollout
+lease drives rollouts, every state change it makes is fenced by its lease term, and each
+wave is opened exactly once (the order log in the database refuses a second opening). A
+controller that takes over re-sends the orders of the waves it inherits that no device has
+acknowledged yet (the previous leader may have died between deciding and publishing);
+devices ignore an order they already handled.
 """
 
 from __future__ import annotations
@@ -32,11 +41,21 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-import orjson
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from cloud.fleet_db import ORDERED, TIMEOUT, FleetDB, RolloutDevice, RolloutPolicy, RolloutRecord
+from cloud.fleet_db import (
+    ORDERED,
+    TIMEOUT,
+    FleetDB,
+    LeaseTerm,
+    RolloutDevice,
+    RolloutPolicy,
+    RolloutRecord,
+)
+from cloud.leadership import Leadership
 from cloud.rollout_policy import allowed_failures, health_verdict, wave_sizes
 from shared.errors import InvalidInput, TetherError
 from shared.fleet import (
@@ -49,6 +68,7 @@ from shared.fleet import (
 )
 from shared.manifest import SignedManifest
 from shared.mqtt import Message, MqttClient, MqttError
+from shared.order_signing import sign_order
 from shared.topics import device_rollout
 
 log = logging.getLogger(__name__)
@@ -61,6 +81,8 @@ FAILED_STEPS = frozenset({"failed", "refused", "rolled_back", TIMEOUT})
 INSTALL_DONE = FAILED_STEPS | {"committed"}
 #: Steps after which the controller waits no more for a device's rollback.
 ROLLBACK_DONE = frozenset({"rolled_back", "failed", "refused", TIMEOUT})
+#: How long a signed order stays valid (a device that reconnects later refuses it).
+ORDER_TTL_S = 7 * 86400.0
 #: Steps of a device that may run (or be about to run) the new version.
 MAY_HAVE_NEW = frozenset(
     {ORDERED, "received", "downloading", "verifying", "staged", "active", "committed"}
@@ -184,13 +206,26 @@ class RolloutController:
         db: FleetDB,
         mqtt: MqttClient,
         *,
+        signing_key: Ed25519PrivateKey,
+        order_ttl_s: float = ORDER_TTL_S,
         tick_s: float = 0.5,
         clock: Callable[[], float] = time.time,
+        heartbeat: Path | None = None,
+        leadership: Leadership | None = None,
     ) -> None:
         self.db = db
         self.mqtt = mqtt
+        self.signing_key = signing_key
+        self.order_ttl_s = order_ttl_s
+        #: Touched after every tick, so a health check can tell the loop is alive.
+        self.heartbeat = heartbeat
         self.tick_s = tick_s
         self.clock = clock
+        #: With several controllers per database: only the lease holder drives rollouts.
+        self.leadership = leadership
+        self._term: LeaseTerm | None = None
+        self._seq = 0
+        self._seq_lock = threading.Lock()
         self._inbox: queue.Queue[tuple[str, str, Any, float]] = queue.Queue()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -213,6 +248,8 @@ class RolloutController:
         for thread in self._threads:
             thread.join(timeout=5)
         self._threads.clear()
+        if self.leadership is not None:
+            self.leadership.release()
 
     # ------------------------------------------------------------------ recording
 
@@ -264,16 +301,35 @@ class RolloutController:
     # ------------------------------------------------------------------ driving
 
     def _loop(self) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.parent.mkdir(parents=True, exist_ok=True)
         while not self._stop.wait(self.tick_s):
             try:
                 self.tick()
             except Exception:
                 log.exception("rollout tick failed")
+                continue
+            if self.heartbeat is not None:
+                self.heartbeat.touch()
 
     def tick(self, now: float | None = None) -> None:
         """Advance every unfinished rollout by what has happened since the last tick."""
         given = now
         now = self.clock() if now is None else now
+        if self.leadership is not None:
+            term = self.leadership.hold(now, self._seq)
+            if term is None:
+                self._term = None
+                return
+            if term != self._term:
+                self._term = term
+                self._manifests.clear()
+                with self._seq_lock:
+                    # Above anything the previous leader may have signed since it last
+                    # renewed (at most a lease lifetime of microseconds ago).
+                    floor = self.leadership.seq_floor + int(self.leadership.ttl_s * 1_000_000)
+                    self._seq = max(self._seq, floor)
+                self._resend_unacknowledged(now)
         for rollout in self.db.list_rollouts(active_only=True):
             try:
                 if rollout.state == "running":
@@ -292,10 +348,7 @@ class RolloutController:
         # report received during a slow read is older than an order that follows it.
         now = self.clock() if now is None else now
         if rollout.wave_started_at is None:
-            self._send_installs(rollout, [d for d in devices if d.wave == rollout.wave], now)
-            self.db.set_rollout_state(
-                rollout.id, "running", now, wave_started_at=now, only_from=("running",)
-            )
+            self._open_wave(rollout, rollout.wave, devices, now)
             return
         wave = [d for d in devices if d.wave == rollout.wave]
         silent = self._silent(wave, policy, now)
@@ -331,22 +384,42 @@ class RolloutController:
             return
         last_wave = max(d.wave for d in devices)
         if rollout.wave >= last_wave:
-            self.db.set_rollout_state(
-                rollout.id, "completed", now, reason="", only_from=("running",)
-            )
-            log.info("rollout %s completed", rollout.id)
+            if self.db.set_rollout_state(
+                rollout.id,
+                "completed",
+                now,
+                reason="",
+                only_from=("running",),
+                expect_wave=rollout.wave,
+                fence=self._term,
+            ):
+                log.info("rollout %s completed", rollout.id)
             return
         log.info("rollout %s: wave %d passed", rollout.id, rollout.wave + 1)
-        next_wave = rollout.wave + 1
-        self._send_installs(rollout, [d for d in devices if d.wave == next_wave], now)
-        self.db.set_rollout_state(
-            rollout.id,
-            "running",
-            now,
-            wave=next_wave,
-            wave_started_at=now,
-            only_from=("running",),
-        )
+        self._open_wave(rollout, rollout.wave + 1, devices, now)
+
+    def _open_wave(
+        self, rollout: RolloutRecord, wave: int, devices: list[RolloutDevice], now: float
+    ) -> None:
+        """Decide (once, fenced) that ``wave`` starts, then send its install orders."""
+        members = [d for d in devices if d.wave == wave]
+        with self.db.transaction():
+            opened = self.db.open_wave(
+                rollout.id,
+                wave,
+                now,
+                expect_wave=rollout.wave,
+                first=rollout.wave_started_at is None,
+                fence=self._term,
+                holder=self._term.holder if self._term else "",
+                epoch=self._term.epoch if self._term else 0,
+            )
+            if not opened:
+                return  # another controller decided first, or this one lost its lease
+            self.db.mark_devices(
+                rollout.id, [d.device for d in members], ORDERED, now, column="ordered_at"
+            )
+        self._send_installs(rollout, members, now, wave=wave)
 
     @staticmethod
     def _silent(wave: list[RolloutDevice], policy: RolloutPolicy, now: float) -> list[str]:
@@ -371,8 +444,38 @@ class RolloutController:
             self._manifests[key] = signed
         return self._manifests[key]
 
+    def _resend_unacknowledged(self, now: float) -> None:
+        """On taking the lease: send again the orders no device has acknowledged yet."""
+        for rollout in self.db.list_rollouts(active_only=True):
+            devices = self.db.rollout_devices(rollout.id)
+            if rollout.state == "running" and rollout.wave_started_at is not None:
+                silent = [d for d in devices if d.step == ORDERED and d.wave <= rollout.wave]
+                for wave in sorted({d.wave for d in silent}):
+                    members = [d for d in silent if d.wave == wave]
+                    self._send_installs(rollout, members, now, wave=wave)
+            elif rollout.state == "rolling_back":
+                silent = [
+                    d for d in devices if d.rollback_at is not None and d.step not in ROLLBACK_DONE
+                ]
+                self._send_rollbacks(rollout, silent, now)
+
+    def _next_seq(self) -> int:
+        """A number larger than any this controller signed before: microseconds of the
+        wall clock (so it keeps growing across restarts), at least one more than the last."""
+        with self._seq_lock:
+            self._seq = max(self._seq + 1, int(time.time() * 1_000_000))
+            return self._seq
+
+    def _publish_order(self, device: str, order: RolloutOrder, now: float) -> None:
+        """Sign ``order`` for ``device`` and publish it as the device's retained order."""
+        signed = order.model_copy(
+            update={"device": device, "seq": self._next_seq(), "expires_at": now + self.order_ttl_s}
+        )
+        payload = sign_order(signed, self.signing_key)
+        self.mqtt.publish(device_rollout(device), payload, qos=1, retain=True)
+
     def _send_installs(
-        self, rollout: RolloutRecord, devices: list[RolloutDevice], now: float
+        self, rollout: RolloutRecord, devices: list[RolloutDevice], now: float, *, wave: int
     ) -> None:
         order = RolloutOrder(
             rollout_id=rollout.id,
@@ -382,34 +485,37 @@ class RolloutController:
             health_window_s=rollout.policy.window_s,
             shadow_sample_rate=rollout.policy.shadow_sample_rate,
             issued_at=now,
-            wave=min(d.wave for d in devices) + 1 if devices else None,
+            wave=wave + 1,
         )
-        payload = orjson.dumps(order.dump())
         names = [d.device for d in devices]
-        self.db.mark_devices(rollout.id, names, ORDERED, now, column="ordered_at")
         for name in names:
-            self.mqtt.publish(device_rollout(name), payload, qos=1, retain=True)
-        log.info(
-            "rollout %s: wave %d ordered on %d devices", rollout.id, rollout.wave + 1, len(names)
-        )
+            self._publish_order(name, order, now)
+        log.info("rollout %s: wave %d ordered on %d devices", rollout.id, wave + 1, len(names))
 
     def _roll_back(self, rollout: RolloutRecord, reason: str, now: float) -> None:
         """Send rollback orders to every device that got the install; wait on those that
         may run the new version."""
         log.warning("rollout %s rolls back: %s", rollout.id, reason)
-        if not self.db.set_rollout_state(
-            rollout.id,
-            "rolling_back",
-            now,
-            reason=reason,
-            only_from=("running", "paused", "aborting"),
-        ):
-            return
-        devices = [d for d in self.db.rollout_devices(rollout.id) if d.ordered_at is not None]
-        waiting = [d.device for d in devices if d.step in MAY_HAVE_NEW]
-        self.db.mark_devices(rollout.id, waiting, ROLLBACK_ORDERED, now, column="rollback_at")
-        others = [d.device for d in devices if d.step not in MAY_HAVE_NEW]
-        self.db.mark_devices(rollout.id, others, None, now, column="rollback_at")
+        with self.db.transaction():
+            if not self.db.set_rollout_state(
+                rollout.id,
+                "rolling_back",
+                now,
+                reason=reason,
+                only_from=("running", "paused", "aborting"),
+                fence=self._term,
+            ):
+                return
+            devices = [d for d in self.db.rollout_devices(rollout.id) if d.ordered_at is not None]
+            waiting = [d.device for d in devices if d.step in MAY_HAVE_NEW]
+            self.db.mark_devices(rollout.id, waiting, ROLLBACK_ORDERED, now, column="rollback_at")
+            others = [d.device for d in devices if d.step not in MAY_HAVE_NEW]
+            self.db.mark_devices(rollout.id, others, None, now, column="rollback_at")
+        self._send_rollbacks(rollout, devices, now)
+
+    def _send_rollbacks(
+        self, rollout: RolloutRecord, devices: list[RolloutDevice], now: float
+    ) -> None:
         for d in devices:
             order = RolloutOrder(
                 rollout_id=rollout.id,
@@ -419,8 +525,7 @@ class RolloutController:
                 health_window_s=0.0,
                 issued_at=now,
             )
-            payload = orjson.dumps(order.dump())
-            self.mqtt.publish(device_rollout(d.device), payload, qos=1, retain=True)
+            self._publish_order(d.device, order, now)
 
     def _finish_rollback(self, rollout: RolloutRecord, now: float) -> None:
         devices = [d for d in self.db.rollout_devices(rollout.id) if d.rollback_at is not None]
@@ -440,6 +545,7 @@ class RolloutController:
                 unless_steps=tuple(ROLLBACK_DONE),
             )
             devices = [d for d in self.db.rollout_devices(rollout.id) if d.rollback_at is not None]
-        if all(d.step in ROLLBACK_DONE for d in devices):
-            self.db.set_rollout_state(rollout.id, "rolled_back", now, only_from=("rolling_back",))
+        if all(d.step in ROLLBACK_DONE for d in devices) and self.db.set_rollout_state(
+            rollout.id, "rolled_back", now, only_from=("rolling_back",), fence=self._term
+        ):
             log.info("rollout %s rolled back", rollout.id)

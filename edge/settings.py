@@ -20,7 +20,6 @@ from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
-    TomlConfigSettingsSource,
 )
 
 from edge.http.tokens import (
@@ -33,6 +32,7 @@ from edge.http.tokens import (
 )
 from edge.runtime_options import DEFAULT_PROVIDERS, RuntimeOptions, tensorrt_available
 from edge.sensors.settings import SensorSettings
+from edge.settings_toml import ConfigFileSource
 
 if TYPE_CHECKING:
     from shared.mqtt import TlsConfig
@@ -381,7 +381,8 @@ class FleetSettings(Section):
     enabled: bool = Field(False, description="Run the fleet agent beside the HTTP server.")
     trusted_keys: list[str] = Field(
         default_factory=list,
-        description="Base64 ed25519 public keys whose signed manifests this device accepts.",
+        description="Base64 ed25519 public keys whose signed manifests and rollout orders "
+        "this device accepts.",
     )
     trusted_keys_file: Path | None = Field(
         None, description="A file of more trusted public keys, one per line ('#' comments)."
@@ -525,7 +526,7 @@ class EdgeSettings(BaseSettings):
         ]
         toml_file = _TOML_FILE.get("path")
         if toml_file is not None:
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+            sources.append(ConfigFileSource(settings_cls, toml_file))
         return tuple(sources)
 
     def mqtt_tls_config(self) -> TlsConfig | None:

@@ -183,7 +183,11 @@ def add_text_models(repository: Path) -> None:
 
 
 def fleet_services(tether: list[str], broker_env: dict[str, str]) -> tuple[Service, dict[str, str]]:
-    """The fleet service, and the fleet agent's environment trusting the development key."""
+    """The fleet service, and the fleet agent's environment trusting the development key.
+
+    This is the one place the development key is made and used: the fleet service gets it
+    as its ``TETHER_FLEET_SIGNING_KEY`` (publishing by hand: ``--key`` with the same file).
+    """
     from cloud.fleet_settings import load_fleet_settings
     from cloud.registry import load_or_create_dev_key
     from shared.manifest import public_key_text
@@ -200,7 +204,7 @@ def fleet_services(tether: list[str], broker_env: dict[str, str]) -> tuple[Servi
     service = Service(
         "fleet service",
         [*tether, "fleet", "serve"],
-        env=broker_env,
+        env={**broker_env, "TETHER_FLEET_SIGNING_KEY": str(fleet.dev_key_path.resolve())},
         ready=lambda: port_answers(fleet.http_host, fleet.http_port),
     )
     agent_env = {
@@ -208,6 +212,7 @@ def fleet_services(tether: list[str], broker_env: dict[str, str]) -> tuple[Servi
         "TETHER_FLEET__TRUSTED_KEYS_FILE": str(public.resolve()),
     }
     click.echo(f"fleet: artifacts on {url}, database in {fleet.data_dir}, dev key {public}")
+    click.echo(f"publish with: tether fleet publish --key {fleet.dev_key_path} <version folder>")
     return service, agent_env
 
 
