@@ -161,7 +161,7 @@ def export_onnx(model: EmbeddingModel, folder: Path, target: Path) -> list[str]:
     encoder.eval()
     takes_types = TOKEN_TYPE_IDS in inspect.signature(encoder.forward).parameters
 
-    class SentenceEncoder(torch.nn.Module):  # type: ignore[misc]
+    class SentenceEncoder(torch.nn.Module):
         """Token ids -> mean-pooled, L2-normalised sentence embedding."""
 
         def __init__(self) -> None:

@@ -69,7 +69,7 @@ class CountingLlama(Llama):
         if request.messages is not None:
             if self._formatter is None:
                 raise InvalidInput("this model has no chat template: use /v1/completions")
-            messages = [{"role": m.role, "content": m.content} for m in request.messages]
+            messages: list[Any] = [{"role": m.role, "content": m.content} for m in request.messages]
             result = self._formatter(messages=messages)
             tokens: list[int] = self.tokenize(
                 result.prompt.encode("utf-8"), add_bos=not result.added_special, special=True
