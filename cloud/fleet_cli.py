@@ -373,6 +373,13 @@ def rollout_group() -> None:
 )
 @click.option("--device-timeout", default="120s", show_default=True)
 @click.option("--shadow-sample-rate", type=float, default=0.1, show_default=True)
+@click.option(
+    "--until",
+    default="24h",
+    show_default=True,
+    help="How long the target set stays open: devices offline at the start (or selected "
+    "later) get the order of their wave when they come online until then.",
+)
 @click.pass_context
 def rollout_start_command(
     ctx: click.Context,
@@ -387,6 +394,7 @@ def rollout_start_command(
     agreement_drop: str,
     device_timeout: str,
     shadow_sample_rate: float,
+    until: str,
 ) -> None:
     """Roll MODEL VERSION out to the selected devices in waves (idempotent)."""
     from cloud.rollout import start_rollout, summarize
@@ -402,6 +410,7 @@ def rollout_start_command(
             max_agreement_drop=parse_fraction(agreement_drop),
             device_timeout_s=parse_duration(device_timeout),
             shadow_sample_rate=shadow_sample_rate,
+            until_s=parse_duration(until),
         )
         db = _db(_settings(ctx))
         rollout, created = start_rollout(db, model, version, parse_labels(select), policy)

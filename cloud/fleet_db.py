@@ -36,6 +36,8 @@ ROLLOUT_STATES = ("running", "paused", "aborting", "rolling_back", "completed", 
 ACTIVE_STATES = ("running", "paused", "aborting", "rolling_back")
 #: Per-device steps the controller sets itself, besides the device's own RolloutEvent steps.
 ORDERED, TIMEOUT = "ordered", "timeout"
+#: A device of the rollout that stayed offline until the rollout's deadline (``--until``).
+MISSED = "missed"
 
 _PREFIX = re.compile(r"^[a-z][a-z0-9_]{0,30}$")
 
@@ -97,6 +99,9 @@ class RolloutPolicy:
     max_agreement_drop: float | None = 0.05
     device_timeout_s: float = 120.0
     shadow_sample_rate: float = 0.1
+    #: The target set stays open this long after the start: a device offline until then
+    #: gets its wave's order when it comes online (then it is marked ``missed``).
+    until_s: float = 86400.0
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, sort_keys=True)
@@ -319,6 +324,12 @@ class FleetDB:
     def get_device(self, device: str) -> DeviceRecord | None:
         rows = self._rows(f"SELECT * FROM {self._t('devices')} WHERE device = ?", (device,))
         return _device(rows[0]) if rows else None
+
+    def online_devices(self, devices: Sequence[str]) -> set[str]:
+        """Which of ``devices`` are online now (their latest status, not their will)."""
+        wanted = set(devices)
+        rows = self._rows(f"SELECT device FROM {self._t('devices')} WHERE online = 1")
+        return {str(row[0]) for row in rows if row[0] in wanted}
 
     def list_devices(self, selector: dict[str, str] | None = None) -> list[DeviceRecord]:
         """Devices whose labels contain every ``key=value`` of ``selector``, by id."""

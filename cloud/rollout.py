@@ -47,6 +47,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from cloud.fleet_db import (
+    MISSED,
     ORDERED,
     TIMEOUT,
     FleetDB,
@@ -103,10 +104,12 @@ def start_rollout(
 ) -> tuple[RolloutRecord, bool]:
     """Create a rollout of a published version to the devices ``selector`` picks.
 
-    Offline devices, devices already at ``version`` or newer, and devices of another
-    hardware than a non-``cpu`` manifest targets are left out (a later rollout of the same
-    version to the same selector is the same rollout: publish a newer version for them). Returns ``(rollout, created)``; the same
-    model, version and selector again returns the existing rollout.
+    Devices already at ``version`` or newer, and devices of another hardware than a
+    non-``cpu`` manifest targets, are left out. Offline devices are in: they are assigned to
+    the later waves (online devices first, so canaries answer) and get the order of their
+    wave when they come online, until ``policy.until_s`` after the start. Returns
+    ``(rollout, created)``; the same model, version and selector again returns the existing
+    rollout.
     """
     now = time.time() if now is None else now
     signed = db.get_manifest(model, version)
@@ -116,14 +119,15 @@ def start_rollout(
     devices = [
         d
         for d in db.list_devices(selector)
-        if d.online
-        and (d.active_version(model) or 0) < version
-        and (target == "cpu" or d.hardware == target)
+        if (d.active_version(model) or 0) < version and (target == "cpu" or d.hardware == target)
     ]
     rollout_id = f"{model}-v{version}-{uuid.uuid4().hex[:8]}"
     key = f"{model}/{version}/{sorted(selector.items())}"
-    # A stable pseudo-random order, so the canary is not always the first device by name.
-    devices.sort(key=lambda d: hashlib.sha256(f"{key}/{d.device}".encode()).hexdigest())
+    # Online devices first, each group in a stable pseudo-random order, so the canary is an
+    # online device and not always the first one by name.
+    devices.sort(
+        key=lambda d: (not d.online, hashlib.sha256(f"{key}/{d.device}".encode()).hexdigest())
+    )
     sizes = wave_sizes(policy.waves, len(devices))
     assignments: list[tuple[str, int, int | None]] = []
     for index, device in enumerate(devices):
@@ -350,7 +354,11 @@ class RolloutController:
         if rollout.wave_started_at is None:
             self._open_wave(rollout, rollout.wave, devices, now)
             return
-        wave = [d for d in devices if d.wave == rollout.wave]
+        deadline = rollout.created_at + policy.until_s
+        pending = [d for d in devices if d.wave <= rollout.wave and d.ordered_at is None]
+        if pending and now < deadline and self._order_late(rollout, pending, now):
+            devices = self.db.rollout_devices(rollout.id)
+        wave = [d for d in devices if d.wave == rollout.wave and d.ordered_at is not None]
         silent = self._silent(wave, policy, now)
         if silent:
             self.db.mark_devices(
@@ -362,8 +370,8 @@ class RolloutController:
                 unless_steps=tuple(INSTALL_DONE),
             )
             devices = self.db.rollout_devices(rollout.id)
-            wave = [d for d in devices if d.wave == rollout.wave]
-        ordered = [d for d in devices if d.wave <= rollout.wave]
+            wave = [d for d in devices if d.wave == rollout.wave and d.ordered_at is not None]
+        ordered = [d for d in devices if d.wave <= rollout.wave and d.ordered_at is not None]
         failed = [d for d in ordered if d.step in FAILED_STEPS]
         budget = allowed_failures(policy.max_failure, len(ordered))
         if len(failed) > budget:
@@ -384,6 +392,18 @@ class RolloutController:
             return
         last_wave = max(d.wave for d in devices)
         if rollout.wave >= last_wave:
+            waiting = [d.device for d in devices if d.ordered_at is None and d.step is None]
+            if waiting and now < deadline:
+                return  # the target set is open: late devices may still come online
+            if waiting:
+                self.db.mark_devices(
+                    rollout.id,
+                    waiting,
+                    MISSED,
+                    now,
+                    reason="offline until the rollout's deadline",
+                    unless_steps=(ORDERED, *INSTALL_DONE),
+                )
             if self.db.set_rollout_state(
                 rollout.id,
                 "completed",
@@ -398,11 +418,28 @@ class RolloutController:
         log.info("rollout %s: wave %d passed", rollout.id, rollout.wave + 1)
         self._open_wave(rollout, rollout.wave + 1, devices, now)
 
+    def _order_late(self, rollout: RolloutRecord, pending: list[RolloutDevice], now: float) -> bool:
+        """Order the devices of open waves that were offline and are online now."""
+        online = self.db.online_devices([d.device for d in pending])
+        late = [d for d in pending if d.device in online]
+        if not late:
+            return False
+        self.db.mark_devices(
+            rollout.id, [d.device for d in late], ORDERED, now, column="ordered_at"
+        )
+        for wave in sorted({d.wave for d in late}):
+            self._send_installs(rollout, [d for d in late if d.wave == wave], now, wave=wave)
+        log.info("rollout %s: %d late devices ordered", rollout.id, len(late))
+        return True
+
     def _open_wave(
         self, rollout: RolloutRecord, wave: int, devices: list[RolloutDevice], now: float
     ) -> None:
-        """Decide (once, fenced) that ``wave`` starts, then send its install orders."""
-        members = [d for d in devices if d.wave == wave]
+        """Decide (once, fenced) that ``wave`` starts, then send its install orders to the
+        wave's online devices (the others get theirs when they come online)."""
+        candidates = [d for d in devices if d.wave == wave]
+        online = self.db.online_devices([d.device for d in candidates])
+        members = [d for d in candidates if d.device in online]
         with self.db.transaction():
             opened = self.db.open_wave(
                 rollout.id,
