@@ -86,6 +86,25 @@ class Bench:
             ],
             cwd=Path(__file__).resolve().parent.parent,
         )
+        try:
+            self._start(broker, db, store, port, size, processes)
+        except BaseException:
+            if hasattr(self, "swarm"):
+                self.swarm.stop()
+            if hasattr(self, "controller"):
+                self.controller.stop()
+            self.artifacts.terminate()
+            raise
+
+    def _start(
+        self,
+        broker: Broker,
+        db: FleetDB,
+        store: ArtifactStore,
+        port: int,
+        size: int,
+        processes: int,
+    ) -> None:
         wait_for_port(port, 60)
         self.registry = Registry(db, store, f"http://127.0.0.1:{port}")
         self.mqtt = MqttClient(broker.url, f"bench-controller-{size}")
@@ -106,7 +125,10 @@ class Bench:
         self.reconnects, last_error = self.swarm.reconnects()
         assert connected == size, f"only {connected} of {size} devices connected: {last_error}"
         self.selector = {"bench": self.run}
-        wait_for(lambda: len(db.list_devices(self.selector)) == size, 300, "every device's status")
+        deadline = time.monotonic() + 600
+        while len(db.list_devices(self.selector)) < size:  # a full read: poll gently
+            assert time.monotonic() < deadline, "not every device's status was recorded"
+            time.sleep(1.0)
         self.connect_s = time.monotonic() - started
         self.version = 2
 

@@ -361,6 +361,13 @@ def rollout_group() -> None:
 @click.option("--waves", default="1,10%,50%,100%", show_default=True)
 @click.option("--window", default="60s", show_default=True, help="Health window per wave.")
 @click.option("--max-failure", default="5%", show_default=True, help="Failed/silent devices.")
+@click.option(
+    "--min-executed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Devices that must have finished before --max-failure can stop the rollout.",
+)
 @click.option("--max-error-rate", default="2%", show_default=True, help="Allowed increase.")
 @click.option("--max-p99-ratio", type=float, default=1.5, show_default=True)
 @click.option(
@@ -389,6 +396,7 @@ def rollout_start_command(
     waves: str,
     window: str,
     max_failure: str,
+    min_executed: int,
     max_error_rate: str,
     max_p99_ratio: float,
     agreement_drop: str,
@@ -405,6 +413,7 @@ def rollout_start_command(
             waves=parse_waves(waves),
             window_s=parse_duration(window),
             max_failure=max_failure,
+            min_executed=min_executed,
             max_error_rate=parse_fraction(max_error_rate),
             max_p99_ratio=max_p99_ratio,
             max_agreement_drop=parse_fraction(agreement_drop),

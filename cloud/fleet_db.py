@@ -102,6 +102,9 @@ class RolloutPolicy:
     #: The target set stays open this long after the start: a device offline until then
     #: gets its wave's order when it comes online (then it is marked ``missed``).
     until_s: float = 86400.0
+    #: ``max_failure`` stops the rollout only once this many devices finished installing
+    #: (committed or failed), so one early failure among few is not a verdict.
+    min_executed: int = 0
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, sort_keys=True)

@@ -57,7 +57,7 @@ from cloud.fleet_db import (
     RolloutRecord,
 )
 from cloud.leadership import Leadership
-from cloud.rollout_policy import allowed_failures, health_verdict, wave_sizes
+from cloud.rollout_policy import allowed_failures, failure_budget, health_verdict, wave_sizes
 from shared.errors import InvalidInput, TetherError
 from shared.fleet import (
     EVENTS_FILTER,
@@ -373,8 +373,9 @@ class RolloutController:
             wave = [d for d in devices if d.wave == rollout.wave and d.ordered_at is not None]
         ordered = [d for d in devices if d.wave <= rollout.wave and d.ordered_at is not None]
         failed = [d for d in ordered if d.step in FAILED_STEPS]
-        budget = allowed_failures(policy.max_failure, len(ordered))
-        if len(failed) > budget:
+        executed = sum(1 for d in ordered if d.step in INSTALL_DONE)
+        budget = failure_budget(policy, len(ordered), executed)
+        if budget is not None and len(failed) > budget:
             sample = "; ".join(f"{d.device}: {d.step} {d.reason}".strip() for d in failed[:3])
             self._roll_back(
                 rollout,
@@ -391,6 +392,15 @@ class RolloutController:
             self._roll_back(rollout, f"wave {rollout.wave + 1}: {verdict}", now)
             return
         last_wave = max(d.wave for d in devices)
+        # Fewer devices finished than min_executed, and no more will be ordered: judge the
+        # failures over those that did.
+        if (
+            rollout.wave >= last_wave
+            and budget is None
+            and len(failed) > allowed_failures(policy.max_failure, executed)
+        ):
+            self._roll_back(rollout, f"{len(failed)} of {executed} finished devices failed", now)
+            return
         if rollout.wave >= last_wave:
             waiting = [d.device for d in devices if d.ordered_at is None and d.step is None]
             if waiting and now < deadline:

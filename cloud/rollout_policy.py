@@ -58,6 +58,21 @@ def allowed_failures(max_failure: str, ordered: int) -> int:
     return parse_count(max_failure, ordered)
 
 
+def failure_budget(policy: RolloutPolicy, ordered: int, executed: int) -> int | None:
+    """How many failed devices the rollout tolerates now, or ``None`` while too few have
+    finished to judge.
+
+    Without ``min_executed``, ``max_failure`` is a share of the devices ordered so far. With
+    it (as AWS IoT Jobs' abort criteria), it is a share of the devices that finished
+    (committed or failed), applied once at least ``min_executed`` of them have.
+    """
+    if policy.min_executed > 0:
+        if executed < policy.min_executed:
+            return None
+        return allowed_failures(policy.max_failure, executed)
+    return allowed_failures(policy.max_failure, ordered)
+
+
 def health_verdict(reports: Sequence[HealthReport], policy: RolloutPolicy) -> str | None:
     """Why the new version's health fails the gate, or ``None`` when it passes.
 
