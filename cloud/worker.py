@@ -36,7 +36,7 @@ from cloud.settings import BatchPolicy, CloudSettings
 from edge.dataplane import validate_inputs
 from edge.repository import ModelRepository
 from edge.runtimes import Prediction, Runtime
-from shared import topics
+from shared import __version__, topics
 from shared.codec import DecodedRequest, TensorLimits, build_response, decode_request_parts
 from shared.envelopes import (
     ErrorEnvelope,
@@ -379,6 +379,11 @@ class CloudWorker:
         try:
             results = self._predict(runtime, [decoded for _job, decoded in ready])
         except TetherError as exc:
+            if exc.status < 500 and len(ready) > 1:
+                # one request's bad data (an undecodable image) costs that request only
+                for job, decoded in ready:
+                    self._run_alone(runtime, job, decoded, batch.formed)
+                return
             for job, _decoded in ready:
                 self._finish_error(job, exc)
             return
@@ -391,6 +396,22 @@ class CloudWorker:
         rows = sum(_batch_rows(decoded) for _job, decoded in ready)
         for (job, decoded), (outputs, prediction) in zip(ready, results, strict=True):
             self._finish_ok(job, decoded, outputs, prediction, batch.formed, rows)
+
+    def _run_alone(
+        self, runtime: Runtime, job: Queued[CloudRequest], decoded: DecodedRequest, formed: float
+    ) -> None:
+        try:
+            [(outputs, prediction)] = self._predict(runtime, [decoded])
+        except TetherError as exc:
+            self._finish_error(job, exc)
+            return
+        except Exception as exc:
+            log.exception("model %s failed", runtime.name)
+            self._finish_error(
+                job, InternalError(f"model {runtime.name!r} failed: {type(exc).__name__}")
+            )
+            return
+        self._finish_ok(job, decoded, outputs, prediction, formed, _batch_rows(decoded))
 
     def _predict(
         self, runtime: Runtime, requests: Sequence[DecodedRequest]
@@ -465,6 +486,7 @@ class CloudWorker:
             queue_ms=queue_ms,
             compute_ms=compute_ms,
             batch_size=rows,
+            worker_version=__version__,
             response=header,
         )
         payload = frame(envelope.dump(), blobs)

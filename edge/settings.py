@@ -235,6 +235,26 @@ class HttpSettings(Section):
         return (not is_loopback_host(self.host)) if enabled is None else enabled
 
 
+class GrpcSettings(Section):
+    """The local Open Inference Protocol gRPC API (KServe V2), beside HTTP with its tokens.
+
+    Every worker serves ``GRPCInferenceService`` with the same tokens, scopes and rate limits
+    as HTTP (docs/api.md, "gRPC").
+    """
+
+    port: int = Field(
+        8001, ge=0, le=65535, description="Port to bind (Triton's gRPC port; 0 turns gRPC off)."
+    )
+    host: str | None = Field(None, description="Address to bind (default: http.host).")
+    max_concurrent_rpcs: int = Field(
+        64, ge=1, description="Calls handled at once per worker; more are refused (UNAVAILABLE)."
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.port != 0
+
+
 class RuntimeSettings(Section):
     """How models are run on this host."""
 
@@ -432,6 +452,7 @@ class EdgeSettings(BaseSettings):
         None, description="Models to load at start (default: every model in the repository)."
     )
     http: HttpSettings = Field(default_factory=HttpSettings)
+    grpc: GrpcSettings = Field(default_factory=GrpcSettings)
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
     routes: dict[str, RouteSettings] = Field(
         default_factory=dict, description="Per model name: how it is served (default: local)."
@@ -447,6 +468,28 @@ class EdgeSettings(BaseSettings):
     ab: dict[str, AbSettings] = Field(
         default_factory=dict, description="Per model name: an A/B traffic split between versions."
     )
+
+    @model_validator(mode="after")
+    def _grpc_secure_enough(self) -> EdgeSettings:
+        """gRPC on its own address follows HTTP's rule: never beyond loopback without tokens."""
+        host = self.grpc_host()
+        http = self.http
+        if (
+            self.grpc.enabled
+            and not is_loopback_host(host)
+            and not http.auth.configured
+            and not http.allow_unauthenticated
+        ):
+            raise ValueError(
+                f"grpc.host {host!r} is reachable from the network but no API tokens are "
+                f"set: set {API_TOKENS_VARIABLE}, http.auth.tokens or http.auth.tokens_file, "
+                "or http.allow_unauthenticated = true"
+            )
+        return self
+
+    def grpc_host(self) -> str:
+        """The address the gRPC API binds (``grpc.host``, else ``http.host``)."""
+        return self.grpc.host if self.grpc.host is not None else self.http.host
 
     @classmethod
     def settings_customise_sources(

@@ -38,7 +38,7 @@ from edge.breaker import BreakerState, CircuitBreaker
 from edge.metrics import EdgeMetrics
 from edge.runtimes.base import Prediction, Runtime, TensorSpec
 from edge.settings import UplinkSettings
-from shared import topics
+from shared import __version__, topics
 from shared.codec import OutputRequest, build_request, decode_response_parts
 from shared.envelopes import (
     ErrorEnvelope,
@@ -218,6 +218,7 @@ class Uplink:
             deadline=time.time() + (deadline - time.monotonic()),
             sent_at=time.time(),
             trace_id=trace_id or request_id,
+            agent_version=__version__,
             request=InferenceRequest.model_validate(header),
         )
         payload = frame(envelope.dump(), blobs)

@@ -18,6 +18,10 @@ REPOSITORY = ROOT / "models" / "repository"
 
 _private_postgres: list[PrivatePostgres] = []
 
+# Every agent a test starts (directly, or through `tether up`) serves gRPC only when the test
+# asks for a port: with the default (8001) agents running side by side would collide.
+os.environ.setdefault("TETHER_GRPC__PORT", "0")
+
 
 def pytest_configure(config: pytest.Config) -> None:
     """Point the fleet tests at a PostgreSQL (the machine's, or a private one) before any
