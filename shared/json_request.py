@@ -178,8 +178,8 @@ def _parameters(raw: msgspec.Raw, owner: str) -> dict[str, Any]:
         raise InvalidInput(f"parameters of {owner} are over {MAX_PARAMETERS_BYTES} bytes")
     try:
         return _PARAMETERS.decode(raw) or {}
-    except msgspec.ValidationError:
-        raise InvalidInput(f"parameters of {owner} must be a JSON object") from None
+    except msgspec.ValidationError as exc:
+        raise InvalidInput(f"parameters of {owner} must be a JSON object: {exc}") from None
     except RecursionError:
         raise InvalidInput(f"parameters of {owner} are nested too deeply") from None
 
@@ -206,6 +206,10 @@ def json_tensor(spec: DeclaredInput, dtype: np.dtype, count: int) -> np.ndarray:
                 raise _wrong_count(spec, count, None)  # before one object per element is made
         try:
             data = _ANY.decode(data)
+        except msgspec.ValidationError as exc:  # a number past a double, say
+            raise InvalidInput(
+                f"input {spec.name!r}: data does not fit datatype {spec.datatype}: {exc}"
+            ) from None
         except RecursionError:
             raise InvalidInput(f"input {spec.name!r}: data is nested too deeply") from None
     return _from_values(spec, data, dtype, count)

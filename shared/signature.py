@@ -55,7 +55,9 @@ def check_inputs(
     if len(shapes) != len(specs) or any(spec.name not in shapes for spec in specs):
         expected = ", ".join(spec.name for spec in specs)
         given = ", ".join(shapes) or "none"
-        raise InvalidInput(f"model {model.name!r} takes inputs [{expected}], request gave [{given}]")
+        raise InvalidInput(
+            f"model {model.name!r} takes inputs [{expected}], request gave [{given}]"
+        )
     for spec in specs:
         datatype = datatypes.get(spec.name)
         if datatype != spec.datatype:
