@@ -48,8 +48,9 @@ class TensorLimits:
 
     max_elements: int = 16 * 1024 * 1024
     max_inputs: int = 64
-    #: Bytes of request JSON outside numeric tensor data (names, shapes, parameters...).
-    max_header_bytes: int = 1024 * 1024
+    #: JSON objects a request may hold (inputs, outputs, parameters), unless the model takes
+    #: BYTES (whose strings may hold braces): each becomes Python objects when decoded.
+    max_objects: int = 4096
 
 
 @dataclass(frozen=True)
@@ -109,8 +110,7 @@ def decode_request(
     header, tail = split_body(body, header_length)
     request = read_request(
         header,
-        max_header_bytes=limits.max_header_bytes,
-        strings_allowed=model is None or takes_bytes(model),
+        max_objects=None if model is None or takes_bytes(model) else limits.max_objects,
     )
     return _decode(request, tail, limits, model)
 

@@ -315,8 +315,9 @@ def test_many_tiny_inputs_cannot_make_the_header_costly() -> None:
     one = b'{"name":"x","datatype":"FP32","shape":[1]},'
     body = b'{"inputs":[' + one * 400_000 + b'{"name":"x","datatype":"FP32","shape":[1]}]}'
     peak, raised = peak_of(lambda: decode_request(body, None, None, SIXTY_FOUR_FLOATS))
-    assert isinstance(raised, PayloadTooLarge) and "outside tensor data" in raised.message
-    assert peak < 3 * 1024 * 1024, peak  # 1 MiB pieces of the 17 MB body, no objects per input
+    assert isinstance(raised, PayloadTooLarge)
+    assert raised.message == "the request holds 400002 JSON objects, over the limit of 4096"
+    assert peak < 64 * 1024, peak  # counted, not decoded: no objects per input
 
 
 @pytest.mark.parametrize(
@@ -356,7 +357,8 @@ def test_large_json_data_decodes_exactly(
         ("FP32", [1000, 3], [[1, 2, 3, 4]] * 750, "send it flat, or nested exactly"),
         ("FP32", [3000], [[1.0]] * 3000, "send it flat, or nested exactly"),
         ("FP32", [3000], [1.0] * 2999, "needs 3000 elements, data has 2999"),
-        ("FP32", [3000], ["1.0"] * 3000, "numbers only"),
+        ("FP32", [3000], ["one"] * 3000, "does not fit datatype FP32"),
+        ("FP32", [1000, 3], [[1.0, "two", 3.0]] * 1000, "does not fit shape"),
         ("BOOL", [3000], [True] * 3001, "needs 3000 elements"),
     ],
 )
@@ -371,15 +373,18 @@ def test_large_json_data_that_does_not_fit_is_refused(
 
 
 def test_bytes_go_only_to_models_that_take_bytes() -> None:
-    strings = {
-        "inputs": [{"name": "x", "datatype": "BYTES", "shape": [20000], "data": ["abc"] * 20000}]
-    }
-    body = orjson.dumps(strings)
-    with pytest.raises(InvalidInput, match="must be FP32"):
-        decode_request(body, None, TensorLimits(max_header_bytes=1 << 20), SIXTY_FOUR_FLOATS)
-    with pytest.raises(PayloadTooLarge, match="outside tensor data"):
-        decode_request(body, None, TensorLimits(max_header_bytes=4096), SIXTY_FOUR_FLOATS)
-    texts = Signature((Spec("x", "BYTES", (-1,)),))
-    assert list(
-        decode_request(body, None, TensorLimits(max_header_bytes=4096), texts).inputs["x"][:2]
-    ) == [b"abc", b"abc"]
+    def strings(text: str, count: int = 200_000) -> bytes:
+        return orjson.dumps(
+            {
+                "inputs": [
+                    {"name": "x", "datatype": "BYTES", "shape": [count], "data": [text] * count}
+                ]
+            }
+        )
+
+    body = strings("text")
+    peak, raised = peak_of(lambda: decode_request(body, None, None, SIXTY_FOUR_FLOATS))
+    assert isinstance(raised, InvalidInput) and "must be FP32, got BYTES" in raised.message
+    assert peak < 64 * 1024, peak  # not one string was made
+    texts = Signature((Spec("x", "BYTES", (-1,)),))  # braces in its strings are no objects
+    assert list(decode_request(strings("{a}"), None, None, texts).inputs["x"][:2]) == [b"{a}"] * 2
