@@ -70,6 +70,7 @@ class Added:
     stored: int = 0
     #: Redeliveries of messages already stored (acknowledged, not stored again).
     skipped: int = 0
+    #: Readings the full policy dropped: new ones refused, or older ones to make room.
     dropped: int = 0
 
 
@@ -189,14 +190,13 @@ class Intake:
                     added.skipped += 1
                     continue
                 size = len(message.payload)
-                if not self._make_room(size, group, received):
+                if not self._make_room(size, group, received, added):
                     self._explain(message, "intake_full_refused", received)
                     added.dropped += 1
                     continue
                 group.append(_Pending(message, lane, key))
                 self._count += 1
                 self._bytes += size
-            added.dropped += len(items) - added.skipped - added.dropped - len(group)
             added.stored = len(group)
             insert_rows(
                 db,
@@ -240,7 +240,7 @@ class Intake:
                 self._ready.notify_all()
         return added
 
-    def _make_room(self, size: int, group: deque[_Pending], now: float) -> bool:
+    def _make_room(self, size: int, group: deque[_Pending], now: float, added: Added) -> bool:
         """True when a reading of ``size`` bytes fits, after dropping the oldest if allowed."""
         while (
             self._count + 1 > self.settings.max_messages
@@ -255,6 +255,7 @@ class Intake:
                 self._count -= 1
                 self._bytes -= len(oldest.message.payload)
                 self._explain(oldest.message, "intake_full_oldest", now)
+            added.dropped += 1
         return True
 
     def _evict_stored(self, now: float) -> bool:

@@ -197,9 +197,7 @@ class Collector:
         self.arrivals: list[tuple[str, str, Any]] = []
         # A large Receive Maximum: a stock broker queues at most 1000 messages for a slow
         # subscriber and drops the rest; in flight on the wire they are not dropped.
-        self.client = MqttClient(
-            url, f"collector-{uuid.uuid4().hex[:6]}", receive_maximum=65_535
-        )
+        self.client = MqttClient(url, f"collector-{uuid.uuid4().hex[:6]}", receive_maximum=65_535)
         self.client.subscribe(f"tether/{device}/sensors/+/inference", self._on, qos=1)
         self.client.subscribe(f"tether/{device}/sensors/+/errors", self._on, qos=1)
 
@@ -230,12 +228,13 @@ class CloudWorkerProcess:
 
     def start(self) -> CloudWorkerProcess:
         log = open(self.log_path, "ab")  # noqa: SIM115
+        command = [
+            sys.executable, "-m", "tether", "cloud", "--mqtt-url", self.broker_url,
+            "--repository", str(REPOSITORY), "--models", ",".join(self.models),
+            "--worker-id", f"cw-{uuid.uuid4().hex[:6]}", "--metrics-port", "0",
+        ]  # fmt: skip
         self.process = subprocess.Popen(
-            [
-                sys.executable, "-m", "tether", "cloud", "--mqtt-url", self.broker_url,
-                "--repository", str(REPOSITORY), "--models", ",".join(self.models),
-                "--worker-id", f"cw-{uuid.uuid4().hex[:6]}", "--metrics-port", "0",
-            ],  # fmt: skip
+            command,
             cwd=ROOT,
             env={**os.environ, "PYTHONPATH": str(ROOT)},
             stdout=log,

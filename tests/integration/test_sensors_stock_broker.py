@@ -23,14 +23,12 @@ from pathlib import Path
 
 import pytest
 
-from cloud.settings import CloudSettings
-from cloud.worker import CloudWorker
-from edge.settings import RuntimeSettings
 from shared.mqtt import MqttClient
 from tests.broker import Broker
 from tests.conftest import REPOSITORY
 from tests.integration.sensor_stack import (
     BridgeProcess,
+    CloudWorkerProcess,
     Collector,
     stock_broker,
     unsure_rows,
@@ -59,20 +57,14 @@ def stock_brokers(tmp_path: Path) -> Iterator[tuple[Broker, Broker]]:
 
 
 @pytest.fixture
-def cloud_worker(stock_brokers: tuple[Broker, Broker]) -> Iterator[CloudWorker]:
-    settings = CloudSettings(
-        mqtt_url=stock_brokers[1].url,
-        worker_id=f"cw-{uuid.uuid4().hex[:6]}",
-        repository=REPOSITORY,
-        models=["digits-teacher"],
-        metrics_port=0,
-        drain_timeout_s=1.0,
-        runtime=RuntimeSettings(backend="onnxruntime", providers=["CPUExecutionProvider"]),
-    )
-    worker = CloudWorker(settings)
-    worker.start()
+def cloud_worker(
+    tmp_path: Path, stock_brokers: tuple[Broker, Broker]
+) -> Iterator[CloudWorkerProcess]:
+    """``tether cloud`` in a process of its own (the test process publishes and collects)."""
+    worker = CloudWorkerProcess(stock_brokers[1].url, ["digits-teacher"], tmp_path / "cloud.log")
+    worker.start().wait_ready()
     yield worker
-    worker.stop(drain=False, timeout_s=2.0)
+    worker.stop()
 
 
 def malformed(k: int) -> tuple[str, bytes]:
@@ -92,7 +84,7 @@ def malformed(k: int) -> tuple[str, bytes]:
 def test_a_burst_of_escalated_readings_on_a_stock_broker_loses_nothing(
     tmp_path: Path,
     stock_brokers: tuple[Broker, Broker],
-    cloud_worker: CloudWorker,
+    cloud_worker: CloudWorkerProcess,
     outage: bool,
 ) -> None:
     device, cloud = stock_brokers
@@ -134,7 +126,10 @@ def test_a_burst_of_escalated_readings_on_a_stock_broker_loses_nothing(
             bad_ids.add(bad_id)
             infos.append(
                 publisher.publish(
-                    f"tether/{DEVICE}/sensors/bad/data", bad, qos=1, correlation_data=bad_id.encode()
+                    f"tether/{DEVICE}/sensors/bad/data",
+                    bad,
+                    qos=1,
+                    correlation_data=bad_id.encode(),
                 )
             )
         if outage and i == 4000:
