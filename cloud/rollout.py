@@ -382,6 +382,7 @@ class RolloutController:
             health_window_s=rollout.policy.window_s,
             shadow_sample_rate=rollout.policy.shadow_sample_rate,
             issued_at=now,
+            wave=min(d.wave for d in devices) + 1 if devices else None,
         )
         payload = orjson.dumps(order.dump())
         names = [d.device for d in devices]

@@ -23,11 +23,11 @@ from pydantic_settings import (
     NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
-    TomlConfigSettingsSource,
 )
 
 from edge.runtime_options import RuntimeOptions
 from edge.settings import RuntimeSettings, Section, load_toml_settings
+from edge.settings_toml import ConfigFileSource
 from shared.errors import InvalidInput
 from shared.topics import CLOUD_SHARE_GROUP, check_segment
 
@@ -149,7 +149,7 @@ class CloudSettings(BaseSettings):
         sources = [init_settings, env_settings, SharedBrokerUrl(settings_cls)]
         toml_file = _TOML_FILE.get("path")
         if toml_file is not None:
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+            sources.append(ConfigFileSource(settings_cls, toml_file))
         return tuple(sources)
 
     def runtime_options(self) -> RuntimeOptions:

@@ -187,6 +187,45 @@ def summary(result: Calibration) -> str:
     )
 
 
+def write_csv(result: Calibration, path: Path) -> Path:
+    """The curve as CSV: every threshold that changes the calibration split's outcome, with
+    offload, accuracy and agreement on both splits (``chosen`` marks the pick)."""
+    import csv
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    thresholds = candidate_thresholds(result.calibration_scores, result.measure)
+    with path.open("w", newline="") as stream:
+        out = csv.writer(stream)
+        out.writerow(
+            [
+                "threshold",
+                "offload_calibration",
+                "accuracy_calibration",
+                "agreement_calibration",
+                "offload_test",
+                "accuracy_test",
+                "agreement_test",
+                "chosen",
+            ]
+        )
+        for t in thresholds:
+            cal = evaluate(result.calibration_scores, result.measure, t)
+            test = evaluate(result.test_scores, result.measure, t)
+            out.writerow(
+                [
+                    f"{t:.6g}",
+                    f"{cal.offload:.6f}",
+                    f"{cal.accuracy:.6f}",
+                    f"{cal.agreement:.6f}",
+                    f"{test.offload:.6f}",
+                    f"{test.accuracy:.6f}",
+                    f"{test.agreement:.6f}",
+                    int(t == result.chosen.threshold),
+                ]
+            )
+    return path
+
+
 def plot(result: Calibration, path: Path) -> Path:
     """Accuracy versus offload on both splits, with the chosen point, as a PNG."""
     import matplotlib

@@ -24,20 +24,31 @@ from edge.settings import load_settings
     help="Model repository folder (default models/repository).",
 )
 @click.option("--workers", type=int, help="Server worker processes (default 1).")
+@click.option(
+    "--grpc-port",
+    type=click.IntRange(0, 65535),
+    help="Port of the KServe V2 gRPC API (default 8001; 0 turns it off).",
+)
 def edge_command(
     config_file: Path | None,
     host: str | None,
     port: int | None,
     repository: Path | None,
     workers: int | None,
+    grpc_port: int | None,
 ) -> None:
-    """Serve the model repository over the Open Inference Protocol (KServe V2)."""
+    """Serve the model repository over the Open Inference Protocol (KServe V2), HTTP and gRPC."""
     from edge.http.server import serve
 
     given = {"host": host, "port": port, "workers": workers}
     http = {k: v for k, v in given.items() if v is not None}
     try:
-        settings = load_settings(config_file, repository=repository, http=http or None)
+        settings = load_settings(
+            config_file,
+            repository=repository,
+            http=http or None,
+            grpc=None if grpc_port is None else {"port": grpc_port},
+        )
     except (FileNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
     serve(settings)

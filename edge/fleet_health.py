@@ -39,6 +39,7 @@ import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
 from edge.health import LATENCY_BOUNDS_MS, HealthCounters
+from edge.http.tokens import ADMIN, read_tokens_file, token_with_scope
 from edge.metrics import EdgeMetrics
 from edge.model_config import load_model_config
 from edge.settings import EdgeSettings
@@ -305,16 +306,14 @@ class MetricsHealthSource:
 
 
 def first_token(settings: EdgeSettings) -> str | None:
-    """A bearer token the local API accepts (the first configured), or ``None``."""
+    """A bearer token the local API accepts for ``/metrics`` (the first configured with the
+    ``admin`` scope), or ``None``."""
     auth = settings.http.auth
-    if auth.tokens:
-        return auth.tokens[0].get_secret_value()
-    if auth.tokens_file is not None:
-        from edge.http.auth import read_tokens_file
-
+    token = token_with_scope(auth.entries(), ADMIN, auth.default_scopes)
+    if token is None and auth.tokens_file is not None:
         try:
-            tokens = read_tokens_file(auth.tokens_file)
+            entries, _problems = read_tokens_file(auth.tokens_file)
         except OSError:
             return None
-        return tokens[0] if tokens else None
-    return None
+        token = token_with_scope(entries, ADMIN, auth.default_scopes)
+    return token

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from edge.pipelines.config import PipelineConfig
 from shared.errors import InvalidInput
 
 CONFIG_FILE = "config.json"
@@ -90,6 +91,8 @@ class ModelConfig(BaseModel):
     version_policy: VersionPolicy = Field(default_factory=VersionPolicy)
     #: Free-form facts about the model (accuracy, FLOPs, role) shown in model metadata.
     parameters: dict[str, Any] = Field(default_factory=dict)
+    #: Pre- and post-processing the server runs around the model (``edge.pipelines``).
+    pipeline: PipelineConfig | None = None
 
     @property
     def model_filename(self) -> str:
@@ -98,6 +101,25 @@ class ModelConfig(BaseModel):
     def input_shape(self, tensor: TensorConfig) -> list[int]:
         """The full shape clients see, with ``-1`` for the batch dimension when batched."""
         return ([-1] if self.max_batch_size > 0 else []) + list(tensor.dims)
+
+    def client_inputs(self) -> list[TensorConfig]:
+        """The inputs clients send: the declared ones, with a pipeline's in their place."""
+        stage = self.pipeline.input if self.pipeline else None
+        if stage is None:
+            return list(self.input)
+        return [
+            TensorConfig(name=stage.name, datatype="BYTES", dims=[])
+            if t.name == stage.tensor
+            else t
+            for t in self.input
+        ]
+
+    def client_outputs(self) -> list[TensorConfig]:
+        """The outputs clients get: the declared ones, plus a pipeline's."""
+        stage = self.pipeline.output if self.pipeline else None
+        if stage is None:
+            return list(self.output)
+        return [*self.output, TensorConfig(name=stage.name, datatype="BYTES", dims=[stage.k])]
 
 
 def load_model_config(model_dir: Path) -> ModelConfig:

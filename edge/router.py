@@ -223,7 +223,9 @@ class CascadeRoute(RouteRuntime):
             answer = _local_answer(local, "local", outputs)
             answer.parameters.update(params)
             return answer
-        sub = {key: np.ascontiguousarray(value[low]) for key, value in inputs.items()}
+        sub = self.local.escalation_inputs(
+            {key: np.ascontiguousarray(value[low]) for key, value in inputs.items()}
+        )
         try:
             remote = self._run_cloud(sub, wanted)
         except TetherError as exc:
@@ -475,10 +477,11 @@ def read_model_metadata(
         return None
     path = model_dir / str(versions[-1]) / config.model_filename
     declared_in = [
-        TensorSpec(t.name, t.datatype, tuple(config.input_shape(t))) for t in config.input
+        TensorSpec(t.name, t.datatype, tuple(config.input_shape(t))) for t in config.client_inputs()
     ]
     declared_out = [
-        TensorSpec(t.name, t.datatype, tuple(config.input_shape(t))) for t in config.output
+        TensorSpec(t.name, t.datatype, tuple(config.input_shape(t)))
+        for t in config.client_outputs()
     ]
     graph_in: list[TensorSpec] = []
     graph_out: list[TensorSpec] = []

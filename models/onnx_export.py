@@ -25,13 +25,20 @@ OPSET = 17
 IR_VERSION = 8
 
 
-def to_onnx(model: MLP, *, graph_name: str = "mlp", doc: str = "") -> onnx.ModelProto:
+def to_onnx(
+    model: MLP,
+    *,
+    graph_name: str = "mlp",
+    doc: str = "",
+    input_name: str = INPUT_NAME,
+    output_name: str = OUTPUT_NAME,
+) -> onnx.ModelProto:
     """Build the ONNX graph for ``model`` (float32 weights) and check it."""
     sizes = model.layer_sizes
     initializers = [
         numpy_helper.from_array(np.array([model.input_scale], dtype=np.float32), "input_scale")
     ]
-    nodes = [helper.make_node("Mul", [INPUT_NAME, "input_scale"], ["scaled"], name="scale")]
+    nodes = [helper.make_node("Mul", [input_name, "input_scale"], ["scaled"], name="scale")]
     current = "scaled"
     last = len(model.weights) - 1
     for i, (w, b) in enumerate(zip(model.weights, model.biases, strict=True)):
@@ -47,16 +54,16 @@ def to_onnx(model: MLP, *, graph_name: str = "mlp", doc: str = "") -> onnx.Model
         if i < last:
             nodes.append(helper.make_node("Relu", [current], [f"relu{i}"], name=f"relu{i}"))
             current = f"relu{i}"
-    nodes.append(helper.make_node("Softmax", [current], [OUTPUT_NAME], name="softmax", axis=-1))
+    nodes.append(helper.make_node("Softmax", [current], [output_name], name="softmax", axis=-1))
 
     graph = helper.make_graph(
         nodes,
         graph_name,
         inputs=[
-            helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, [BATCH_DIM, sizes[0]])
+            helper.make_tensor_value_info(input_name, TensorProto.FLOAT, [BATCH_DIM, sizes[0]])
         ],
         outputs=[
-            helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, [BATCH_DIM, sizes[-1]])
+            helper.make_tensor_value_info(output_name, TensorProto.FLOAT, [BATCH_DIM, sizes[-1]])
         ],
         initializer=initializers,
         doc_string=doc,

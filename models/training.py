@@ -127,7 +127,7 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return out
 
 
-def init_mlp(layer_sizes: Sequence[int], seed: int) -> MLP:
+def init_mlp(layer_sizes: Sequence[int], seed: int, input_scale: float = INPUT_SCALE) -> MLP:
     """A float64 perceptron with He-normal weights and zero biases, drawn from ``seed``."""
     if len(layer_sizes) < 2:
         raise ValueError("an MLP needs at least an input and an output width")
@@ -137,7 +137,7 @@ def init_mlp(layer_sizes: Sequence[int], seed: int) -> MLP:
         for fan_in, fan_out in itertools.pairwise(layer_sizes)
     ]
     biases = [np.zeros(fan_out) for fan_out in layer_sizes[1:]]
-    return MLP(weights=weights, biases=biases)
+    return MLP(weights=weights, biases=biases, input_scale=input_scale)
 
 
 def train_mlp(
@@ -146,12 +146,18 @@ def train_mlp(
     layer_sizes: Sequence[int],
     config: TrainConfig,
     teacher: MLP | None = None,
+    *,
+    teacher_logits: np.ndarray | None = None,
+    input_scale: float = INPUT_SCALE,
 ) -> MLP:
     """Train a perceptron on raw pixels and integer labels; return it in float32.
 
     With a ``teacher`` the loss is Hinton's distillation loss at ``config.temperature``
     and ``config.alpha``, the teacher scoring exactly the (augmented) batch the student
-    sees; without, plain cross-entropy on the labels.
+    sees; without, plain cross-entropy on the labels. ``teacher_logits`` (one row per input,
+    e.g. the log-probabilities of a teacher that is not an MLP) distil the same way without
+    augmentation; with ``alpha = 1`` the labels are not used at all. ``input_scale`` is
+    what the model multiplies its inputs by first (1/16 for digit pixels).
     """
     x = np.asarray(pixels, dtype=np.float64)
     y = np.asarray(labels, dtype=np.int64)
@@ -161,14 +167,22 @@ def train_mlp(
         raise ValueError(f"pixels have {x.shape[1]} features, the model takes {layer_sizes[0]}")
     if teacher is not None and teacher.layer_sizes[-1] != classes:
         raise ValueError("the teacher and the student must predict the same classes")
+    if teacher_logits is not None and teacher_logits.shape != (n, classes):
+        raise ValueError(
+            f"teacher logits have shape {list(teacher_logits.shape)}, expected [{n}, {classes}]"
+        )
     teacher64 = None if teacher is None else teacher.astype(np.float64)
     onehot = np.eye(classes)[y]
     # Without augmentation the teacher sees the same rows every epoch: score them once.
     fixed_targets: np.ndarray | None = None
-    if teacher64 is not None and config.mixup == 0:
+    if teacher_logits is not None:
+        if config.mixup:
+            raise ValueError("fixed teacher logits cannot follow mixed-up inputs")
+        fixed_targets = softmax(np.asarray(teacher_logits, np.float64), config.temperature)
+    elif teacher64 is not None and config.mixup == 0:
         fixed_targets = softmax(teacher64.logits(x), config.temperature)
 
-    model = init_mlp(layer_sizes, config.seed)
+    model = init_mlp(layer_sizes, config.seed, input_scale)
     rng = np.random.default_rng(config.seed + 1)
     adam = _Adam(config)
     params = [*model.weights, *model.biases]

@@ -25,7 +25,7 @@ from shared.errors import InvalidInput, TetherError
 from shared.protocol import InferenceRequest, VersionedModel
 from shared.versioning import SchemaVersion
 
-ENVELOPE_SCHEMA = SchemaVersion(1, 0)
+ENVELOPE_SCHEMA = SchemaVersion(1, 1)
 _LENGTH = struct.Struct(">I")
 MAX_HEADER_BYTES = 16 * 1024 * 1024
 
@@ -47,6 +47,7 @@ class InferRequestEnvelope(Envelope):
     deadline: float | None = Field(None, description="Unix time after which nobody waits.")
     sent_at: float | None = None
     trace_id: str | None = Field(None, description="Request id for logs along the whole path.")
+    agent_version: str | None = Field(None, description="Since 1.1: the edge agent's version.")
     request: InferenceRequest
 
 
@@ -58,6 +59,7 @@ class InferResponseEnvelope(Envelope):
     queue_ms: float | None = None
     compute_ms: float | None = None
     batch_size: int | None = None
+    worker_version: str | None = Field(None, description="Since 1.1: the cloud worker's version.")
     response: dict[str, Any]
 
 

@@ -37,7 +37,7 @@ from shared.protocol import VersionedModel
 from shared.topics import ROOT
 from shared.versioning import SchemaVersion
 
-FLEET_SCHEMA = SchemaVersion(1, 0)
+FLEET_SCHEMA = SchemaVersion(1, 1)
 
 #: Topic filters the cloud subscribes to.
 STATUS_FILTER = f"{ROOT}/+/status"
@@ -103,6 +103,7 @@ class RolloutOrder(FleetMessage):
     health_window_s: float = Field(60.0, ge=0)
     shadow_sample_rate: float = Field(0.0, ge=0, le=1)
     issued_at: float
+    wave: int | None = Field(None, ge=1, description="Since 1.1: the wave (from 1) ordered.")
 
     @model_validator(mode="after")
     def _install_needs_manifest(self) -> RolloutOrder:
@@ -123,6 +124,12 @@ class RolloutEvent(FleetMessage):
     reason: str = ""
     health: HealthReport | None = None
     at: float
+    bytes_downloaded: int | None = Field(
+        None, ge=0, description="Since 1.1: bytes fetched for this install (delta or full)."
+    )
+    delta_from: int | None = Field(
+        None, ge=1, description="Since 1.1: the version a delta was applied to, if one was."
+    )
 
 
 class ModelState(VersionedModel):
@@ -133,6 +140,9 @@ class ModelState(VersionedModel):
     active: int | None = None
     previous: int | None = None
     state: str = ""
+    rollout_id: str | None = Field(
+        None, description="Since 1.1: the rollout the device last acted on for this model."
+    )
 
 
 class DeviceStatus(FleetMessage):

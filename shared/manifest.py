@@ -5,10 +5,19 @@ download it) and the conditions for installing it (hardware, agent version, expi
 cloud signs it with an ed25519 key; a device trusts a short list of public keys and refuses
 an unsigned, tampered, expired or not-newer manifest (:func:`verify_manifest`).
 
-The signature covers :func:`canonical_bytes`: the manifest's ``dump()`` as JSON with sorted
-keys, no whitespace, UTF-8. Devices written in other languages rebuild those bytes from the
-manifest object they received (numbers as the JSON text they arrived with; ``created_at`` and
-``expires_at`` are always written with a fractional part, e.g. ``1700000000.0``).
+Two signatures, both over :func:`canonical_json` (sorted keys, no whitespace, UTF-8):
+
+* ``content_signature`` (since 1.1) covers the manifest object **exactly as sent**, every
+  field, known to the reader or not. A device verifies it over the object it received, so
+  it verifies a manifest from a registry of a newer minor that added fields it does not
+  know (:func:`verify_manifest` keeps the received object for this).
+* ``signature`` covers the manifest as a 1.0 device rebuilds it: the 1.0 fields only, with
+  ``schema_version`` ``"1.0"`` (:func:`canonical_bytes`). Devices at 1.0 verify only this one
+  (and use only the fields it covers); newer devices verify both.
+
+Devices written in other languages rebuild those bytes from the manifest object they
+received (numbers as the JSON text they arrived with; ``created_at`` and ``expires_at`` are
+always written with a fractional part, e.g. ``1700000000.0``).
 """
 
 from __future__ import annotations
@@ -20,18 +29,61 @@ import json
 import os
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar, Literal
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from pydantic import Field
+from pydantic import (
+    Field,
+    PrivateAttr,
+    SerializerFunctionWrapHandler,
+    ValidatorFunctionWrapHandler,
+    model_serializer,
+    model_validator,
+)
 
 from shared.errors import InvalidInput, SignatureError
 from shared.protocol import VersionedModel
 from shared.versioning import SchemaVersion
 
-MANIFEST_SCHEMA = SchemaVersion(1, 0)
+MANIFEST_SCHEMA = SchemaVersion(1, 1)
+#: The manifest as a 1.0 device knows it: what the legacy ``signature`` covers.
+LEGACY_SCHEMA = SchemaVersion(1, 0)
+LEGACY_FIELDS = frozenset(
+    {
+        "model",
+        "version",
+        "sha256",
+        "size",
+        "url",
+        "min_agent_version",
+        "target_hardware",
+        "created_at",
+        "expires_at",
+        "files",
+    }
+)
+
+
+class DeltaArtifact(VersionedModel):
+    """A binary patch that turns the artifact of ``from_version`` into this version's.
+
+    A device that runs ``from_version`` (with the artifact whose sha256 is ``from_sha256``
+    still on disk) may fetch this instead of the full artifact; the patched result must
+    still match the manifest's ``sha256``. Covered by the manifest's signatures.
+    """
+
+    SCHEMA: ClassVar[SchemaVersion] = MANIFEST_SCHEMA
+
+    from_version: int = Field(ge=1)
+    from_sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="The base artifact's sha256.")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="Hex sha256 of the delta file.")
+    size: int = Field(ge=0, description="Delta size in bytes.")
+    url: str = Field(description="Where to download the delta (HTTP, Range supported).")
+    format: Literal["zstd-patch"] = Field(
+        "zstd-patch", description="zstd with the base artifact as the dictionary (patch-from)."
+    )
 
 
 class Manifest(VersionedModel):
@@ -51,16 +103,51 @@ class Manifest(VersionedModel):
     files: dict[str, str] | None = Field(
         None, description="Optional: path inside the artifact -> hex sha256 of that file."
     )
+    deltas: list[DeltaArtifact] | None = Field(
+        None, description="Since 1.1: patches from earlier versions, smaller to download."
+    )
 
 
 class SignedManifest(VersionedModel):
-    """A manifest with its ed25519 signature and the id of the key that made it."""
+    """A manifest with its ed25519 signatures and the id of the key that made them.
+
+    Keeps the manifest object as it was received (or signed), so that re-sending it (the
+    controller relays what the registry stored) and verifying it cover every field, also
+    those this code does not know.
+    """
 
     SCHEMA: ClassVar[SchemaVersion] = MANIFEST_SCHEMA
 
     manifest: Manifest
-    signature: str = Field(description="Base64 ed25519 signature over canonical_bytes(manifest).")
+    signature: str = Field(
+        description="Base64 ed25519 signature over the manifest as 1.0 readers rebuild it."
+    )
     key_id: str = Field(description="First 16 hex chars of sha256(raw 32-byte public key).")
+    content_signature: str | None = Field(
+        None,
+        description="Since 1.1: base64 ed25519 signature over canonical JSON of the manifest "
+        "object exactly as sent, unknown fields included.",
+    )
+    _received: dict[str, Any] | None = PrivateAttr(default=None)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _keep_received(cls, data: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        signed = handler(data)
+        if isinstance(data, dict) and isinstance(data.get("manifest"), dict):
+            signed._received = dict(data["manifest"])
+        return signed
+
+    @model_serializer(mode="wrap")
+    def _send_as_received(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        body: dict[str, Any] = handler(self)
+        if self._received is not None and "manifest" in body:
+            body["manifest"] = self._received
+        return body
+
+    def content(self) -> dict[str, Any]:
+        """The manifest object as received or signed (what ``content_signature`` covers)."""
+        return self._received if self._received is not None else self.manifest.dump()
 
 
 # ---------------------------------------------------------------------------- keys
@@ -124,21 +211,33 @@ def key_id(key: Ed25519PrivateKey | Ed25519PublicKey) -> str:
 # ---------------------------------------------------------------------------- sign / verify
 
 
+def canonical_json(value: dict[str, Any]) -> bytes:
+    """Sorted-key, compact, UTF-8 JSON: the bytes a signature covers."""
+    try:
+        text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise SignatureError(f"manifest cannot be written canonically: {exc}") from None
+    return text.encode("utf-8")
+
+
 def canonical_bytes(manifest: Manifest) -> bytes:
-    """The exact bytes the signature covers: sorted-key, compact, UTF-8 JSON of ``dump()``."""
-    return json.dumps(
-        manifest.dump(), sort_keys=True, separators=(",", ":"), ensure_ascii=False
-    ).encode("utf-8")
+    """What the legacy ``signature`` covers: the manifest as a 1.0 reader rebuilds it."""
+    body = manifest.model_dump(exclude_none=True, include=set(LEGACY_FIELDS))
+    body["schema_version"] = str(LEGACY_SCHEMA)
+    return canonical_json(body)
 
 
 def sign_manifest(manifest: Manifest, key: Ed25519PrivateKey) -> SignedManifest:
-    """Sign ``manifest`` with ``key``."""
-    signature = key.sign(canonical_bytes(manifest))
-    return SignedManifest(
+    """Sign ``manifest`` with ``key`` (both signatures; see the module docstring)."""
+    content = manifest.dump()
+    signed = SignedManifest(
         manifest=manifest,
-        signature=base64.b64encode(signature).decode("ascii"),
+        signature=base64.b64encode(key.sign(canonical_bytes(manifest))).decode("ascii"),
         key_id=key_id(key),
+        content_signature=base64.b64encode(key.sign(canonical_json(content))).decode("ascii"),
     )
+    signed._received = content
+    return signed
 
 
 def _format_time(unix: float) -> str:
@@ -154,36 +253,23 @@ def verify_manifest(
 ) -> Manifest:
     """Return the manifest if a trusted key signed it, it has not expired, and it is newer.
 
-    ``last_trusted_version`` is the highest version of this model the device has ever
-    accepted (``None`` for none): an equal or lower version is a rollback attack. The
+    Both signatures must verify: the legacy one over the 1.0 fields, and (when the registry
+    is 1.1 or newer) the content signature over the manifest object as received, fields
+    this code does not know included. Without a content signature (a 1.0 registry) only
+    the 1.0 fields are signed, so only those are returned (``deltas`` and any later field
+    dropped). ``last_trusted_version`` is the highest version of this model the device has
+    ever accepted (``None`` for none): an equal or lower version is a rollback attack. The
     ``key_id`` is only a hint for picking the key; any trusted key that verifies counts.
     Raises :class:`SignatureError` saying why it refused.
     """
     manifest = signed.manifest
-    try:
-        signature = base64.b64decode(signed.signature, validate=True)
-    except binascii.Error:
-        raise SignatureError("signature does not verify (not base64)") from None
-    message = canonical_bytes(manifest)
-    by_id = {key_id(k): k for k in trusted_keys}
-    candidates = [by_id[signed.key_id]] if signed.key_id in by_id else []
-    candidates += [k for k in trusted_keys if k not in candidates]
-    verified = False
-    for key in candidates:
-        try:
-            key.verify(signature, message)
-        except InvalidSignature:
-            continue
-        verified = True
-        break
-    if not verified:
-        if signed.key_id not in by_id:
-            raise SignatureError(
-                f"signed by an untrusted key (key_id {signed.key_id!r} is not among the "
-                f"{len(trusted_keys)} trusted keys)"
-            )
-        raise SignatureError(
-            f"signature does not verify for {manifest.model} version {manifest.version}"
+    _check_signature(signed, signed.signature, canonical_bytes(manifest), trusted_keys)
+    if signed.content_signature is not None:
+        content = canonical_json(signed.content())
+        _check_signature(signed, signed.content_signature, content, trusted_keys)
+    else:
+        manifest = Manifest.model_validate(
+            manifest.model_dump(exclude_none=True, include=set(LEGACY_FIELDS))
         )
     if now >= manifest.expires_at:
         raise SignatureError(f"manifest expired at {_format_time(manifest.expires_at)}")
@@ -193,6 +279,33 @@ def verify_manifest(
             f"{last_trusted_version} (rollback attack refused)"
         )
     return manifest
+
+
+def _check_signature(
+    signed: SignedManifest, text: str, message: bytes, trusted_keys: list[Ed25519PublicKey]
+) -> None:
+    manifest = signed.manifest
+    try:
+        signature = base64.b64decode(text, validate=True)
+    except binascii.Error:
+        raise SignatureError("signature does not verify (not base64)") from None
+    by_id = {key_id(k): k for k in trusted_keys}
+    candidates = [by_id[signed.key_id]] if signed.key_id in by_id else []
+    candidates += [k for k in trusted_keys if k not in candidates]
+    for key in candidates:
+        try:
+            key.verify(signature, message)
+        except InvalidSignature:
+            continue
+        return
+    if signed.key_id not in by_id:
+        raise SignatureError(
+            f"signed by an untrusted key (key_id {signed.key_id!r} is not among the "
+            f"{len(trusted_keys)} trusted keys)"
+        )
+    raise SignatureError(
+        f"signature does not verify for {manifest.model} version {manifest.version}"
+    )
 
 
 #: Manifest types, for JSON Schema generation.

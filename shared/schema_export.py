@@ -1,7 +1,10 @@
 """Generates the JSON Schema files under ``shared/schemas/`` from the message types.
 
 Devices written in other languages validate against these files; a test fails when the
-committed files differ from what the code generates (run ``make schemas`` to refresh).
+committed files of the current versions differ from what the code generates (run
+``make schemas`` to refresh). Files of earlier versions stay as they were committed: they
+are the history that ``make lint`` checks each new minor against
+(:mod:`shared.schema_compat`), and are never regenerated.
 """
 
 from __future__ import annotations

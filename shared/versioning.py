@@ -1,8 +1,26 @@
-"""Schema versions and the compatibility rule every reader applies.
+"""Schema versions and the evolution rule every message type follows.
 
-A reader accepts any minor version of its own major (newer minors only add optional
-fields, which it ignores), and rejects an unknown major with a clear error instead of
-guessing what the message means.
+Every message carries ``schema_version`` (``MAJOR.MINOR``). The rule, which
+``make lint`` checks on the committed JSON Schemas (:mod:`shared.schema_compat`) and the
+mixed-version tests prove on the wire (``tests/shared/test_mixed_versions.py``):
+
+* **A new minor only adds optional fields.** Nothing that a reader or writer of an
+  earlier minor relies on changes: no field is removed, renamed, retyped or made required,
+  no enum gains or loses a value, no constraint or default moves. Anything else is a new
+  major.
+* **Readers accept every minor of their major, older and newer**, ignore fields they do
+  not know, and answer an unknown major with a clear error (:func:`check_readable`).
+  A missing version is read as the reader's own (plain Open Inference Protocol clients
+  send none).
+* **Writers stamp their own version** and never downgrade a message for an older reader:
+  the older reader ignores what it does not know.
+* **Signatures cover what was sent, not what was understood.** A reader verifies a signed
+  object over the bytes it received, unknown fields included
+  (:func:`shared.manifest.verify_manifest`), so a device verifies a manifest that a newer
+  registry of the same major signed.
+
+So within a major, edge and cloud can be upgraded in either order; messages of a new minor
+simply carry extra fields that older readers skip.
 """
 
 from __future__ import annotations

@@ -28,10 +28,14 @@ class AgentProcess:
         args: list[str] | None = None,
         env: dict[str, str] | None = None,
         port: int | None = None,
+        grpc_port: int = 0,
     ) -> None:
         self.port = port or free_port()
+        #: The gRPC API's port (0: off, the test default, so agents never share 8001).
+        self.grpc_port = grpc_port
         self.data_dir = data_dir
         self.command = [sys.executable, "-m", "tether", "edge", "--port", str(self.port)]
+        self.command += ["--grpc-port", str(grpc_port)]
         if repository is not None:
             self.command += ["--repository", str(repository)]
         if config is not None:

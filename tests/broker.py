@@ -27,10 +27,27 @@ def wait_for_port(port: int, timeout_s: float = 10.0, host: str = "127.0.0.1") -
     raise TimeoutError(f"nothing listening on {host}:{port} after {timeout_s}s")
 
 
-class Broker:
-    """One ``mosquitto`` process with a generated config (or a given one)."""
+#: The configurations a test broker can run: Tether's tuned one, or a stock Mosquitto 2.0
+#: as users run it (only a listener; every other setting at Mosquitto's default, e.g.
+#: Nagle's algorithm on and at most 1000 queued messages per client).
+BROKER_KINDS = ("tuned", "stock")
 
-    def __init__(self, workdir: Path, *, port: int | None = None, extra_config: str = "") -> None:
+
+class Broker:
+    """One ``mosquitto`` process with a generated config (or a given one).
+
+    ``stock=True`` writes only ``listener PORT 127.0.0.1`` and ``allow_anonymous true``
+    (plus ``extra_config``): the configuration a user's broker most likely has.
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        port: int | None = None,
+        extra_config: str = "",
+        stock: bool = False,
+    ) -> None:
         binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         if not Path(binary).exists():
             raise RuntimeError("mosquitto is not installed (make install-broker)")
@@ -39,13 +56,20 @@ class Broker:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.extra_config = extra_config
+        self.stock = stock
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         return f"mqtt://127.0.0.1:{self.port}"
 
+    @property
+    def kind(self) -> str:
+        return "stock" if self.stock else "tuned"
+
     def config_text(self) -> str:
+        if self.stock:
+            return f"listener {self.port} 127.0.0.1\nallow_anonymous true\n{self.extra_config}\n"
         return (
             f"listener {self.port} 127.0.0.1\n"
             "allow_anonymous true\n"

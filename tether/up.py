@@ -143,12 +143,21 @@ def up_command(
 
 
 def seed_repository(repository: Path) -> None:
-    """The demo device serves its own copy of ``models/repository``, which rollouts update."""
+    """The demo device serves its own copy of ``models/repository``, which rollouts update.
+
+    Models built since the copy was made (the image models, say) are added to it; models it
+    already has are left as rollouts made them."""
     source = ROOT / "models" / "repository"
-    if repository.exists() or repository.resolve() == source.resolve():
+    if repository.resolve() == source.resolve():
         return
-    shutil.copytree(source, repository)
-    click.echo(f"seeded the device's model repository {repository} from {source}")
+    if not repository.exists():
+        shutil.copytree(source, repository)
+        click.echo(f"seeded the device's model repository {repository} from {source}")
+        return
+    for model in sorted(source.iterdir()):
+        if model.is_dir() and not (repository / model.name).exists():
+            shutil.copytree(model, repository / model.name)
+            click.echo(f"added {model.name} to the device's model repository {repository}")
 
 
 def fleet_services(tether: list[str], broker_env: dict[str, str]) -> tuple[Service, dict[str, str]]:

@@ -1,4 +1,5 @@
-"""Bearer-token authentication and rate limiting of the local API (docs/security.md).
+"""Bearer-token authentication, token scopes and rate limiting of the local API
+(docs/security.md).
 
 :func:`install_security` hooks one ``before_request`` guard into an app:
 
@@ -6,9 +7,14 @@
   needs ``Authorization: Bearer <token>`` with one of the configured tokens whenever any
   token is configured, else 401 with ``WWW-Authenticate``; unknown paths are guarded too,
   so an anonymous caller learns nothing about what exists;
+* the token must carry the scope the route needs (:func:`requires`; a route nobody marked
+  needs ``admin``), else 403;
 * with rate limiting on, each client (its token, or its address before it has proved one)
   draws from a token bucket per endpoint rule, else 429 with ``Retry-After``. Failed
   logins draw from the address's bucket too, so guessing tokens is throttled.
+
+Every transport asks the same :class:`Guard` (the Flask hook, the inference fast path,
+other route families such as ``/v1``), with the scope its route needs.
 
 Tokens are compared as SHA-256 digests with :func:`hmac.compare_digest` against every
 configured token, so the time taken says nothing about how close a guess was. Logs and the
@@ -23,23 +29,53 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 from flask import Flask, request
 
 from edge.http.ratelimit import RateLimiter
+from edge.http.tokens import ADMIN, DEFAULT_SCOPES, Scope, TokenEntry, read_tokens_file
 from edge.settings import HttpAuthSettings, HttpSettings
-from shared.errors import Unauthorized
+from shared.errors import Forbidden, Unauthorized
 
 log = logging.getLogger(__name__)
 
 AUTH_KEY = "tether.auth"
 RATE_LIMITER_KEY = "tether.rate_limiter"
+GUARD_KEY = "tether.guard"
 #: Endpoints (operationIds) anyone may call: liveness, readiness, the API description.
 PUBLIC_ENDPOINTS = frozenset({"server_live", "server_ready", "openapi"})
 #: The challenge a 401 carries (RFC 6750).
 CHALLENGE = 'Bearer realm="tether"'
+#: The attribute :func:`requires` sets on a view function.
+_SCOPE_ATTRIBUTE = "tether_scope"
+
+View = TypeVar("View", bound=Callable[..., Any])
+
+
+def requires(scope: Scope) -> Callable[[View], View]:
+    """Mark a Flask view as needing a token with ``scope`` (put it under the route
+    decorator). A view left unmarked needs ``admin``: a new route is closed until someone
+    says who may call it."""
+
+    def mark(view: View) -> View:
+        setattr(view, _SCOPE_ATTRIBUTE, scope)
+        return view
+
+    return mark
+
+
+def required_scope(app: Flask, endpoint: str | None) -> Scope | None:
+    """The scope ``endpoint`` needs; ``None`` when no route matched (any valid token then
+    gets its 404, an anonymous caller its 401)."""
+    if endpoint is None:
+        return None
+    view = app.view_functions.get(endpoint)
+    scope: Scope = getattr(view, _SCOPE_ATTRIBUTE, ADMIN)
+    return scope
 
 
 def fingerprint(token: str) -> str:
@@ -51,30 +87,38 @@ def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
 
-def read_tokens_file(path: Path) -> list[str]:
-    """Tokens in a file: one per line, blank lines and ``#`` comments ignored."""
-    tokens = []
-    for line in path.read_text().splitlines():
-        line = line.split("#", 1)[0].strip()
-        if line:
-            tokens.append(line)
-    return tokens
+@dataclass(frozen=True)
+class Identity:
+    """Who presented a valid token: its fingerprint and what it may do."""
+
+    name: str
+    scopes: frozenset[Scope]
+
+
+_Known = tuple[bytes, Identity]
 
 
 class TokenStore:
     """The tokens the API accepts: inline ones plus a file re-read when it changes.
 
     A file that cannot be read leaves only the inline tokens (fail closed: its tokens stop
-    working, nothing opens up).
+    working, nothing opens up); an invalid line of it is skipped and logged by number (its
+    token does not work), the valid lines keep working.
     """
 
     def __init__(
-        self, tokens: Iterable[str] = (), file: Path | None = None, *, recheck_s: float = 1.0
+        self,
+        tokens: Iterable[TokenEntry] = (),
+        file: Path | None = None,
+        *,
+        default_scopes: Iterable[Scope] = DEFAULT_SCOPES,
+        recheck_s: float = 1.0,
     ) -> None:
-        self._inline = tuple((_digest(t), fingerprint(t)) for t in tokens)
+        self._default = frozenset(default_scopes)
+        self._inline = self._known(tokens)
         self._file = file
         self._recheck_s = recheck_s
-        self._from_file: tuple[tuple[bytes, str], ...] = ()
+        self._from_file: tuple[_Known, ...] = ()
         self._file_stamp: tuple[int, int] | None = None
         self._checked = -float("inf")
         self._lock = threading.Lock()
@@ -83,21 +127,27 @@ class TokenStore:
 
     @classmethod
     def from_settings(cls, settings: HttpAuthSettings) -> TokenStore:
-        return cls((t.get_secret_value() for t in settings.tokens), settings.tokens_file)
+        return cls(settings.entries(), settings.tokens_file, default_scopes=settings.default_scopes)
+
+    def _known(self, entries: Iterable[TokenEntry]) -> tuple[_Known, ...]:
+        return tuple(
+            (_digest(e.token), Identity(fingerprint(e.token), e.granted(self._default)))
+            for e in entries
+        )
 
     @property
     def enabled(self) -> bool:
         """True when authentication is enforced (any token source is configured)."""
         return bool(self._inline) or self._file is not None
 
-    def identify(self, presented: str) -> str | None:
-        """The fingerprint of the matching token, or ``None``; constant time per token."""
+    def identify(self, presented: str) -> Identity | None:
+        """The matching token's identity, or ``None``; constant time per token."""
         self._maybe_reload()
         digest = _digest(presented)
-        found: str | None = None
-        for known, name in self._inline + self._from_file:
+        found: Identity | None = None
+        for known, identity in self._inline + self._from_file:
             if hmac.compare_digest(digest, known) and found is None:
-                found = name
+                found = identity
         return found
 
     def _maybe_reload(self) -> None:
@@ -115,15 +165,17 @@ class TokenStore:
             stamp = (stat.st_mtime_ns, stat.st_size)
             if stamp == self._file_stamp:
                 return
-            tokens = read_tokens_file(self._file)
+            entries, problems = read_tokens_file(self._file)
         except OSError as exc:
             if self._file_stamp is not None or self._from_file:
                 log.error("API tokens file %s unreadable (%s); its tokens are off", self._file, exc)
             self._from_file, self._file_stamp = (), None
             return
-        self._from_file = tuple((_digest(t), fingerprint(t)) for t in tokens)
+        for problem in problems:
+            log.error("API tokens file %s: %s; that line's token is off", self._file, problem)
+        self._from_file = self._known(entries)
         self._file_stamp = stamp
-        log.info("API tokens file %s: %d token(s)", self._file, len(tokens))
+        log.info("API tokens file %s: %d token(s)", self._file, len(entries))
 
 
 def bearer_token(header: str | None) -> str | None:
@@ -142,9 +194,6 @@ def endpoint_name(endpoint: str | None) -> str | None:
     return endpoint.rsplit(".", 1)[-1] if endpoint else None
 
 
-GUARD_KEY = "tether.guard"
-
-
 class Guard:
     """Tokens and rate limits for one request; the Flask hook and the inference fast path
     (``edge/http/fast_infer.py``) both ask it, so both enforce the same rules."""
@@ -158,12 +207,22 @@ class Guard:
         return self.store.enabled or self.limiter is not None
 
     def check(
-        self, endpoint: str | None, authorization: str | None, remote_addr: str | None
+        self,
+        endpoint: str | None,
+        scope: Scope | None,
+        authorization: str | None,
+        remote_addr: str | None,
     ) -> None:
-        """Raise :class:`Unauthorized` or :class:`TooManyRequests`, or let the request in."""
+        """Let the request in, or raise :class:`Unauthorized` (no valid token),
+        :class:`Forbidden` (a valid token without ``scope``) or :class:`TooManyRequests`.
+
+        ``endpoint`` is the route's operationId (public ones need no token; it names the
+        rate-limit bucket); ``scope`` is what the route needs (``None``: any valid token).
+        """
         store, limiter = self.store, self.limiter
         address = f"addr:{remote_addr or 'unknown'}"
         client = address
+        identity: Identity | None = None
         if store.enabled and endpoint not in PUBLIC_ENDPOINTS:
             token = bearer_token(authorization)
             identity = store.identify(token) if token is not None else None
@@ -175,9 +234,11 @@ class Guard:
                     if authorization is not None
                     else "this endpoint needs Authorization: Bearer <token>"
                 )
-            client = identity
+            client = identity.name
         if limiter is not None and endpoint is not None:
             limiter.check(client, endpoint)
+        if identity is not None and scope is not None and scope not in identity.scopes:
+            raise Forbidden(f"this token lacks the {scope!r} scope this endpoint needs")
 
 
 def install_security(app: Flask, http: HttpSettings) -> None:
@@ -193,8 +254,10 @@ def install_security(app: Flask, http: HttpSettings) -> None:
 
     @app.before_request
     def check() -> None:
+        endpoint = request.endpoint
         guard.check(
-            endpoint_name(request.endpoint),
+            endpoint_name(endpoint),
+            required_scope(app, endpoint),
             request.headers.get("Authorization"),
             request.remote_addr,
         )

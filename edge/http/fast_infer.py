@@ -26,6 +26,7 @@ from edge.dataplane import DataPlane
 from edge.http.auth import CHALLENGE, GUARD_KEY, Guard
 from edge.http.inference import infer_body
 from edge.http.routes import DATAPLANE_KEY, LIMITS_KEY
+from edge.http.tokens import INFER
 from shared.codec import BINARY_CONTENT_TYPE, HEADER_LENGTH_HEADER, JSON_CONTENT_TYPE
 from shared.errors import InternalError, TetherError, TooManyRequests, Unauthorized
 
@@ -56,7 +57,9 @@ class InferFastPath:
         try:
             guard: Guard | None = self.app.extensions.get(GUARD_KEY)
             if guard is not None and guard.active:
-                guard.check("infer", environ.get("HTTP_AUTHORIZATION"), environ.get("REMOTE_ADDR"))
+                guard.check(
+                    "infer", INFER, environ.get("HTTP_AUTHORIZATION"), environ.get("REMOTE_ADDR")
+                )
             payload, header_length = infer_body(
                 self.plane,
                 environ,

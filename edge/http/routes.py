@@ -5,8 +5,10 @@ from __future__ import annotations
 from flask import Blueprint, Response, current_app, request
 
 from edge.dataplane import DataPlane
+from edge.http.auth import requires
 from edge.http.inference import infer_body
 from edge.http.responses import json_response, tensor_response
+from edge.http.tokens import ADMIN, INFER
 
 DATAPLANE_KEY = "tether.dataplane"
 LIMITS_KEY = "tether.limits"
@@ -23,6 +25,7 @@ def _dataplane() -> DataPlane:
 
 
 @v2.get("/v2")
+@requires(INFER)
 def server_metadata() -> Response:
     return json_response(_dataplane().server_metadata())
 
@@ -49,12 +52,14 @@ def openapi() -> Response:
 
 @v2.get("/v2/models/<model>")
 @v2.get("/v2/models/<model>/versions/<version>")
+@requires(INFER)
 def model_metadata(model: str, version: str | None = None) -> Response:
     return json_response(_dataplane().model_metadata(model, version))
 
 
 @v2.get("/v2/models/<model>/ready")
 @v2.get("/v2/models/<model>/versions/<version>/ready")
+@requires(INFER)
 def model_ready(model: str, version: str | None = None) -> Response:
     ready = _dataplane().model_ready(model, version)
     return json_response({"name": model, "ready": ready}, 200 if ready else 503)
@@ -65,6 +70,7 @@ def model_ready(model: str, version: str | None = None) -> Response:
 
 @v2.post("/v2/models/<model>/infer")
 @v2.post("/v2/models/<model>/versions/<version>/infer")
+@requires(INFER)
 def infer(model: str, version: str | None = None) -> Response:
     """Inference (the fast path in ``edge/http/fast_infer.py`` answers it first, the same way)."""
     app = current_app._get_current_object()  # type: ignore[attr-defined]
@@ -83,17 +89,20 @@ def infer(model: str, version: str | None = None) -> Response:
 
 
 @v2.post("/v2/repository/index")
+@requires(ADMIN)
 def repository_index() -> Response:
     return json_response(_dataplane().repository_index())
 
 
 @v2.post("/v2/repository/models/<model>/load")
+@requires(ADMIN)
 def repository_load(model: str) -> Response:
     _dataplane().load_model(model)
     return json_response({})
 
 
 @v2.post("/v2/repository/models/<model>/unload")
+@requires(ADMIN)
 def repository_unload(model: str) -> Response:
     _dataplane().unload_model(model)
     return json_response({})
@@ -103,6 +112,7 @@ def repository_unload(model: str) -> Response:
 
 
 @v2.get("/metrics")
+@requires(ADMIN)
 def metrics() -> Response:
     body, content_type = _dataplane().metrics.render()
     return Response(body, content_type=content_type)

@@ -65,7 +65,12 @@ def worker_app(settings: EdgeSettings, state: RunState) -> Flask:
     from edge.agent import build_app
 
     forget_dead_workers(state.metrics_dir)
-    return build_app(settings, control=state.control, multiprocess_dir=state.metrics_dir)
+    app = build_app(settings, control=state.control, multiprocess_dir=state.metrics_dir)
+    if settings.grpc.enabled:  # the gRPC twin of this worker's API, over the same data plane
+        from edge.grpc.server import start_grpc_server
+
+        app.extensions["tether.grpc"] = start_grpc_server(settings, app)
+    return app
 
 
 def forget_dead_workers(metrics_dir: Path) -> None:
@@ -110,12 +115,13 @@ def serve(settings: EdgeSettings) -> None:
     state.prepare(settings)
     http = settings.http
     log.info(
-        "tether edge %s serving %s on %s://%s:%d (%s, %s)",
+        "tether edge %s serving %s on %s://%s:%d%s (%s, %s)",
         settings.device_id,
         settings.repository,
         "https" if http.tls.enabled else "http",
         http.host,
         http.port,
+        f" and gRPC {settings.grpc_host()}:{settings.grpc.port}" if settings.grpc.enabled else "",
         f"{http.server}, {http.workers} worker(s) x {settings.request_threads()} thread(s)",
         "bearer tokens required" if http.auth.configured else "no authentication",
     )

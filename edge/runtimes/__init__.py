@@ -28,8 +28,24 @@ def create_runtime(
     """Build (not load) the runtime for one model version.
 
     ``backend`` is ``auto`` (native TensorRT for ``tensorrt_plan`` models or when TensorRT
-    is installed, ONNX Runtime otherwise), ``onnxruntime`` or ``tensorrt``.
+    is installed, ONNX Runtime otherwise), ``onnxruntime`` or ``tensorrt``. A config that
+    declares a ``pipeline`` gets the backend wrapped in its pre- and post-processing.
     """
+    runtime = _backend_runtime(config, version, version_dir, options, backend)
+    if config.pipeline is None:
+        return runtime
+    from edge.pipelines.runtime import PipelineRuntime
+
+    return PipelineRuntime(runtime, config.pipeline, version_dir.parent)
+
+
+def _backend_runtime(
+    config: ModelConfig,
+    version: str,
+    version_dir: Path,
+    options: RuntimeOptions,
+    backend: str,
+) -> Runtime:
     use_tensorrt = backend == "tensorrt" or config.platform == "tensorrt_plan"
     if backend == "auto" and not use_tensorrt:
         use_tensorrt = tensorrt_available()

@@ -129,6 +129,11 @@ class Runtime(ABC):
             compute_ms=compute_ms,
         )
 
+    def escalation_inputs(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The smallest form of ``inputs`` that means the same to a model taking the same
+        inputs: what a cascade sends up the uplink (an image pipeline's raw file bytes)."""
+        return dict(inputs)
+
     def metadata(self) -> dict[str, Any]:
         """Model metadata in the Open Inference Protocol's shape, plus Tether's facts."""
         return {

@@ -9,7 +9,6 @@ import pytest
 import tomllib
 from click.testing import CliRunner
 
-from edge.calibrate_cli import calibrate_command
 from edge.calibration import (
     SplitScores,
     calibrate,
@@ -20,6 +19,7 @@ from edge.calibration import (
     write_threshold,
 )
 from edge.settings import load_settings
+from models.calibrate_cli import calibrate_command
 from models.digits import load_split
 from tests.conftest import REPOSITORY
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import ssl
 import subprocess
@@ -19,8 +20,10 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from edge.agent import build_app
+from edge.fleet_health import first_token
 from edge.http.auth import TokenStore, bearer_token, install_security
 from edge.http.ratelimit import RateLimiter, Rule
+from edge.http.tokens import TokenEntry, parse_entry, parse_tokens_text
 from edge.settings import EdgeSettings, is_loopback_host, load_settings
 from shared.errors import TooManyRequests
 from tests.agent_process import ROOT, AgentProcess
@@ -30,6 +33,9 @@ from tests.security.secure_broker import Pki
 
 TOKEN = "t0ken-for-the-edge-api-0001"
 OLD_TOKEN = "t0ken-being-rotated-out-0002"
+INFER_TOKEN = "tenant-a-infer-only-0003"
+ADMIN_TOKEN = "deployer-admin-only-0004"
+HASH_TOKEN = "hash#in-the-middle-0005"  # a '#' inside a token is part of it
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 BODY = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}
 
@@ -89,6 +95,14 @@ def test_every_configured_token_is_accepted(client: FlaskClient, token: str) -> 
     assert response.status_code == 200, response.get_json()
 
 
+ADMIN_ROUTES = [
+    ("post", "/v2/repository/index"),
+    ("post", "/v2/repository/models/dense/load"),
+    ("post", "/v2/repository/models/dense/unload"),
+    ("get", "/metrics"),
+]
+
+
 @pytest.mark.parametrize(
     ("method", "path"),
     [
@@ -128,9 +142,10 @@ def test_tokens_file_rotates_without_a_restart(tmp_path: Path) -> None:
 
 
 def test_token_identity_is_a_fingerprint_not_the_token() -> None:
-    store = TokenStore([TOKEN])
+    store = TokenStore([TokenEntry(TOKEN)])
     identity = store.identify(TOKEN)
-    assert identity is not None and identity.startswith("token:") and TOKEN not in identity
+    assert identity is not None and identity.name.startswith("token:")
+    assert TOKEN not in repr(identity)
     assert store.identify("") is None
 
 
@@ -139,6 +154,131 @@ def test_bearer_parsing() -> None:
     assert bearer_token(f"BEARER {TOKEN}") == TOKEN
     assert bearer_token("Basic abc") is None
     assert bearer_token(None) is None and bearer_token("") is None
+
+
+def test_a_short_or_invalid_line_in_a_reloaded_tokens_file_is_off_alone(tmp_path: Path) -> None:
+    path = tmp_path / "tokens"
+    path.write_text(f"{TOKEN}\n")
+    store = TokenStore(file=path, recheck_s=0.0)
+    path.write_text(f"{TOKEN}\nsesame-123\n{OLD_TOKEN} superuser\n")
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 1_000_000))
+    assert store.identify(TOKEN)
+    assert not store.identify("sesame-123") and not store.identify(OLD_TOKEN)
+
+
+# ---------------------------------------------------------------------- entries and scopes
+
+
+def test_token_entry_syntax() -> None:
+    assert parse_entry(TOKEN) == TokenEntry(TOKEN)
+    assert parse_entry(f"  {INFER_TOKEN}   infer ").scopes == {"infer"}
+    assert parse_entry(f"{TOKEN} infer admin").scopes == {"infer", "admin"}
+    assert parse_entry(f"{TOKEN} Admin,infer").scopes == {"infer", "admin"}
+    assert TOKEN not in repr(parse_entry(TOKEN))
+
+
+@pytest.mark.parametrize(
+    ("entry", "problem"),
+    [
+        ("sesame-123", "shorter than 16"),
+        (f"{TOKEN} superuser", "unknown scope"),
+        (f"#{TOKEN}", "starts with '#'"),
+        (f"{TOKEN}\x7f", "visible ASCII"),
+        ("t\u00f6ken-with-an-umlaut-0006", "visible ASCII"),
+    ],
+)
+def test_invalid_entries_are_refused_without_echoing_them(entry: str, problem: str) -> None:
+    with pytest.raises(ValueError, match=problem) as caught:
+        parse_entry(entry)
+    assert entry.split()[0] not in str(caught.value)
+
+
+def test_tokens_file_comments_never_cut_a_token() -> None:
+    entries, problems = parse_tokens_text(
+        "# API tokens of this device\n"
+        f"{TOKEN}\n"
+        f"{HASH_TOKEN} infer  # tenant B\n"
+        "   # an indented comment\n"
+        "sesame-123\n"
+        f"{OLD_TOKEN} superuser\n"
+    )
+    assert [(e.token, e.scopes) for e in entries] == [
+        (TOKEN, None),
+        (HASH_TOKEN, frozenset({"infer"})),
+    ]
+    assert [p.split(":")[0] for p in problems] == ["line 5", "line 6"]
+    assert not any("sesame" in p or OLD_TOKEN in p for p in problems)
+
+
+@pytest.mark.parametrize("source", ["settings", "environment", "file"])
+def test_every_token_source_obeys_the_same_rules(
+    source: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    short = "sesame-123"
+    http: dict[str, object] = {}
+    if source == "settings":
+        http = {"auth": {"tokens": [TOKEN, short]}}
+    elif source == "environment":
+        monkeypatch.setenv("TETHER_API_TOKENS", f"{TOKEN},{short}")
+    else:
+        path = tmp_path / "tokens"
+        path.write_text(f"{TOKEN}\n{short}  # too short\n")
+        http = {"auth": {"tokens_file": path}}
+    with pytest.raises(ValueError, match="shorter than 16") as caught:
+        load_settings(None, data_dir=tmp_path, http=http)
+    assert short not in str(caught.value)
+
+
+def test_scopes_from_settings_and_default_scopes(tmp_path: Path) -> None:
+    settings = load_settings(
+        None,
+        data_dir=tmp_path,
+        http={"auth": {"tokens": [f"{INFER_TOKEN} infer", TOKEN], "default_scopes": ["infer"]}},
+    )
+    store = TokenStore.from_settings(settings.http.auth)
+    assert store.identify(TOKEN).scopes == {"infer"}  # type: ignore[union-attr]
+    assert first_token(settings) is None  # no token may read /metrics
+    with pytest.raises(ValueError, match="default_scopes"):
+        load_settings(None, data_dir=tmp_path, http={"auth": {"default_scopes": ["root"]}})
+
+
+def test_the_health_gate_scrapes_metrics_with_an_admin_token(tmp_path: Path) -> None:
+    path = tmp_path / "tokens"
+    path.write_text(f"{ADMIN_TOKEN} admin\n")
+    settings = load_settings(
+        None,
+        data_dir=tmp_path,
+        http={"auth": {"tokens": [f"{INFER_TOKEN} infer"], "tokens_file": path}},
+    )
+    assert first_token(settings) == ADMIN_TOKEN
+
+
+@pytest.mark.parametrize("fast_path", [True, False])
+def test_an_infer_token_gets_403_on_admin_routes(
+    repository: Path, tmp_path: Path, fast_path: bool
+) -> None:
+    app = secured_app(
+        repository,
+        tmp_path,
+        fast_path=fast_path,
+        auth={"tokens": [f"{INFER_TOKEN} infer", f"{ADMIN_TOKEN} admin"]},
+    )
+    client = app.test_client()
+    tenant = {"Authorization": f"Bearer {INFER_TOKEN}"}
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    assert client.post("/v2/models/dense/infer", json=BODY, headers=tenant).status_code == 200
+    for path in ("/v2", "/v2/models/dense", "/v2/models/dense/ready"):
+        assert client.get(path, headers=tenant).status_code == 200
+    for method, path in ADMIN_ROUTES:
+        response = getattr(client, method)(path, headers=tenant)
+        assert response.status_code == 403, path
+        assert response.get_json() == {
+            "error": "this token lacks the 'admin' scope this endpoint needs"
+        }
+    assert client.get("/metrics", headers=admin).status_code == 200
+    refused = client.post("/v2/models/dense/infer", json=BODY, headers=admin)
+    assert refused.status_code == 403 and "'infer' scope" in refused.get_json()["error"]
+    assert client.get("/no/such/route", headers=tenant).status_code == 404
 
 
 # ---------------------------------------------------------------------- rate limits
@@ -278,15 +418,6 @@ def test_tokens_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert TOKEN not in repr(settings)
 
 
-def test_short_tokens_are_refused_without_echoing_them(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("TETHER_API_TOKENS", "sesame-123")
-    with pytest.raises(ValueError, match="shorter than 16") as caught:
-        load_settings(None, data_dir=tmp_path)
-    assert "sesame-123" not in str(caught.value)
-
-
 def test_tls_needs_both_files(tmp_path: Path, pki: Pki) -> None:
     with pytest.raises(ValueError, match="both cert_file and key_file"):
         load_settings(None, data_dir=tmp_path, http={"tls": {"cert_file": pki.ca_file}})
@@ -319,14 +450,34 @@ def call(
         return exc.code, exc.headers
 
 
+def call_json(
+    url: str, *, token: str | None = None, method: str = "GET", body: bytes | None = None
+) -> tuple[int, object]:
+    """Status and JSON body of a call."""
+    request = urllib.request.Request(url, data=body, method=method)
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
 @pytest.fixture(scope="module")
 def agent(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProcess]:
+    data_dir = tmp_path_factory.mktemp("secured-agent")
+    tokens_file = data_dir / "api-tokens"
+    tokens_file.write_text(
+        f"# tokens of this device\n{ADMIN_TOKEN} admin\n{HASH_TOKEN} infer  # tenant B\n"
+    )
     process = AgentProcess(
-        tmp_path_factory.mktemp("secured-agent"),
+        data_dir,
         repository=repository,
         args=["--workers", "1"],
         env={
-            "TETHER_API_TOKENS": f"{TOKEN},{OLD_TOKEN}",
+            "TETHER_API_TOKENS": f"{TOKEN},{OLD_TOKEN},{INFER_TOKEN} infer",
+            "TETHER_HTTP__AUTH__TOKENS_FILE": str(tokens_file),
             "TETHER_HTTP__RATE_LIMIT__ENABLED": "true",
             "TETHER_HTTP__RATE_LIMIT__ROUTES": '{"repository_index": {"rate": 0.2, "burst": 3}}',
         },
@@ -344,6 +495,48 @@ def test_a_real_agent_enforces_tokens(agent: AgentProcess) -> None:
     assert call(infer, method="POST", body=body, token=TOKEN)[0] == 200
     assert call(f"{agent.url}/metrics", token=OLD_TOKEN)[0] == 200
     assert call(f"{agent.url}/v2/health/ready")[0] == 200
+
+
+def test_a_real_agent_enforces_scopes(agent: AgentProcess) -> None:
+    infer = f"{agent.url}/v2/models/dense/infer"
+    body = json.dumps(BODY).encode()
+    for tenant in (INFER_TOKEN, HASH_TOKEN):  # from the environment and from the file
+        assert call(infer, method="POST", body=body, token=tenant)[0] == 200
+        assert call(f"{agent.url}/v2/models/dense", token=tenant)[0] == 200
+        for method, path in ADMIN_ROUTES:
+            status, answer = call_json(
+                agent.url + path,
+                token=tenant,
+                method=method.upper(),
+                body=b"" if method == "post" else None,
+            )
+            assert status == 403, path
+            assert answer == {"error": "this token lacks the 'admin' scope this endpoint needs"}
+    # the file's '#' is part of the token: its prefix is no token at all
+    assert (
+        call(infer, method="POST", body=body, token=HASH_TOKEN.split("#")[0] + "x" * 16)[0] == 401
+    )
+    assert call(f"{agent.url}/metrics", token=ADMIN_TOKEN)[0] == 200
+    status, answer = call_json(infer, method="POST", body=body, token=ADMIN_TOKEN)
+    assert status == 403 and answer == {
+        "error": "this token lacks the 'infer' scope this endpoint needs"
+    }
+
+
+def test_a_real_agent_refuses_a_tokens_file_with_a_short_token(
+    repository: Path, tmp_path: Path
+) -> None:
+    tokens_file = tmp_path / "api-tokens"
+    tokens_file.write_text(f"{TOKEN}\nsesame-123\n")
+    result = edge_that_must_exit(
+        tmp_path,
+        "--repository",
+        str(repository),
+        env={"TETHER_HTTP__AUTH__TOKENS_FILE": str(tokens_file)},
+    )
+    assert result.returncode != 0
+    assert "line 2: token shorter than 16 characters" in result.stderr
+    assert "sesame-123" not in result.stderr
 
 
 def test_a_real_agent_rate_limits(agent: AgentProcess) -> None:
@@ -383,18 +576,24 @@ def test_a_real_agent_serves_https(
         process.stop()
 
 
-def test_a_non_loopback_bind_without_tokens_refuses_to_start(tmp_path: Path) -> None:
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "TETHER_API_TOKENS"}
-    env["TETHER_DATA_DIR"] = str(tmp_path)
-    result = subprocess.run(
-        [sys.executable, "-m", "tether", "edge", "--host", "0.0.0.0", "--port", str(port)],
+def edge_that_must_exit(
+    data_dir: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``tether edge`` without API tokens in the environment, expecting it to exit."""
+    environment = {k: v for k, v in os.environ.items() if k != "TETHER_API_TOKENS"}
+    environment.update(TETHER_DATA_DIR=str(data_dir), **(env or {}))
+    return subprocess.run(
+        [sys.executable, "-m", "tether", "edge", "--port", str(free_port()), *args],
         cwd=ROOT,
-        env=env,
+        env=environment,
         capture_output=True,
         text=True,
         timeout=60,
     )
+
+
+def test_a_non_loopback_bind_without_tokens_refuses_to_start(tmp_path: Path) -> None:
+    result = edge_that_must_exit(tmp_path, "--host", "0.0.0.0")
     assert result.returncode != 0
     assert "no API tokens" in result.stderr
     assert "allow_unauthenticated" in result.stderr

@@ -1,0 +1,208 @@
+"""Images end to end: a real ``tether edge`` process serving EfficientNet-Lite0, a cloud
+worker serving EfficientNet-Lite2 on a real Mosquitto, and the ``imagenet`` cascade.
+
+Clients send what they have (JPEG files: JSON base64, the binary extension, tritonclient)
+and get ImageNet class names back; an escalation carries the encoded image up the uplink.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import tritonclient.http as httpclient
+
+from cloud.settings import CloudSettings
+from cloud.worker import CloudWorker
+from edge.settings import RuntimeSettings
+from shared import topics
+from shared.codec import HEADER_LENGTH_HEADER, encode_request
+from shared.mqtt import Message, MqttClient
+from tests.agent_process import AgentProcess
+from tests.broker import Broker
+from tests.images import LITE0, LITE2, REPOSITORY, images_built, png_bomb, sample
+
+CPU = ["CPUExecutionProvider"]
+#: Between Lite0's confidence on coffee.png (about 0.95) and on chelsea.png (about 0.40), so
+#: the first stays on the device and the second escalates.
+THRESHOLD = 0.6
+
+
+@pytest.fixture(scope="module")
+def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if not images_built():
+        pytest.fail("the image models are not built: run `make install` (tether models build)")
+    root = tmp_path_factory.mktemp("images-repository")
+    for name in (LITE0, LITE2):
+        shutil.copytree(REPOSITORY / name, root / name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def images_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    instance = Broker(tmp_path_factory.mktemp("images-mosquitto")).start()
+    yield instance
+    instance.stop()
+
+
+@pytest.fixture(scope="module")
+def worker(images_broker: Broker, repository: Path) -> Iterator[CloudWorker]:
+    settings = CloudSettings(
+        mqtt_url=images_broker.url,
+        worker_id=f"cw-{uuid.uuid4().hex[:6]}",
+        repository=repository,
+        models=[LITE2],
+        metrics_port=0,
+        drain_timeout_s=2.0,
+        runtime=RuntimeSettings(backend="onnxruntime", providers=CPU),
+    )
+    instance = CloudWorker(settings)
+    instance.start()
+    yield instance
+    instance.stop(drain=False, timeout_s=2.0)
+
+
+@pytest.fixture(scope="module")
+def agent(
+    images_broker: Broker,
+    worker: CloudWorker,
+    repository: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[AgentProcess]:
+    data = tmp_path_factory.mktemp("images-edge")
+    config = data / "edge.toml"
+    config.write_text(
+        f'repository = "{repository}"\n'
+        f'mqtt_url = "{images_broker.url}"\n'
+        'device_id = "camera-hub"\n'
+        f'models = ["{LITE0}"]\n'
+        "[runtime]\n"
+        'backend = "onnxruntime"\n'
+        'providers = ["CPUExecutionProvider"]\n'
+        "[uplink]\n"
+        "timeout_s = 20.0\n"
+        "attempt_timeout_s = 10.0\n"
+        f"[routes.{LITE2}]\n"
+        'mode = "cloud"\n'
+        "[routes.imagenet]\n"
+        'mode = "cascade"\n'
+        f'local_model = "{LITE0}"\n'
+        f'cloud_model = "{LITE2}"\n'
+        f"threshold = {THRESHOLD}\n"
+    )
+    process = AgentProcess(data, config=config)
+    process.start(ready_timeout_s=60.0)
+    yield process
+    process.stop()
+
+
+def post(agent: AgentProcess, model: str, body: bytes, headers: dict[str, str]) -> tuple[int, Any]:
+    request = urllib.request.Request(
+        f"{agent.url}/v2/models/{model}/infer", data=body, headers=headers, method="POST"
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def post_json_image(agent: AgentProcess, model: str, image: bytes) -> tuple[int, Any]:
+    body = {
+        "inputs": [
+            {
+                "name": "image",
+                "shape": [1],
+                "datatype": "BYTES",
+                "data": [base64.b64encode(image).decode()],
+            }
+        ],
+        "outputs": [{"name": "labels"}, {"name": "probabilities"}],
+    }
+    return post(agent, model, json.dumps(body).encode(), {"Content-Type": "application/json"})
+
+
+def outputs(body: dict[str, Any]) -> dict[str, Any]:
+    return {o["name"]: o["data"] for o in body["outputs"]}
+
+
+@pytest.mark.parametrize(("image", "label"), [("chelsea", "Egyptian cat"), ("coffee", "espresso")])
+def test_a_posted_jpeg_gets_its_label_from_the_edge(
+    agent: AgentProcess, image: str, label: str
+) -> None:
+    status, body = post_json_image(agent, LITE0, sample(image))
+    assert status == 200, body
+    assert outputs(body)["labels"][0] == label
+    assert body["parameters"]["served_by"] == "edge"
+    assert body["parameters"]["model"] == LITE0
+
+
+def test_tritonclient_binary_jpegs_get_labels(agent: AgentProcess) -> None:
+    client = httpclient.InferenceServerClient(url=f"127.0.0.1:{agent.port}")
+    images = np.array([sample("chelsea"), sample("coffee")], dtype=np.object_)
+    image = httpclient.InferInput("image", [2], "BYTES")
+    image.set_data_from_numpy(images, binary_data=True)
+    result = client.infer(
+        LITE0,
+        [image],
+        outputs=[httpclient.InferRequestedOutput("labels", binary_data=True)],
+    )
+    labels = result.as_numpy("labels")
+    assert labels is not None and labels.shape == (2, 5)
+    assert [row[0] for row in labels.tolist()] == [b"Egyptian cat", b"espresso"]
+    assert result.get_response()["parameters"]["served_by"] == "edge"
+
+
+@pytest.fixture
+def uplink_wire(images_broker: Broker) -> Iterator[list[Message]]:
+    """Every cloud inference request the broker carries (a plain, unshared subscription)."""
+    seen: list[Message] = []
+    client = MqttClient(images_broker.url, f"wire-{uuid.uuid4().hex[:6]}")
+    client.start()
+    client.subscribe(f"{topics.ROOT}/cloud/infer/+/+", seen.append)
+    yield seen
+    client.stop()
+
+
+def test_the_imagenet_cascade_escalates_the_unsure_image_and_the_cloud_answers(
+    agent: AgentProcess, uplink_wire: list[Message]
+) -> None:
+    status, sure = post_json_image(agent, "imagenet", sample("coffee"))
+    assert status == 200, sure
+    assert sure["parameters"]["served_by"] == "edge" and sure["parameters"]["route"] == "local"
+    assert sure["parameters"]["confidence"] >= THRESHOLD
+    assert outputs(sure)["labels"][0] == "espresso"
+
+    status, unsure = post_json_image(agent, "imagenet", sample("chelsea"))
+    assert status == 200, unsure
+    params = unsure["parameters"]
+    assert params["confidence"] < THRESHOLD
+    assert params["served_by"] == "cloud" and params["route"] == "escalated"
+    assert params["model"] == LITE2 and unsure["model_name"] == "imagenet"
+    assert outputs(unsure)["labels"][0] == "Egyptian cat"
+    assert params["cloud_ms"] > 0 and params["network_ms"] >= 0
+    # the uplink carried the encoded image, not Lite0's 224x224x3 FP32 tensor (602 kB)
+    assert [m.topic for m in uplink_wire] == [topics.cloud_request("camera-hub", LITE2)]
+    jpeg = len(sample("chelsea"))
+    assert jpeg < len(uplink_wire[0].payload) < jpeg + 2048
+
+
+def test_a_20000_pixel_square_png_is_refused_from_its_header(agent: AgentProcess) -> None:
+    images = np.empty(1, dtype=object)
+    images[0] = png_bomb()
+    body, length = encode_request({"image": images}, {"image": "BYTES"})
+    status, error = post(agent, LITE0, body, {HEADER_LENGTH_HEADER: str(length)})
+    assert status == 413
+    assert "20000 x 20000" in error["error"] or "400000000" in error["error"]
+    assert "refused from its header" in error["error"]
+    status, body_after = post_json_image(agent, LITE0, sample("coffee"))  # the agent carries on
+    assert status == 200 and outputs(body_after)["labels"][0] == "espresso"
