@@ -21,7 +21,6 @@ import onnxruntime as ort
 from edge.confidence import confidence
 from models.digits import load_split
 from shared.mqtt import Message, MqttClient
-from tests.broker import Broker
 from tests.conftest import REPOSITORY, ROOT
 
 CASCADE_CONFIG = """\
@@ -89,16 +88,6 @@ def write_cascade_config(
         )
     )
     return path
-
-
-def stock_broker(workdir: Path) -> Broker:
-    """A Mosquitto with only ``listener`` and ``allow_anonymous`` (every default as shipped:
-    Nagle on, at most 1000 queued messages per client, 20 in flight)."""
-    broker = Broker(workdir)
-    broker.config_text = lambda: (  # type: ignore[method-assign]
-        f"listener {broker.port} 127.0.0.1\nallow_anonymous true\n"
-    )
-    return broker
 
 
 def unsure_rows(threshold: float, count: int = 256, seed: int = 0) -> np.ndarray:

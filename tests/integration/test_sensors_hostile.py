@@ -26,7 +26,7 @@ from models.digits import load_split
 from shared.mqtt import MqttClient
 from tests.broker import Broker
 from tests.conftest import REPOSITORY
-from tests.integration.sensor_stack import BridgeProcess, Collector, stock_broker
+from tests.integration.sensor_stack import BridgeProcess, Collector
 
 DEVICE = "hostile-dev"
 GOOD = 2000
@@ -100,7 +100,7 @@ def hostile(k: int, row: list[float]) -> tuple[bytes, dict[str, object], str]:
 
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[Broker]:
-    instance = stock_broker(tmp_path / "broker").start()
+    instance = Broker(tmp_path / "broker", stock=True).start()
     yield instance
     instance.stop()
 
@@ -160,11 +160,11 @@ def test_hostile_messages_cost_only_themselves(tmp_path: Path, broker: Broker) -
         f"{sorted(missing_good)[:3]} {sorted(missing_bad)[:3]}"
     )
     for rid, expect in bad.items():
-        body = errors[rid][0]
-        assert len(errors[rid]) == 1 and expect in body["error"], (rid, body["error"][:300])
-        assert body["reason"] == ("too_large" if rid == "bad-huge" else "invalid_input")
+        error = errors[rid][0]
+        assert len(errors[rid]) == 1 and expect in error["error"], (rid, error["error"][:300])
+        assert error["reason"] == ("too_large" if rid == "bad-huge" else "invalid_input")
         for key in ("seq", "timestamp", "reading_id"):  # only values that keep the rule
-            assert body[key] is None or len(str(body[key])) <= 256
+            assert error[key] is None or len(str(error[key])) <= 256
     assert all(len(bodies) == 1 for bodies in collector.of("result").values())
     assert not (good & set(errors)) and not (set(bad) & collector.ids("result"))
 

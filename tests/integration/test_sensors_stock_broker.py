@@ -30,7 +30,6 @@ from tests.integration.sensor_stack import (
     BridgeProcess,
     CloudWorkerProcess,
     Collector,
-    stock_broker,
     unsure_rows,
     write_cascade_config,
 )
@@ -49,8 +48,8 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture
 def stock_brokers(tmp_path: Path) -> Iterator[tuple[Broker, Broker]]:
-    device = stock_broker(tmp_path / "device-broker").start()
-    cloud = stock_broker(tmp_path / "cloud-broker").start()
+    device = Broker(tmp_path / "device-broker", stock=True).start()
+    cloud = Broker(tmp_path / "cloud-broker", stock=True).start()
     yield device, cloud
     device.stop()
     cloud.stop()

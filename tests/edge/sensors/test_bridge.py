@@ -8,7 +8,7 @@ import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from edge.sensors.bridge import SensorBridge, read_stats
+from edge.sensors.processor import Answer
 from edge.sensors.results import Outgoing, Reading
 from edge.settings import RuntimeSettings, load_settings
 from shared.mqtt import Message, MqttClient
@@ -158,9 +159,9 @@ def test_the_intake_absorbs_a_stalled_model_and_answers_in_order(
         batch={"max_messages": 4},
     )
     gate = threading.Event()
-    answer: Callable[[list[Reading]], Any] = bridge.processor.answer
+    answer = bridge.processor.answer
 
-    def slow(batch: list[Reading]) -> Any:
+    def slow(batch: Sequence[Reading]) -> Answer:
         gate.wait(20)
         return answer(batch)
 
