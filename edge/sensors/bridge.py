@@ -249,6 +249,8 @@ class SensorBridge:
         self.metrics.outbox_depth.labels("results").set(outbox.results)
         self.metrics.outbox_depth.labels("escalations").set(outbox.escalations)
         self.metrics.outbox_age.set(outbox.oldest_age_s)
+        intake_age = self.intake.oldest_age_s()
+        self.metrics.intake_age.set(intake_age)
         counters = self.metrics.snapshot()
         return {
             "device": self.device,
@@ -271,7 +273,7 @@ class SensorBridge:
             "intake": {
                 "readings": self.intake.depth(),
                 "bytes": self.intake.bytes,
-                "oldest_age_s": round(self.intake.oldest_age_s(), 3),
+                "oldest_age_s": round(intake_age, 3),
                 "unstored": self.receiver.depth(),
             },
             "outbox": outbox.as_dict(),

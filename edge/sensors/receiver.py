@@ -47,7 +47,6 @@ class Receiver:
         self._buffer: deque[tuple[Message, str]] = deque()
         self._bytes = 0
         self._ready = threading.Condition()
-        self.stored = threading.Event()
 
     def deliver(self, message: Message, lane: str, stop: threading.Event) -> None:
         """Network thread: buffer a message for the intake (waits only while the buffer is full)."""
@@ -90,4 +89,3 @@ class Receiver:
                 self._ready.notify_all()
             if added.skipped:
                 self.metrics.redeliveries.inc(added.skipped)
-            self.stored.set()

@@ -87,7 +87,8 @@ class OutboxSettings(_Section):
     )
     synchronous: Literal["full", "normal"] = Field(
         "full",
-        description="SQLite synchronous mode: full survives power loss, normal only crashes.",
+        description="SQLite synchronous mode of the bridge's file (intake and outbox): full "
+        "survives power loss, normal only crashes.",
     )
     publish_window: int = Field(
         256, ge=1, le=1000, description="Results published before waiting for their PUBACKs."
