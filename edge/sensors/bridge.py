@@ -135,7 +135,11 @@ class SensorBridge:
             qos=sensors.qos,
         )
         self.corrections = CorrectionSender(
-            self.agent.dataplane, self.agent.uplink, self.outbox, self.publisher
+            self.agent.dataplane,
+            self.agent.uplink,
+            self.outbox,
+            self.publisher,
+            in_flight=sensors.batches_in_flight,
         )
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []

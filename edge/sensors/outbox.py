@@ -283,19 +283,23 @@ class Outbox:
     ) -> None:
         """Replace answered escalations by their corrections (or drop them for ``reason``)."""
         now = time.time()
-        with self.database.transaction():
-            for seq in seqs:
-                row = self._db.execute(
-                    "DELETE FROM escalations WHERE seq = ? RETURNING LENGTH(request), "
-                    "reading_id, topic",
-                    (seq,),
+        with self.database.transaction() as db:
+            for start in range(0, len(seqs), 900):
+                chunk = list(seqs[start : start + 900])
+                marks = ", ".join("?" for _ in chunk)
+                count, size = db.execute(
+                    f"SELECT COUNT(*), COALESCE(SUM(LENGTH(request)), 0) FROM escalations "
+                    f"WHERE seq IN ({marks})",
+                    chunk,
                 ).fetchone()
-                if row is None:
-                    continue
-                self._escalations -= 1
-                self._bytes -= int(row[0])
                 if reason is not None:
-                    self._explain("escalation", row[1], row[2], reason, now)
+                    for reading_id, topic in db.execute(
+                        f"SELECT reading_id, topic FROM escalations WHERE seq IN ({marks})", chunk
+                    ).fetchall():
+                        self._explain("escalation", reading_id, topic, reason, now)
+                db.execute(f"DELETE FROM escalations WHERE seq IN ({marks})", chunk)
+                self._escalations -= int(count)
+                self._bytes -= int(size)
             self._insert(corrections, (), now)
 
     # ------------------------------------------------------------------ reading
