@@ -211,45 +211,55 @@ def batch1_ms(path: Path) -> float:
     return (time.perf_counter() - start) / 200 * 1e3
 
 
-def measure_routes(
-    broker: Broker, work: Path, levels: tuple[int, ...], seconds: float, runs: int
-) -> dict[str, dict[int, Result]]:
-    """The floor, the uplink and the edge's HTTP cloud route through ``broker``."""
-    rows: dict[str, dict[int, Result]] = {}
-    echo = RawEcho(broker.port, qos=0)
-    try:
-        rows["raw paho echo, QoS 0 (floor)"] = {
-            n: median_of([closed_loop(echo.call, n, seconds) for _ in range(runs)]) for n in levels
-        }
-    finally:
-        echo.close()
-    cloud = CloudProcess(broker, REPOSITORY, ["digits-teacher"], batch=0)
-    uplink = uplink_for(broker)
-    try:
-        wait_cloud(uplink, "digits-teacher", PIXELS)
+FLOOR = "raw paho echo, QoS 0 (floor)"
+UPLINK = "Tether uplink -> cloud worker (digits-teacher)"
+HTTP = "Tether edge HTTP -> cloud route (wrk)"
+NAIVE = "context: naive paho echo, QoS 1"
 
-        def ask() -> None:
-            uplink.request("digits-teacher", {"pixels": PIXELS})
+Measure = Callable[[int, float], Result]
 
-        rows["Tether uplink -> cloud worker (digits-teacher)"] = {
-            n: median_of([closed_loop(ask, n, seconds) for _ in range(runs)]) for n in levels
-        }
+
+class BrokerStack:
+    """Everything measured through one broker, kept running for the whole bench so that
+    runs on the two brokers interleave and see the same machine."""
+
+    def __init__(self, broker: Broker, work: Path, *, naive: bool) -> None:
+        self.echo = RawEcho(broker.port, qos=0)
+        self.naive = RawEcho(broker.port, qos=1) if naive else None
+        self.cloud = CloudProcess(broker, REPOSITORY, ["digits-teacher"], batch=0)
+        self.uplink = uplink_for(broker)
+        wait_cloud(self.uplink, "digits-teacher", PIXELS)
+        work.mkdir(parents=True, exist_ok=True)
         config = work / "edge.toml"
         config.write_text(f'mqtt_url = "{broker.url}"\n[routes.digits-teacher]\nmode = "cloud"\n')
-        agent = AgentProcess(work / "agent", repository=REPOSITORY, config=config)
-        agent.start()
-        script = digits_script(work, PIXELS)
-        try:
-            url = agent.url + "/v2/models/digits-teacher/infer"
-            rows["Tether edge HTTP -> cloud route (wrk)"] = {
-                n: median_of([wrk(url, script, n, seconds) for _ in range(runs)]) for n in levels
-            }
-        finally:
-            agent.stop()
-    finally:
-        uplink.close()
-        cloud.close()
-    return rows
+        self.agent = AgentProcess(work / "agent", repository=REPOSITORY, config=config)
+        self.agent.start()
+        self.script = digits_script(work, PIXELS)
+
+    def paths(self) -> dict[str, Measure]:
+        """What to measure: path name -> measure(in flight, seconds)."""
+        url = self.agent.url + "/v2/models/digits-teacher/infer"
+
+        def ask() -> None:
+            self.uplink.request("digits-teacher", {"pixels": PIXELS})
+
+        paths: dict[str, Measure] = {
+            FLOOR: lambda n, s: closed_loop(self.echo.call, n, s),
+            UPLINK: lambda n, s: closed_loop(ask, n, s),
+            HTTP: lambda n, s: wrk(url, self.script, n, s),
+        }
+        if self.naive is not None:
+            naive = self.naive
+            paths[NAIVE] = lambda n, s: closed_loop(naive.call, n, s)
+        return paths
+
+    def close(self) -> None:
+        self.agent.stop()
+        self.uplink.close()
+        self.cloud.close()
+        self.echo.close()
+        if self.naive is not None:
+            self.naive.close()
 
 
 def measure_batching(
@@ -290,22 +300,27 @@ def main() -> None:
         "stock": Broker(work / "stock", stock=True).start(),
     }
     levels = (1, 32)
-    rows: dict[str, dict[str, dict[int, Result]]] = {}
+    samples: dict[tuple[str, str, int], list[Result]] = {}
+    stacks: dict[str, BrokerStack] = {}
     try:
-        for kind, broker in brokers.items():
-            rows[kind] = measure_routes(broker, work / kind, levels, args.seconds, args.runs)
-        naive = RawEcho(brokers["stock"].port, qos=1)
         try:
-            rows["stock"]["context: naive paho echo, QoS 1"] = {
-                n: median_of([closed_loop(naive.call, n, args.seconds) for _ in range(args.runs)])
-                for n in levels
-            }
+            for kind, broker in brokers.items():
+                stacks[kind] = BrokerStack(broker, work / kind, naive=kind == "stock")
+            for _ in range(args.runs):  # interleaved: each run measures every row once
+                for n in levels:
+                    for kind, stack in stacks.items():
+                        for path, measure in stack.paths().items():
+                            samples.setdefault((kind, path, n), []).append(measure(n, args.seconds))
         finally:
-            naive.close()
+            for stack in stacks.values():
+                stack.close()
         wide_ms, batching = measure_batching(brokers["tuned"], work, args.seconds, args.runs)
     finally:
         for broker in brokers.values():
             broker.stop()
+    rows: dict[str, dict[str, dict[int, Result]]] = {}
+    for (kind, path, n), results in samples.items():
+        rows.setdefault(kind, {}).setdefault(path, {})[n] = median_of(results)
 
     lines = [
         f"Machine: {os.cpu_count()} cores; {args.runs} runs of {args.seconds:g} s, medians.",
@@ -321,8 +336,7 @@ def main() -> None:
                 )
     lines.append("")
     for kind in brokers:
-        floor = rows[kind]["raw paho echo, QoS 0 (floor)"][1]
-        up = rows[kind]["Tether uplink -> cloud worker (digits-teacher)"][1]
+        floor, up = rows[kind][FLOOR][1], rows[kind][UPLINK][1]
         lines.append(
             f"Uplink p50 over the raw QoS 0 echo at 1 in flight, {kind} broker: "
             f"{up.p50_ms - floor.p50_ms:+.3f} ms (target <= +1 ms)."

@@ -28,6 +28,7 @@ from pydantic_settings import (
 from edge.runtime_options import RuntimeOptions
 from edge.settings import RuntimeSettings, Section, load_toml_settings
 from edge.settings_toml import ConfigFileSource
+from shared.client_ids import client_id
 from shared.errors import InvalidInput
 from shared.topics import CLOUD_SHARE_GROUP, check_segment
 
@@ -36,8 +37,9 @@ MQTT_URL_VARIABLE = "TETHER_MQTT_URL"
 
 
 def default_worker_id() -> str:
-    """``<host>-<pid>``: unique per process, readable in logs and broker client lists."""
-    return f"{socket.gethostname()}-{os.getpid()}"
+    """``tether-<host>-<pid>``: unique per process, readable in logs and broker client lists
+    (it is the MQTT client id, which starts with ``tether-``: shared/client_ids.py)."""
+    return client_id(socket.gethostname(), str(os.getpid()))
 
 
 class BatchPolicy(Section):
@@ -81,7 +83,8 @@ class CloudSettings(BaseSettings):
     )
     worker_id: str = Field(
         default_factory=default_worker_id,
-        description="This worker's MQTT client id and name in replies (default host-pid).",
+        description="This worker's MQTT client id and name in replies (default "
+        "tether-host-pid; on the shipped broker it must start with tether-).",
     )
     repository: Path = Field(Path("models/repository"), description="The model repository.")
     models: Annotated[list[str], NoDecode] = Field(

@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import secrets
 import threading
 import time
 import uuid
@@ -51,6 +50,7 @@ from edge.metrics import EdgeMetrics
 from edge.runtimes.base import Prediction, Runtime, TensorSpec
 from edge.settings import UplinkSettings
 from shared import __version__, topics
+from shared.client_ids import random_client_id
 from shared.codec import OutputRequest, build_request, decode_response_parts
 from shared.envelopes import (
     ErrorEnvelope,
@@ -98,8 +98,9 @@ class CloudReply:
 
 
 def new_client_id(device_id: str) -> str:
-    """A client id unique per process and start: ``<device>-<pid>-<random>``."""
-    return f"{device_id}-{os.getpid()}-{secrets.token_hex(3)}"
+    """A client id unique per process and start, and unguessable:
+    ``tether-<device>-<pid>-<random>`` (shared/client_ids.py)."""
+    return random_client_id(device_id, str(os.getpid()))
 
 
 class Uplink:

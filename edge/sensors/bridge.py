@@ -39,6 +39,7 @@ from edge.sensors.outbox import Outbox
 from edge.sensors.processor import BatchProcessor
 from edge.sensors.publisher import ResultPublisher
 from edge.sensors.receiver import Receiver
+from edge.session_ids import session_client_id
 from edge.settings import EdgeSettings
 from shared.mqtt import Message, MqttClient
 
@@ -78,8 +79,11 @@ def lane_key(binding: Binding) -> str:
 
 
 def client_id_of(settings: EdgeSettings) -> str:
-    """The fixed client id whose persistent session keeps unacknowledged readings."""
-    return settings.sensors.client_id or f"tether-bridge-{settings.device_id}"
+    """The fixed client id whose persistent session keeps unacknowledged readings:
+    ``tether-bridge-<device>-<this device's secret tag>`` (edge/session_ids.py)."""
+    return settings.sensors.client_id or session_client_id(
+        settings.data_dir, "bridge", settings.device_id
+    )
 
 
 class SensorBridge:

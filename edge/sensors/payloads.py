@@ -5,7 +5,8 @@ A reading arrives in one of the formats of :data:`FORMATS` (docs/sensors.md, "Pa
 * ``json``: a V2 inference request (``{"inputs": [...]}``), decoded by the shared codec; a
   plain JSON array; or an object ``{"data": [...], "id": ..., "seq": ..., "timestamp": ...}``,
   shaped by the model's input metadata;
-* ``raw``: little-endian bytes of the model input's datatype, shaped the same way.
+* ``raw``: little-endian bytes of the model input's datatype, shaped the same way; for a
+  ``BYTES`` input, the payload is one element (a camera's JPEG or PNG frame, one row).
 
 A binding's ``format = "auto"`` picks the format whose MQTT 5 content type the message
 carries, else the first whose :attr:`PayloadFormat.sniff` recognises the payload, else
@@ -196,7 +197,7 @@ def _array_request(data: list[Any], model: ModelInputs) -> DecodedRequest:
 def _raw_request(payload: bytes, model: ModelInputs) -> DecodedRequest:
     spec = _single_input(model)
     if spec.datatype == "BYTES":
-        raise Unsupported("BYTES inputs cannot be sent as raw bytes; send a V2 request")
+        return _one_element(payload, spec, model)
     dtype = to_numpy_dtype(spec.datatype)
     if len(payload) % dtype.itemsize:
         raise InvalidInput(
@@ -210,6 +211,18 @@ def _raw_request(payload: bytes, model: ModelInputs) -> DecodedRequest:
     )
 
 
+def _one_element(payload: bytes, spec: TensorSpec, model: ModelInputs) -> DecodedRequest:
+    """A raw payload for a ``BYTES`` input is one element: a camera's JPEG frame, one row."""
+    row = _row_shape(spec, model)
+    if math.prod(row) != 1:
+        raise Unsupported(
+            f"input {spec.name!r} takes {list(spec.shape)} BYTES elements; send a V2 request"
+        )
+    array = np.empty((1, *row) if model.batched else row, dtype=object)
+    array.flat[0] = payload
+    return DecodedRequest(inputs={spec.name: array}, datatypes={spec.name: "BYTES"})
+
+
 def model_inputs(inputs: Sequence[TensorSpec], max_batch_size: int) -> ModelInputs:
     return ModelInputs(tuple(inputs), max_batch_size)
 
@@ -219,8 +232,12 @@ FORMATS: dict[str, PayloadFormat] = {
     "json": PayloadFormat(
         "json", frozenset({"application/json", "text/json"}), _looks_like_json, _decode_json
     ),
+    # a tensor's bytes, or one encoded image for a model whose input is BYTES (a camera)
     "raw": PayloadFormat(
-        "raw", frozenset({"application/octet-stream"}), lambda payload: False, _decode_raw
+        "raw",
+        frozenset({"application/octet-stream", "image/jpeg", "image/png"}),
+        lambda payload: False,
+        _decode_raw,
     ),
 }
 #: What ``auto`` decodes a payload as when neither content type nor sniffing decided.

@@ -309,4 +309,4 @@ def test_reply_topic_is_per_connection() -> None:
     first = Uplink("mqtt://127.0.0.1:1", "dev1")
     second = Uplink("mqtt://127.0.0.1:1", "dev1")
     assert first.reply_topic != second.reply_topic
-    assert first.reply_topic.startswith("tether/dev1/cloud/replies/dev1-")
+    assert first.reply_topic.startswith("tether/dev1/cloud/replies/tether-dev1-")

@@ -9,6 +9,7 @@ developer's own stack on the default ports.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -31,6 +32,7 @@ from models.digits import load_split
 from shared.mqtt import Message, MqttClient
 from tests.broker import Broker, free_port
 from tests.conftest import REPOSITORY
+from tests.images import sample
 
 pytestmark = pytest.mark.skipif(
     not (REPOSITORY / "digits-teacher" / "1" / "model.onnx").is_file(),
@@ -181,6 +183,20 @@ def test_tether_up_from_anywhere_on_a_stock_broker(
             "cloud",
         )
 
+        # The README's image request: a JPEG in, ImageNet labels out (docs/models.md).
+        jpeg = base64.b64encode(sample("chelsea")).decode()
+        image_body = json.dumps(
+            {
+                "inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [jpeg]}],
+                "outputs": [{"name": "labels"}],
+            }
+        ).encode()
+        for route, served_by in (("imagenet", "edge"), ("efficientnet-lite2", "cloud")):
+            status, data = post(f"{edge}/v2/models/{route}/infer", image_body)
+            assert status == 200, data
+            assert data["parameters"]["served_by"] == served_by, data
+            assert data["outputs"][0]["data"][0] == "Egyptian cat"
+
         # A sensor reading on the sensor topic gets its result (docs/sensors.md).
         result = sensor_result(broker, device)
         assert result["kind"] == "result" and result["sensor"] == "s1", result
@@ -209,10 +225,15 @@ def test_tether_up_from_anywhere_on_a_stock_broker(
         left = [pid for pid, started in tree.items() if alive(pid, started)]
         assert left == [], f"still running after Ctrl-C: {left}"
         assert [name for name, port in ports.items() if listening(port)] == []
-    finally:
+    finally:  # after a failure too, leave nothing running
         if up.poll() is None:
-            os.killpg(up.pid, signal.SIGKILL)
-            up.wait()
+            tree = {**tree, **process_tree(up.pid)}
+            up.send_signal(signal.SIGINT)  # `tether up` stops its children itself
+            try:
+                up.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(up.pid, signal.SIGKILL)
+                up.wait()
         for pid, started in tree.items():
             if alive(pid, started):
                 os.kill(pid, signal.SIGKILL)

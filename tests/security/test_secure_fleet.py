@@ -24,9 +24,11 @@ from shared.codec import build_request
 from shared.envelopes import InferRequestEnvelope, decode_envelope, frame
 from shared.errors import TetherError
 from shared.fleet import EVENTS_FILTER, RolloutEvent, RolloutOrder
-from shared.manifest import public_key_text
+from shared.manifest import generate_key, public_key_text
 from shared.mqtt import Message, MqttClient, TlsConfig
+from shared.order_signing import sign_order
 from shared.protocol import InferenceRequest
+from tests.edge.fleet_support import next_seq
 from tests.onnx_models import dense_model, write_model
 from tests.security.secure_broker import Pki, SecureBroker
 
@@ -48,7 +50,7 @@ def worker(
 ) -> Iterator[CloudWorker]:
     settings = CloudSettings(
         mqtt_url=secure_broker.url("cloud-worker"),
-        worker_id=f"cw-{uuid.uuid4().hex[:6]}",
+        worker_id=f"tether-cw-{uuid.uuid4().hex[:6]}",
         repository=repository,
         models=["dense"],
         share_group=f"sec-{uuid.uuid4().hex[:6]}",
@@ -63,7 +65,7 @@ def worker(
 
 
 def client(broker: SecureBroker, identity: str, tls: TlsConfig | None = None) -> MqttClient:
-    mqtt = MqttClient(broker.url(identity), f"{identity}-{uuid.uuid4().hex[:6]}", tls=tls)
+    mqtt = MqttClient(broker.url(identity), f"tether-{identity}-{uuid.uuid4().hex[:6]}", tls=tls)
     mqtt.start(wait_s=5.0)
     return mqtt
 
@@ -239,12 +241,14 @@ def test_a_rollout_reaches_its_device_and_its_events_reach_the_controller(
             model="dense",
             rollback_to=1,
             issued_at=time.time(),
+            device="dev-a",
+            seq=next_seq(),
+            expires_at=time.time() + 60,
         )
-        controller.publish(
-            topics.device_rollout("dev-a"), frame(order.dump()), retain=True
-        ).wait_for_publish(5)
+        payload = sign_order(order, generate_key())
+        controller.publish(topics.device_rollout("dev-a"), payload, retain=True).wait_for_publish(5)
         received = RolloutOrder.parse(orders_a.get(timeout=5).payload)
-        assert received.rollout_id == order.rollout_id
+        assert received.rollout_id == order.rollout_id and received.signature
         event = RolloutEvent(
             rollout_id=order.rollout_id,
             device="dev-b",  # informational: the controller trusts the topic
@@ -258,7 +262,7 @@ def test_a_rollout_reaches_its_device_and_its_events_reach_the_controller(
         assert message.topic == "tether/dev-a/rollout/events"
         assert RolloutEvent.parse(message.payload).step == "rolled_back"
         # a device's forged order for another device never arrives
-        b.publish(topics.device_rollout("dev-a"), frame(order.dump())).wait_for_publish(5)
+        b.publish(topics.device_rollout("dev-a"), payload).wait_for_publish(5)
         time.sleep(0.3)
         assert orders_a.empty() and snooped.empty()
         # clear the retained order
@@ -305,5 +309,7 @@ def test_a_full_rollout_works_for_provisioned_identities(
         )
         assert fleet.wait_final(rollout, timeout_s=30) == "completed"
         assert device.served() == [2]
+        # It acted on signed orders only: the last one it accepted is recorded.
+        assert device.agent.state.order_seq is not None
     finally:
         fleet.close()
