@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from edge.sensors.settings import BindingSettings, PayloadFormat
+from edge.sensors.settings import BindingSettings, PayloadFormatName
 from shared.mqtt import topic_matches
 from shared.topics import check_segment
 
@@ -19,7 +19,7 @@ class Binding:
     version: str | None
     results_template: str
     errors_template: str
-    format: PayloadFormat
+    format: PayloadFormatName
     #: Index of the topic level that holds the sensor id (the filter's first ``+``).
     sensor_level: int
 

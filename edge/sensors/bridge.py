@@ -3,8 +3,9 @@
 Composition (docs/sensors.md)::
 
     device broker ──> MqttClient (manual ack, persistent session, Receive Maximum)
-        └─> MicroBatcher per model (bounded) ─> BatchProcessor ─> DataPlane ─> Router
-                                                   └─> Outbox (SQLite) ─> ack the inputs
+        └─> Receiver ─> Intake (SQLite) ─> PUBACK
+              Lane per model: N workers ─> BatchProcessor ─> DataPlane ─> Router
+                  └─> in order: answers into the Outbox, readings out of the Intake (one txn)
         <── ResultPublisher (outbox -> broker, delete after PUBACK)
     cloud broker <── Uplink (separate connection) <── CorrectionSender (stored escalations)
 
@@ -20,7 +21,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -28,14 +29,16 @@ from typing import Any
 from prometheus_client import start_http_server
 
 from edge.agent import EdgeAgent
-from edge.sensors.batcher import MicroBatcher
 from edge.sensors.bindings import Binding, binding_for, build_bindings
 from edge.sensors.corrections import CorrectionSender
+from edge.sensors.database import SensorDatabase
+from edge.sensors.intake import Intake
+from edge.sensors.lanes import Answered, Lane
 from edge.sensors.metrics import SensorMetrics
 from edge.sensors.outbox import Outbox
 from edge.sensors.processor import BatchProcessor
 from edge.sensors.publisher import ResultPublisher
-from edge.sensors.results import Reading
+from edge.sensors.receiver import Receiver
 from edge.session_ids import session_client_id
 from edge.settings import EdgeSettings
 from shared.mqtt import Message, MqttClient
@@ -43,10 +46,13 @@ from shared.mqtt import Message, MqttClient
 log = logging.getLogger(__name__)
 
 STATS_INTERVAL_S = 1.0
+#: Sensor topics whose binding is remembered (a sensor population larger than this only
+#: costs a topic-filter match per reading).
+TOPICS_REMEMBERED = 4096
 
 
 def outbox_path(settings: EdgeSettings) -> Path:
-    """Where the bridge keeps its outbox."""
+    """Where the bridge keeps its intake and outbox (one SQLite file)."""
     return settings.data_dir / "sensors" / "outbox.sqlite3"
 
 
@@ -67,6 +73,11 @@ def read_stats(data_dir: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
+def lane_key(binding: Binding) -> str:
+    """The intake lane of a binding's readings: its model and version."""
+    return f"{binding.model}@{binding.version or ''}"
+
+
 def client_id_of(settings: EdgeSettings) -> str:
     """The fixed client id whose persistent session keeps unacknowledged readings:
     ``tether-bridge-<device>-<this device's secret tag>`` (edge/session_ids.py)."""
@@ -85,11 +96,14 @@ class SensorBridge:
         self.agent = agent or EdgeAgent(settings)
         self.metrics = SensorMetrics(self.agent.metrics.registry)
         self.bindings = build_bindings(sensors.bindings, self.device)
-        self.outbox = Outbox(
+        self._topics: dict[str, Binding | None] = {}
+        self.database = SensorDatabase(
             outbox_path(settings),
-            sensors.outbox,
+            sensors.outbox.synchronous,
             on_drop=lambda kind, reason, n: self.metrics.drops.labels(kind, reason).inc(n),
         )
+        self.intake = Intake(self.database, sensors.intake)
+        self.outbox = Outbox(self.database, sensors.outbox)
         self.client = MqttClient(
             sensors.broker_url or settings.mqtt_url,
             client_id_of(settings),
@@ -100,21 +114,23 @@ class SensorBridge:
             max_inflight=sensors.outbox.publish_window,
             tls=settings.mqtt_tls_config(),
         )
-        self.batchers: dict[tuple[str, str | None], MicroBatcher] = {}
+        self.receiver = Receiver(self.intake, self.metrics, max_messages=sensors.queue_size)
+        self.processor = BatchProcessor(self.agent.dataplane, self.metrics, sensors, self.device)
+        self.lanes: dict[str, Lane] = {}
         for binding in self.bindings:
-            key = (binding.model, binding.version)
-            if key not in self.batchers:
-                batcher = MicroBatcher(
+            key = lane_key(binding)
+            if key not in self.lanes:
+                self.lanes[key] = Lane(
+                    key,
                     binding.model,
+                    self._binding_for,
+                    self.intake,
+                    self.processor,
+                    self._commit,
                     max_messages=sensors.batch.max_messages,
                     max_delay_ms=sensors.batch.max_delay_ms,
-                    capacity=sensors.queue_size,
                 )
-                self.batchers[key] = batcher
-                self.metrics.watch_queue(binding.model, batcher.depth)
-        self.processor = BatchProcessor(
-            self.agent.dataplane, self.outbox, self.metrics, sensors, self.device
-        )
+                self.metrics.watch_queue(binding.model, self.lanes[key].depth)
         self.publisher = ResultPublisher(
             self.client,
             self.outbox,
@@ -123,7 +139,11 @@ class SensorBridge:
             qos=sensors.qos,
         )
         self.corrections = CorrectionSender(
-            self.agent.dataplane, self.agent.uplink, self.outbox, self.publisher
+            self.agent.dataplane,
+            self.agent.uplink,
+            self.outbox,
+            self.publisher,
+            in_flight=sensors.batches_in_flight,
         )
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -137,8 +157,13 @@ class SensorBridge:
         self.started_at = time.time()
         self.agent.start()
         self._stop.clear()
-        for key, batcher in self.batchers.items():
-            self._spawn(f"sensors-{key[0]}", partial(self._work, batcher))
+        unbound = self.intake.relane(set(self.lanes), self._lane_of)
+        if unbound:
+            log.warning("%d stored readings match no binding any more; dropped", unbound)
+        self._spawn("sensors-receiver", lambda: self.receiver.run(self._stop))
+        for key, lane in self.lanes.items():
+            for n in range(self.settings.sensors.batches_in_flight):
+                self._spawn(f"sensors-{key}-{n}", partial(lane.work, self._stop))
         self._spawn("sensors-publisher", lambda: self.publisher.run(self._stop))
         self._spawn("sensors-corrections", lambda: self.corrections.run(self._stop))
         self._spawn("sensors-stats", self._report)
@@ -168,8 +193,9 @@ class SensorBridge:
     def stop(self) -> None:
         """Stop taking readings, finish the threads, close the outbox and the uplink.
 
-        Readings in memory are not acknowledged, so the broker delivers them again to the
-        next start; results in the outbox are published by the next start.
+        Readings in the intake are answered, and results in the outbox published, by the
+        next start; readings delivered but not yet stored were not acknowledged, so the
+        broker delivers them again.
         """
         self.client.stop()
         self._stop.set()
@@ -180,7 +206,7 @@ class SensorBridge:
             self._metrics_server.shutdown()
             self._metrics_server = None
         self._write_stats()
-        self.outbox.close()
+        self.database.close()
         self.agent.close()
 
     def _spawn(self, name: str, target: Callable[[], None]) -> None:
@@ -190,28 +216,38 @@ class SensorBridge:
 
     # ------------------------------------------------------------------ the pipe
 
+    def _binding_for(self, topic: str) -> Binding | None:
+        """The binding of a topic (remembered for the last :data:`TOPICS_REMEMBERED` topics)."""
+        try:
+            return self._topics[topic]
+        except KeyError:
+            pass
+        binding = binding_for(self.bindings, topic)
+        if len(self._topics) >= TOPICS_REMEMBERED:
+            self._topics.clear()
+        self._topics[topic] = binding
+        return binding
+
+    def _lane_of(self, topic: str) -> str | None:
+        binding = self._binding_for(topic)
+        return lane_key(binding) if binding is not None else None
+
     def _on_message(self, message: Message) -> None:
-        """Network thread: find the binding and queue the reading (blocks only when full)."""
-        binding = binding_for(self.bindings, message.topic)
+        """Network thread: find the binding and hand the reading to the intake's receiver."""
+        binding = self._binding_for(message.topic)
         if binding is None:  # a filter of an old session; nothing is bound to it now
             message.ack()
             return
         self.metrics.messages_in.labels(binding.model).inc()
-        reading = Reading(message=message, binding=binding, sensor=binding.sensor_of(message.topic))
-        self.batchers[(binding.model, binding.version)].put(reading, self._stop)
+        self.receiver.deliver(message, lane_key(binding), self._stop)
 
-    def _work(self, batcher: MicroBatcher) -> None:
-        while not self._stop.is_set():
-            batch = batcher.next_batch(self._stop)
-            if not batch:
-                continue
-            try:
-                self.processor.process(batch)
-            except Exception:
-                # Not acknowledged: the broker delivers these again after a reconnect.
-                log.exception("batch of %d readings for %s failed", len(batch), batcher.model)
-                continue
-            self.publisher.wake()
+    def _commit(self, run: Sequence[Answered]) -> None:
+        """Answers into the outbox and their readings out of the intake, in one transaction."""
+        with self.database.transaction():
+            for batch, answer in run:
+                self.intake.remove(batch)
+                self.outbox.store(answer.outgoing, answer.escalations)
+        self.publisher.wake()
 
     # ------------------------------------------------------------------ visibility
 
@@ -221,6 +257,8 @@ class SensorBridge:
         self.metrics.outbox_depth.labels("results").set(outbox.results)
         self.metrics.outbox_depth.labels("escalations").set(outbox.escalations)
         self.metrics.outbox_age.set(outbox.oldest_age_s)
+        intake_age = self.intake.oldest_age_s()
+        self.metrics.intake_age.set(intake_age)
         counters = self.metrics.snapshot()
         return {
             "device": self.device,
@@ -239,7 +277,13 @@ class SensorBridge:
             "redeliveries_skipped": sum(
                 counters.get("tether_sensor_redeliveries_skipped", {}).values()
             ),
-            "queue_depth": {b.model: b.depth() for b in self.batchers.values()},
+            "queue_depth": {lane.model: lane.depth() for lane in self.lanes.values()},
+            "intake": {
+                "readings": self.intake.depth(),
+                "bytes": self.intake.bytes,
+                "oldest_age_s": round(intake_age, 3),
+                "unstored": self.receiver.depth(),
+            },
             "outbox": outbox.as_dict(),
             "drops": outbox.dropped,
         }

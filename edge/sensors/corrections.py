@@ -2,15 +2,20 @@
 
 When a cascade answers a reading locally because the cloud could not be reached (route
 ``degraded``) and ``sensors.corrections`` is on, the reading's rows wait in the outbox.
-This thread sends them, oldest first, through the route's cloud runtime (the uplink) once
-the uplink is connected; the cloud's answer is stored as a ``correction`` result for the
-same reading id in the same transaction that removes the escalation.
+This thread sends them, oldest first and :data:`GROUP` readings a request, through the
+route's cloud runtime (the uplink) once the uplink is connected, with up to ``in_flight``
+requests at once; the answers are stored in order, each as ``correction`` results for
+the same reading ids in the transaction that removes the escalations. When the cloud
+fails a request, the answers to later ones are not stored (they are asked again), so
+corrections still leave in the order of their readings.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import orjson
@@ -21,13 +26,21 @@ from edge.sensors.outbox import Outbox, StoredEscalation
 from edge.sensors.publisher import ResultPublisher
 from edge.sensors.results import Outgoing, result_payload
 from edge.uplink import Uplink
-from shared.codec import decode_request
+from shared.codec import DecodedRequest, decode_request
 from shared.errors import TetherError, Unavailable
 
 log = logging.getLogger(__name__)
 
-#: Escalations sent to the cloud in one request.
-GROUP = 32
+#: Escalations (readings) sent to the cloud in one request.
+GROUP = 64
+
+
+@dataclass
+class _Asked:
+    """What the cloud said to one group: its corrections, or the error it failed with."""
+
+    corrections: list[Outgoing]
+    error: TetherError | None = None
 
 
 class CorrectionSender:
@@ -40,52 +53,70 @@ class CorrectionSender:
         outbox: Outbox,
         publisher: ResultPublisher,
         *,
+        in_flight: int = 1,
         retry_s: float = 1.0,
     ) -> None:
         self.dataplane = dataplane
         self.uplink = uplink
         self.outbox = outbox
         self.publisher = publisher
+        self.in_flight = in_flight
         self.retry_s = retry_s
 
     def run(self, stop: threading.Event) -> None:
-        while not stop.is_set():
-            if self.uplink is None or not self.uplink.connected:
-                stop.wait(0.2)
-                continue
-            items = self.outbox.peek_escalations(GROUP)
-            if not items:
-                stop.wait(0.2)
-                continue
-            group = same_model_prefix(items)
-            if not self.send(group):
-                stop.wait(self.retry_s)
+        with ThreadPoolExecutor(self.in_flight, thread_name_prefix="sensors-correct") as pool:
+            while not stop.is_set():
+                if self.uplink is None or not self.uplink.connected:
+                    stop.wait(0.2)
+                    continue
+                groups = groups_of(self.outbox.peek_escalations(GROUP * self.in_flight))
+                if not groups:
+                    stop.wait(0.2)
+                    continue
+                asked = [pool.submit(self.ask, group) for group in groups[: self.in_flight]]
+                for group, future in zip(groups, asked, strict=False):
+                    if not self.settle(group, future.result()):
+                        for rest in asked:  # answers past a failure are asked again later
+                            rest.result()
+                        stop.wait(self.retry_s)
+                        break
 
     def send(self, group: list[StoredEscalation]) -> bool:
         """Send one group (same model); True when it left the outbox either way."""
+        return self.settle(group, self.ask(group))
+
+    def ask(self, group: list[StoredEscalation]) -> _Asked:
+        """The cloud's corrections for one group (same model), or why there are none.
+
+        The group goes up in requests of at most the cloud model's batch of rows.
+        """
         first = group[0].escalation
-        seqs = [item.seq for item in group]
+        corrections: list[Outgoing] = []
         try:
             runtime = self.dataplane.resolve(first.model, first.version)
             cloud = getattr(runtime, "cloud", None)
             if not isinstance(cloud, Runtime):
                 raise Unavailable(f"model {first.model!r} has no cloud route any more")
-            requests = [
-                decode_request(i.escalation.request, i.escalation.header_length) for i in group
+            items = [
+                (item, decode_request(item.escalation.request, item.escalation.header_length))
+                for item in group
             ]
-            names = list(requests[0].inputs)
-            inputs = {n: np.concatenate([r.inputs[n] for r in requests]) for n in names}
-            prediction = cloud.infer(inputs, None)
+            for chunk in _by_rows(items, cloud.max_batch_size):
+                corrections.extend(self._corrections(cloud, chunk))
         except TetherError as exc:
-            if exc.status >= 500:
-                log.info("corrections wait for the cloud: %s", exc.message)
-                return False
-            self.outbox.complete_escalations(seqs, (), reason=f"cloud_rejected:{exc.reason}")
-            return True
+            return _Asked([], exc)
+        return _Asked(corrections)
+
+    def _corrections(
+        self, cloud: Runtime, chunk: list[tuple[StoredEscalation, DecodedRequest]]
+    ) -> list[Outgoing]:
+        names = list(chunk[0][1].inputs)
+        inputs = {n: np.concatenate([request.inputs[n] for _, request in chunk]) for n in names}
+        prediction = cloud.infer(inputs, None)
         corrections: list[Outgoing] = []
         start = 0
-        for item, request in zip(group, requests, strict=True):
-            rows = next(iter(request.inputs.values())).shape[0]
+        for item, request in chunk:
+            rows = _rows(request)
             outputs = {k: v[start : start + rows] for k, v in prediction.outputs.items()}
             start += rows
             params = dict(prediction.parameters)
@@ -102,9 +133,54 @@ class CorrectionSender:
             corrections.append(
                 Outgoing("correction", esc.topic, payload, esc.reading_id, esc.correlation)
             )
-        self.outbox.complete_escalations(seqs, corrections)
+        return corrections
+
+    def settle(self, group: list[StoredEscalation], asked: _Asked) -> bool:
+        """Store a group's corrections (or drop it for a 4xx); False: the cloud is away."""
+        seqs = [item.seq for item in group]
+        if asked.error is not None:
+            if asked.error.status >= 500:
+                log.info("corrections wait for the cloud: %s", asked.error.message)
+                return False
+            self.outbox.complete_escalations(
+                seqs, (), reason=f"cloud_rejected:{asked.error.reason}"
+            )
+            return True
+        self.outbox.complete_escalations(seqs, asked.corrections)
         self.publisher.wake()
         return True
+
+
+def _rows(request: DecodedRequest) -> int:
+    array = next(iter(request.inputs.values()))
+    return int(array.shape[0]) if array.ndim else 1
+
+
+def _by_rows(
+    items: list[tuple[StoredEscalation, DecodedRequest]], max_rows: int
+) -> list[list[tuple[StoredEscalation, DecodedRequest]]]:
+    """Consecutive chunks of at most ``max_rows`` rows (any size when it is 0)."""
+    chunks: list[list[tuple[StoredEscalation, DecodedRequest]]] = []
+    rows = 0
+    for item in items:
+        n = _rows(item[1])
+        if chunks and (max_rows <= 0 or rows + n <= max_rows):
+            chunks[-1].append(item)
+            rows += n
+        else:
+            chunks.append([item])
+            rows = n
+    return chunks
+
+
+def groups_of(items: list[StoredEscalation]) -> list[list[StoredEscalation]]:
+    """Consecutive groups of at most :data:`GROUP` escalations of one model (order kept)."""
+    groups: list[list[StoredEscalation]] = []
+    while items:
+        group = same_model_prefix(items)[:GROUP]
+        groups.append(group)
+        items = items[len(group) :]
+    return groups
 
 
 def same_model_prefix(items: list[StoredEscalation]) -> list[StoredEscalation]:

@@ -1,7 +1,7 @@
 """The sensor bridge's Prometheus metrics, registered beside the data plane's.
 
-Messages in, results out, errors by reason, skipped redeliveries, queue depth, outbox
-depth and age, and drops by reason. :meth:`SensorMetrics.snapshot` gives the same figures
+Messages in, results out, errors by reason, skipped redeliveries, readings waiting in the
+intake (by model, and the oldest's age), outbox depth and age, and drops by reason. :meth:`SensorMetrics.snapshot` gives the same figures
 as plain numbers (for ``stats()`` and ``tether status``).
 """
 
@@ -60,8 +60,13 @@ class SensorMetrics:
         )
         self.queue_depth = Gauge(
             "tether_sensor_queue_depth",
-            "Readings waiting in memory, by model.",
+            "Readings stored in the intake and not yet answered, by model.",
             ["model"],
+            registry=r,
+        )
+        self.intake_age = Gauge(
+            "tether_sensor_intake_oldest_age_seconds",
+            "Age of the oldest reading waiting in the intake.",
             registry=r,
         )
         self.outbox_depth = Gauge(

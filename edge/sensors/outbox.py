@@ -1,33 +1,27 @@
 """The persistent outbox: results waiting to be published and escalations waiting for the cloud.
 
-SQLite in the agent's data directory (WAL; ``synchronous`` FULL by default). The bridge
-stores a batch's results here, in one transaction, *before* it acknowledges the batch's
-sensor messages, and deletes a result only after the broker's PUBACK for it; so a crash at
-any moment loses nothing the broker delivered. Records leave in the order they came in.
+Tables in the bridge's SQLite file (:class:`~edge.sensors.database.SensorDatabase`). The
+bridge stores a batch's results here in the transaction that takes the batch's readings
+out of the intake, and deletes a result only after the broker's PUBACK for it; so a crash
+at any moment loses nothing the broker delivered. Records leave in the order they came in.
 
 The outbox is bounded by records and bytes. When full, the configured policy decides:
 ``drop_oldest`` deletes the oldest records to make room, ``refuse_new`` does not store the
 new one. Either way each dropped record is counted (``counters``) and explained (``drops``:
 kind, reading id, topic, reason), and reported to ``on_drop``.
-
-It also remembers the keys of recently stored readings (``seen``), so a message the broker
-redelivers after a crash between storing and acknowledging is not answered twice.
 """
 
 from __future__ import annotations
 
-import sqlite3
-import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edge.sensors.database import DropListener, SensorDatabase, insert_rows
 from edge.sensors.results import Outgoing
 from edge.sensors.settings import OutboxSettings
-
-DropListener = Callable[[str, str, int], None]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS results (
@@ -37,16 +31,7 @@ CREATE TABLE IF NOT EXISTS escalations (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, model TEXT NOT NULL, version TEXT,
     topic TEXT NOT NULL, identity BLOB NOT NULL, request BLOB NOT NULL,
     header_length INTEGER, reading_id TEXT NOT NULL, correlation BLOB, created REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS seen (key TEXT PRIMARY KEY, at INTEGER NOT NULL);
-CREATE INDEX IF NOT EXISTS seen_at ON seen (at);
-CREATE TABLE IF NOT EXISTS drops (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, reading_id TEXT NOT NULL,
-    topic TEXT NOT NULL, reason TEXT NOT NULL, at REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
-
-#: Explanations of the drops table kept (older ones go; the counters keep the totals).
-DROPS_KEPT = 100_000
 
 
 @dataclass(frozen=True)
@@ -104,89 +89,76 @@ class OutboxStats:
 
 
 class Outbox:
-    """Results and escalations, durable, ordered and bounded (one SQLite file)."""
+    """Results and escalations, durable, ordered and bounded."""
 
     def __init__(
         self,
-        path: Path,
+        database: SensorDatabase | Path,
         settings: OutboxSettings | None = None,
         on_drop: DropListener | None = None,
     ) -> None:
-        self.path = path
         self.settings = settings or OutboxSettings()
-        self.on_drop = on_drop
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(f"PRAGMA synchronous={self.settings.synchronous.upper()}")
-        self._db.executescript(_SCHEMA)
-        self._lock = threading.Lock()
-        self._tick = self._scalar("SELECT COALESCE(MAX(at), 0) FROM seen")
-        self._count = self._scalar("SELECT COUNT(*) FROM results") + self._scalar(
-            "SELECT COUNT(*) FROM escalations"
-        )
-        self._bytes = self._scalar("SELECT COALESCE(SUM(LENGTH(payload)), 0) FROM results")
-        self._bytes += self._scalar("SELECT COALESCE(SUM(LENGTH(request)), 0) FROM escalations")
+        if isinstance(database, Path):
+            database = SensorDatabase(database, self.settings.synchronous, on_drop)
+        self.database = database
+        self._db = database.db
+        database.db.executescript(_SCHEMA)
+        database.on_rollback(self._recount)
+        self._recount()
+
+    def _recount(self) -> None:
+        scalar = self.database.scalar
+        self._results = scalar("SELECT COUNT(*) FROM results")
+        self._escalations = scalar("SELECT COUNT(*) FROM escalations")
+        self._bytes = scalar("SELECT COALESCE(SUM(LENGTH(payload)), 0) FROM results")
+        self._bytes += scalar("SELECT COALESCE(SUM(LENGTH(request)), 0) FROM escalations")
+
+    @property
+    def _count(self) -> int:
+        return self._results + self._escalations
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-    def _scalar(self, sql: str, *args: Any) -> int:
-        row = self._db.execute(sql, args).fetchone()
-        return int(row[0]) if row and row[0] is not None else 0
+        self.database.close()
 
     # ------------------------------------------------------------------ writing
 
-    def store(
-        self,
-        results: Sequence[Outgoing],
-        escalations: Sequence[Escalation] = (),
-        seen: Iterable[str] = (),
-    ) -> int:
-        """Store a batch's messages and reading keys in one durable transaction.
+    def store(self, results: Sequence[Outgoing], escalations: Sequence[Escalation] = ()) -> int:
+        """Store a batch's messages in one durable transaction (or the caller's).
 
         Returns how many records the full-outbox policy dropped.
         """
-        now = time.time()
-        with self._lock, self._transaction():
-            rows = []
-            for key in seen:
-                self._tick += 1
-                rows.append((key, self._tick))
-            self._db.executemany("INSERT OR REPLACE INTO seen (key, at) VALUES (?, ?)", rows)
-            dropped = self._insert(results, escalations, now)
-            if rows and self._tick // 1024 != (self._tick - len(rows)) // 1024:
-                self._db.execute(
-                    "DELETE FROM seen WHERE at <= ?", (self._tick - self.settings.dedupe_window,)
-                )
-        return dropped
+        with self.database.transaction():
+            return self._insert(results, escalations, time.time())
 
     def _insert(
         self, results: Sequence[Outgoing], escalations: Sequence[Escalation], now: float
     ) -> int:
         dropped = 0
         refuse = self.settings.policy == "refuse_new"
+        rows: list[tuple[Any, ...]] = []
         for item in results:
             if refuse and not self._room(len(item.payload)):
                 self._explain(item.kind, item.reading_id, item.topic, "outbox_full_refused", now)
                 dropped += 1
                 continue
-            self._db.execute(
-                "INSERT INTO results (kind, topic, payload, reading_id, correlation, created) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                (item.kind, item.topic, item.payload, item.reading_id, item.correlation, now),
+            rows.append(
+                (item.kind, item.topic, item.payload, item.reading_id, item.correlation, now)
             )
-            self._count += 1
+            self._results += 1
             self._bytes += len(item.payload)
+        insert_rows(
+            self._db,
+            "results",
+            ("kind", "topic", "payload", "reading_id", "correlation", "created"),
+            rows,
+        )
+        rows = []
         for esc in escalations:
             if refuse and not self._room(len(esc.request)):
                 self._explain("escalation", esc.reading_id, esc.topic, "outbox_full_refused", now)
                 dropped += 1
                 continue
-            self._db.execute(
-                "INSERT INTO escalations (model, version, topic, identity, request, "
-                "header_length, reading_id, correlation, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            rows.append(
                 (
                     esc.model,
                     esc.version,
@@ -197,10 +169,26 @@ class Outbox:
                     esc.reading_id,
                     esc.correlation,
                     now,
-                ),
+                )
             )
-            self._count += 1
+            self._escalations += 1
             self._bytes += len(esc.request)
+        insert_rows(
+            self._db,
+            "escalations",
+            (
+                "model",
+                "version",
+                "topic",
+                "identity",
+                "request",
+                "header_length",
+                "reading_id",
+                "correlation",
+                "created",
+            ),
+            rows,
+        )
         if not refuse:
             dropped += self._evict_oldest(now)
         return dropped
@@ -233,67 +221,61 @@ class Outbox:
                 else ("escalations", esc)
             )
             self._db.execute(f"DELETE FROM {table} WHERE seq = ?", (row[0],))
-            self._count -= 1
+            if table == "results":
+                self._results -= 1
+            else:
+                self._escalations -= 1
             self._bytes -= int(row[5])
             self._explain(row[2], row[3], row[4], "outbox_full_oldest", now)
             dropped += 1
         return dropped
 
     def _explain(self, kind: str, reading_id: str, topic: str, reason: str, now: float) -> None:
-        self._db.execute(
-            "INSERT INTO drops (kind, reading_id, topic, reason, at) VALUES (?, ?, ?, ?, ?)",
-            (kind, reading_id, topic, reason, now),
-        )
-        self._db.execute(
-            "INSERT INTO counters (name, value) VALUES (?, 1) "
-            "ON CONFLICT(name) DO UPDATE SET value = value + 1",
-            (f"dropped:{reason}",),
-        )
-        self._db.execute(
-            "DELETE FROM drops WHERE id <= (SELECT MAX(id) FROM drops) - ?", (DROPS_KEPT,)
-        )
-        if self.on_drop is not None:
-            self.on_drop(kind, reason, 1)
+        self.database.explain(kind, reading_id, topic, reason, now)
 
     def record_drop(self, kind: str, reading_id: str, topic: str, reason: str) -> None:
         """Count and explain a record dropped outside the outbox's own policy."""
-        with self._lock, self._transaction():
-            self._explain(kind, reading_id, topic, reason, time.time())
+        self.database.explain(kind, reading_id, topic, reason)
 
     # ------------------------------------------------------------------ results
 
     def peek_results(self, limit: int) -> list[StoredResult]:
         """The oldest ``limit`` results, in order."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT seq, kind, topic, payload, reading_id, correlation FROM results "
-                "ORDER BY seq LIMIT ?",
-                (limit,),
-            ).fetchall()
+        rows = self.database.read(
+            "SELECT seq, kind, topic, payload, reading_id, correlation FROM results "
+            "ORDER BY seq LIMIT ?",
+            limit,
+        )
         return [StoredResult(*row) for row in rows]
 
     def delete_results(self, seqs: Sequence[int]) -> None:
         """Forget results the broker acknowledged."""
         if not seqs:
             return
-        with self._lock, self._transaction():
-            for seq in seqs:
-                row = self._db.execute(
-                    "DELETE FROM results WHERE seq = ? RETURNING LENGTH(payload)", (seq,)
+        with self.database.transaction() as db:
+            for start in range(0, len(seqs), 900):
+                chunk = list(seqs[start : start + 900])
+                marks = ", ".join("?" for _ in chunk)
+                count, size = db.execute(
+                    f"SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM results "
+                    f"WHERE seq IN ({marks})",
+                    chunk,
                 ).fetchone()
-                if row is not None:
-                    self._count -= 1
-                    self._bytes -= int(row[0])
+                db.execute(f"DELETE FROM results WHERE seq IN ({marks})", chunk)
+                self._results -= int(count)
+                self._bytes -= int(size)
 
     # ------------------------------------------------------------------ escalations
 
     def peek_escalations(self, limit: int) -> list[StoredEscalation]:
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT seq, model, version, topic, identity, request, header_length, "
-                "reading_id, correlation FROM escalations ORDER BY seq LIMIT ?",
-                (limit,),
-            ).fetchall()
+        """The oldest ``limit`` escalations, in order."""
+        if self._escalations <= 0:
+            return []
+        rows = self.database.read(
+            "SELECT seq, model, version, topic, identity, request, header_length, "
+            "reading_id, correlation FROM escalations ORDER BY seq LIMIT ?",
+            limit,
+        )
         return [StoredEscalation(row[0], Escalation(*row[1:])) for row in rows]
 
     def complete_escalations(
@@ -301,82 +283,47 @@ class Outbox:
     ) -> None:
         """Replace answered escalations by their corrections (or drop them for ``reason``)."""
         now = time.time()
-        with self._lock, self._transaction():
-            for seq in seqs:
-                row = self._db.execute(
-                    "DELETE FROM escalations WHERE seq = ? RETURNING LENGTH(request), "
-                    "reading_id, topic",
-                    (seq,),
+        with self.database.transaction() as db:
+            for start in range(0, len(seqs), 900):
+                chunk = list(seqs[start : start + 900])
+                marks = ", ".join("?" for _ in chunk)
+                count, size = db.execute(
+                    f"SELECT COUNT(*), COALESCE(SUM(LENGTH(request)), 0) FROM escalations "
+                    f"WHERE seq IN ({marks})",
+                    chunk,
                 ).fetchone()
-                if row is None:
-                    continue
-                self._count -= 1
-                self._bytes -= int(row[0])
                 if reason is not None:
-                    self._explain("escalation", row[1], row[2], reason, now)
+                    for reading_id, topic in db.execute(
+                        f"SELECT reading_id, topic FROM escalations WHERE seq IN ({marks})", chunk
+                    ).fetchall():
+                        self._explain("escalation", reading_id, topic, reason, now)
+                db.execute(f"DELETE FROM escalations WHERE seq IN ({marks})", chunk)
+                self._escalations -= int(count)
+                self._bytes -= int(size)
             self._insert(corrections, (), now)
 
     # ------------------------------------------------------------------ reading
-
-    def seen(self, key: str) -> bool:
-        """True when a reading with this key was stored recently."""
-        with self._lock:
-            return (
-                self._db.execute("SELECT 1 FROM seen WHERE key = ?", (key,)).fetchone() is not None
-            )
 
     def depth(self) -> int:
         return self._count
 
     def stats(self) -> OutboxStats:
-        with self._lock:
-            results = self._scalar("SELECT COUNT(*) FROM results")
-            escalations = self._scalar("SELECT COUNT(*) FROM escalations")
-            oldest = [
-                row[0]
-                for row in (
-                    self._db.execute("SELECT created FROM results ORDER BY seq LIMIT 1").fetchone(),
-                    self._db.execute(
-                        "SELECT created FROM escalations ORDER BY seq LIMIT 1"
-                    ).fetchone(),
-                )
-                if row is not None
-            ]
-            counters = self._db.execute(
-                "SELECT name, value FROM counters WHERE name LIKE 'dropped:%'"
-            ).fetchall()
+        oldest = [
+            rows[0][0]
+            for rows in (
+                self.database.read("SELECT created FROM results ORDER BY seq LIMIT 1"),
+                self.database.read("SELECT created FROM escalations ORDER BY seq LIMIT 1"),
+            )
+            if rows
+        ]
         return OutboxStats(
-            results=results,
-            escalations=escalations,
+            results=self._results,
+            escalations=self._escalations,
             bytes=self._bytes,
             oldest_age_s=max(0.0, time.time() - min(oldest)) if oldest else 0.0,
-            dropped={name.split(":", 1)[1]: int(value) for name, value in counters},
+            dropped=self.database.dropped(),
         )
 
     def drops(self, limit: int = 1000) -> list[dict[str, Any]]:
-        """The latest explained drops, newest last."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT kind, reading_id, topic, reason, at FROM drops ORDER BY id DESC LIMIT ?",
-                (limit,),
-            ).fetchall()
-        keys = ("kind", "reading_id", "topic", "reason", "at")
-        return [dict(zip(keys, row, strict=True)) for row in reversed(rows)]
-
-    # ------------------------------------------------------------------ plumbing
-
-    def _transaction(self) -> _Transaction:
-        return _Transaction(self._db)
-
-
-class _Transaction:
-    """``BEGIN IMMEDIATE`` ... ``COMMIT`` (``ROLLBACK`` on error) on an autocommit connection."""
-
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self._db = db
-
-    def __enter__(self) -> None:
-        self._db.execute("BEGIN IMMEDIATE")
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        self._db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+        """The latest explained drops (of the intake's too), newest last."""
+        return self.database.drops(limit)

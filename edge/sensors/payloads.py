@@ -1,11 +1,17 @@
-"""Sensor payloads -> a :class:`~shared.codec.DecodedRequest` and the reading's identity.
+"""Sensor payloads -> a :class:`~shared.codec.DecodedRequest` and the fields that identify it.
 
-A reading arrives in one of three shapes (docs/sensors.md):
+A reading arrives in one of the formats of :data:`FORMATS` (docs/sensors.md, "Payloads"):
 
-* a V2 inference request (``{"inputs": [...]}``), decoded by the shared codec;
-* a plain JSON array, or an object ``{"data": [...], "id": ..., "seq": ..., "timestamp": ...}``,
+* ``json``: a V2 inference request (``{"inputs": [...]}``), decoded by the shared codec; a
+  plain JSON array; or an object ``{"data": [...], "id": ..., "seq": ..., "timestamp": ...}``,
   shaped by the model's input metadata;
-* raw little-endian bytes of the model input's datatype, shaped the same way.
+* ``raw``: little-endian bytes of the model input's datatype, shaped the same way; for a
+  ``BYTES`` input, the payload is one element (a camera's JPEG or PNG frame, one row).
+
+A binding's ``format = "auto"`` picks the format whose MQTT 5 content type the message
+carries, else the first whose :attr:`PayloadFormat.sniff` recognises the payload, else
+:data:`FALLBACK`. Adding a format is one entry in :data:`FORMATS` (and its name in
+``edge.sensors.settings.PayloadFormatName``).
 
 A flat array of ``k`` times one row's elements is ``k`` rows. Every failure is a
 :class:`~shared.errors.TetherError` whose message names the reason.
@@ -13,9 +19,8 @@ A flat array of ``k`` times one row's elements is ``k`` rows. Every failure is a
 
 from __future__ import annotations
 
-import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,18 +28,12 @@ import numpy as np
 import orjson
 
 from edge.runtimes.base import TensorSpec
-from edge.sensors.settings import PayloadFormat
+from edge.sensors.identity import Fields, add_parameters, fields_of
+from edge.sensors.settings import PayloadFormatName
 from shared.codec import DecodedRequest, TensorLimits, decode_request_parts
 from shared.datatypes import to_numpy_dtype
 from shared.errors import InvalidInput, PayloadTooLarge, Unsupported
-from shared.mqtt import Message
 from shared.protocol import InferenceRequest
-
-JSON_TYPES = frozenset({"application/json", "text/json"})
-#: Raw payloads: a tensor's bytes, or one encoded image for a model with an image pipeline.
-RAW_TYPES = frozenset({"application/octet-stream", "image/jpeg", "image/png"})
-_ID_KEYS = ("id", "reading_id")
-_TIME_KEYS = ("timestamp", "ts", "time")
 
 
 @dataclass(frozen=True)
@@ -51,15 +50,6 @@ class ModelInputs:
 
 
 @dataclass
-class Fields:
-    """The identity fields a payload carried (``id``, ``seq``, ``timestamp``)."""
-
-    id: str | None = None
-    seq: Any = None
-    timestamp: Any = None
-
-
-@dataclass
 class DecodedReading:
     """A decoded payload: the request for the data plane and the fields it carried."""
 
@@ -73,12 +63,27 @@ class DecodedReading:
         return 0
 
 
+Decoder = Callable[[bytes, ModelInputs, TensorLimits | None], DecodedReading]
+
+
+@dataclass(frozen=True)
+class PayloadFormat:
+    """One way a reading can be sent: how ``auto`` recognises it and how it is decoded."""
+
+    name: str
+    #: MQTT 5 content types that select this format under ``auto``.
+    content_types: frozenset[str]
+    #: Whether a payload without a known content type looks like this format.
+    sniff: Callable[[bytes], bool]
+    decode: Decoder
+
+
 def decode_payload(
     payload: bytes,
     model: ModelInputs,
     *,
     content_type: str | None = None,
-    fmt: PayloadFormat = "auto",
+    fmt: PayloadFormatName = "auto",
     max_bytes: int = 1024 * 1024,
     limits: TensorLimits | None = None,
 ) -> DecodedReading:
@@ -87,20 +92,21 @@ def decode_payload(
         raise PayloadTooLarge(f"payload of {len(payload)} bytes is over the limit of {max_bytes}")
     if not payload:
         raise InvalidInput("empty payload")
-    if _is_json(payload, content_type, fmt):
-        return _decode_json(payload, model, limits)
-    return DecodedReading(_raw_request(payload, model))
+    return format_of(payload, content_type, fmt).decode(payload, model, limits)
 
 
-def _is_json(payload: bytes, content_type: str | None, fmt: PayloadFormat) -> bool:
+def format_of(payload: bytes, content_type: str | None, fmt: PayloadFormatName) -> PayloadFormat:
+    """The format a binding's ``format`` and the message's content type choose."""
     if fmt != "auto":
-        return fmt == "json"
+        return FORMATS[fmt]
     kind = (content_type or "").split(";")[0].strip().lower()
-    if kind in JSON_TYPES:
-        return True
-    if kind in RAW_TYPES:
-        return False
-    return payload.lstrip()[:1] in (b"{", b"[")
+    for candidate in FORMATS.values():
+        if kind in candidate.content_types:
+            return candidate
+    for candidate in FORMATS.values():
+        if candidate.sniff(payload):
+            return candidate
+    return FORMATS[FALLBACK]
 
 
 def _decode_json(payload: bytes, model: ModelInputs, limits: TensorLimits | None) -> DecodedReading:
@@ -115,12 +121,7 @@ def _decode_json(payload: bytes, model: ModelInputs, limits: TensorLimits | None
     fields = fields_of(body)
     if "inputs" in body:
         request = decode_request_parts(InferenceRequest.parse(body), b"", limits)
-        params = request.parameters
-        if fields.timestamp is None:
-            fields.timestamp = next((params[k] for k in _TIME_KEYS if k in params), None)
-        if fields.seq is None:
-            fields.seq = params.get("seq")
-        return DecodedReading(request, fields)
+        return DecodedReading(request, add_parameters(fields, request.parameters))
     if "data" not in body:
         raise InvalidInput('a JSON object reading needs "data" (or "inputs" for a V2 request)')
     data = body["data"]
@@ -129,14 +130,12 @@ def _decode_json(payload: bytes, model: ModelInputs, limits: TensorLimits | None
     return DecodedReading(_array_request(data, model), fields)
 
 
-def fields_of(body: dict[str, Any]) -> Fields:
-    """The identity fields of a JSON object reading."""
-    ident = next((body[k] for k in _ID_KEYS if body.get(k) is not None), None)
-    return Fields(
-        id=str(ident) if ident is not None else None,
-        seq=body.get("seq"),
-        timestamp=next((body[k] for k in _TIME_KEYS if k in body), None),
-    )
+def _decode_raw(payload: bytes, model: ModelInputs, limits: TensorLimits | None) -> DecodedReading:
+    return DecodedReading(_raw_request(payload, model))
+
+
+def _looks_like_json(payload: bytes) -> bool:
+    return payload.lstrip()[:1] in (b"{", b"[")
 
 
 def _single_input(model: ModelInputs) -> TensorSpec:
@@ -224,51 +223,22 @@ def _one_element(payload: bytes, spec: TensorSpec, model: ModelInputs) -> Decode
     return DecodedRequest(inputs={spec.name: array}, datatypes={spec.name: "BYTES"})
 
 
-# --------------------------------------------------------------------------- identity
-
-
-def reading_id(message: Message, fields: Fields | None) -> tuple[str, str]:
-    """The reading id and where it came from (docs/sensors.md, "Reading ids").
-
-    In order: the payload's ``id`` (or the V2 request id), its ``seq``; the MQTT 5 user
-    property ``id``/``reading_id``/``seq``; the correlation data; else a hash of topic and
-    payload (``h:`` + 24 hex digits).
-    """
-    if fields is not None and fields.id:
-        return fields.id, "payload"
-    if fields is not None and fields.seq is not None:
-        return str(fields.seq), "seq"
-    props = message.user_properties
-    for key in ("id", "reading_id", "seq"):
-        if props.get(key):
-            return props[key], "property"
-    if message.correlation_data:
-        try:
-            return message.correlation_data.decode("utf-8"), "correlation"
-        except UnicodeDecodeError:
-            return message.correlation_data.hex(), "correlation"
-    digest = hashlib.sha256(message.topic.encode() + b"\0" + message.payload).hexdigest()
-    return f"h:{digest[:24]}", "hash"
-
-
-def best_effort_fields(message: Message) -> Fields | None:
-    """The identity fields of a payload that failed to decode, when it is a JSON object."""
-    if message.payload.lstrip()[:1] != b"{" or len(message.payload) > 1024 * 1024:
-        return None
-    try:
-        body = orjson.loads(message.payload)
-    except orjson.JSONDecodeError:
-        return None
-    return fields_of(body) if isinstance(body, dict) else None
-
-
-def message_timestamp(message: Message, fields: Fields | None) -> Any:
-    """The source's timestamp: the payload's, else the ``timestamp``/``ts`` user property."""
-    if fields is not None and fields.timestamp is not None:
-        return fields.timestamp
-    props = message.user_properties
-    return next((props[k] for k in _TIME_KEYS if k in props), None)
-
-
 def model_inputs(inputs: Sequence[TensorSpec], max_batch_size: int) -> ModelInputs:
     return ModelInputs(tuple(inputs), max_batch_size)
+
+
+#: The payload formats, by name, in the order ``auto`` sniffs them.
+FORMATS: dict[str, PayloadFormat] = {
+    "json": PayloadFormat(
+        "json", frozenset({"application/json", "text/json"}), _looks_like_json, _decode_json
+    ),
+    # a tensor's bytes, or one encoded image for a model whose input is BYTES (a camera)
+    "raw": PayloadFormat(
+        "raw",
+        frozenset({"application/octet-stream", "image/jpeg", "image/png"}),
+        lambda payload: False,
+        _decode_raw,
+    ),
+}
+#: What ``auto`` decodes a payload as when neither content type nor sniffing decided.
+FALLBACK = "raw"

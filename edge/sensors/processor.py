@@ -1,34 +1,37 @@
-"""One micro-batch through the data plane: decode, infer, store, then acknowledge.
+"""One micro-batch through the data plane: decode, infer, and the messages that answer it.
 
-The order is what makes the bridge lose nothing: a batch's results (and error messages,
-and the escalations a degraded cascade leaves for later) are stored in the outbox in one
-durable transaction, and only then are the batch's MQTT messages acknowledged. A message
-the broker redelivers after a crash in between (DUP flag set) whose reading was already
-stored is acknowledged without being answered again.
+:meth:`BatchProcessor.answer` gives every reading of a batch exactly one message (its
+result or its error message) plus the escalations a degraded cascade leaves for later;
+the bridge stores them in the outbox in the transaction that takes the readings out of
+the intake. Nothing one reading does reaches its neighbours: a reading that fails to
+decode, breaks the identity rule (edge/sensors/identity.py), makes its batch's inference
+fail or its result unencodable gets an error message for itself alone, and an exception
+nobody expected costs the reading an ``internal`` error message, never the batch.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import orjson
 
 from edge.dataplane import DataPlane
 from edge.runtimes.base import Runtime
+from edge.sensors.identity import Fields, best_effort_fields, identify
 from edge.sensors.metrics import SensorMetrics
-from edge.sensors.outbox import Escalation, Outbox
-from edge.sensors.payloads import (
-    DecodedReading,
-    best_effort_fields,
-    decode_payload,
-    message_timestamp,
-    model_inputs,
-    reading_id,
+from edge.sensors.outbox import Escalation
+from edge.sensors.payloads import ModelInputs, decode_payload, model_inputs
+from edge.sensors.results import (
+    Outgoing,
+    Reading,
+    error_message,
+    last_resort_error,
+    result_message,
+    split_rows,
 )
-from edge.sensors.results import Outgoing, Reading, error_message, result_message, split_rows
 from edge.sensors.settings import SensorSettings
 from shared.codec import DecodedRequest, encode_request
 from shared.errors import InternalError, InvalidInput, TetherError
@@ -37,126 +40,111 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class BatchOutcome:
-    """What one batch produced (for tests and the benchmark)."""
+class Answer:
+    """The messages that answer one batch: one per reading, and escalations for later."""
 
-    results: int = 0
-    errors: int = 0
-    skipped: int = 0
-    escalations: int = 0
+    outgoing: list[Outgoing] = field(default_factory=list)
+    escalations: list[Escalation] = field(default_factory=list)
+
+    @property
+    def errors(self) -> int:
+        return sum(1 for o in self.outgoing if o.kind == "error")
+
+    @property
+    def results(self) -> int:
+        return len(self.outgoing) - self.errors
 
 
 class BatchProcessor:
-    """Runs micro-batches of one model through the data plane into the outbox."""
+    """Answers micro-batches of one model through the data plane."""
 
     def __init__(
-        self,
-        dataplane: DataPlane,
-        outbox: Outbox,
-        metrics: SensorMetrics,
-        settings: SensorSettings,
-        device: str,
+        self, dataplane: DataPlane, metrics: SensorMetrics, settings: SensorSettings, device: str
     ) -> None:
         self.dataplane = dataplane
-        self.outbox = outbox
         self.metrics = metrics
         self.settings = settings
         self.device = device
 
-    def process(self, batch: Sequence[Reading]) -> BatchOutcome:
-        """Answer a batch (same model) durably, then acknowledge its messages."""
-        outcome = BatchOutcome()
+    def answer(self, batch: Sequence[Reading]) -> Answer:
+        """One message per reading of ``batch`` (same model), never raising for a reading."""
+        answer = Answer()
         if not batch:
-            return outcome
+            return answer
         binding = batch[0].binding
         self.metrics.batch_size.labels(binding.model).observe(len(batch))
-        outgoing: list[Outgoing] = []
-        escalations: list[Escalation] = []
-        runtime: Runtime | None = None
         try:
             runtime = self.dataplane.resolve(binding.model, binding.version)
-        except TetherError as exc:
-            for reading in batch:
-                self._identify(reading, None)
-                outgoing.append(self._error(reading, exc))
-        fresh: list[Reading] = []
-        if runtime is not None:
             shape = model_inputs(runtime.inputs, runtime.max_batch_size)
-            for reading in batch:
-                message = reading.message
-                try:
-                    reading.decoded = decode_payload(
-                        message.payload,
-                        shape,
-                        content_type=message.content_type,
-                        fmt=binding.format,
-                        max_bytes=self.settings.max_payload_bytes,
-                    )
-                except TetherError as exc:
-                    self._identify(reading, None)
-                    if not self._already_answered(reading):
-                        outgoing.append(self._error(reading, exc))
-                    else:
-                        outcome.skipped += 1
-                    continue
-                self._identify(reading, reading.decoded)
-                if self._already_answered(reading):
-                    outcome.skipped += 1
-                else:
-                    fresh.append(reading)
-            for chunk in _chunks(fresh, runtime.max_batch_size):
-                self._run(chunk, runtime, outgoing, escalations)
-        outcome.errors = sum(1 for o in outgoing if o.kind == "error")
-        outcome.results = len(outgoing) - outcome.errors
-        outcome.escalations = len(escalations)
-        keys = [r.key for r in batch if r.reading_id]
-        self.outbox.store(outgoing, escalations, keys)
+        except Exception as exc:
+            answer.outgoing.extend(self.failed(reading, exc) for reading in batch)
+            return answer
+        ready: list[Reading] = []
         for reading in batch:
-            reading.message.ack()
-        if outcome.skipped:
-            self.metrics.redeliveries.inc(outcome.skipped)
-        return outcome
+            try:
+                self._decode(reading, shape)
+            except Exception as exc:
+                answer.outgoing.append(self.failed(reading, exc))
+                continue
+            ready.append(reading)
+        for chunk in _chunks(ready, runtime.max_batch_size):
+            self._run(chunk, runtime, answer)
+        return answer
+
+    def failed(self, reading: Reading, exc: BaseException) -> Outgoing:
+        """The error message of a reading whose handling raised ``exc``."""
+        if not reading.reading_id:
+            self._identify(reading, None)
+        return self._error(reading, _tether_error(exc))
 
     # ------------------------------------------------------------------ steps
 
-    def _identify(self, reading: Reading, decoded: DecodedReading | None) -> None:
-        fields = decoded.fields if decoded is not None else best_effort_fields(reading.message)
-        reading.reading_id, reading.id_source = reading_id(reading.message, fields)
-        reading.timestamp = message_timestamp(reading.message, fields)
-        if fields is not None:
-            reading.seq = fields.seq
+    def _decode(self, reading: Reading, shape: ModelInputs) -> None:
+        message = reading.message
+        try:
+            reading.decoded = decode_payload(
+                message.payload,
+                shape,
+                content_type=message.content_type,
+                fmt=reading.binding.format,
+                max_bytes=self.settings.max_payload_bytes,
+            )
+        except TetherError:
+            oversize = len(message.payload) > self.settings.max_payload_bytes
+            self._identify(reading, None if oversize else best_effort_fields(message.payload))
+            raise
+        self._identify(reading, reading.decoded.fields)
+        if reading.problem is not None:
+            raise InvalidInput(reading.problem)
 
-    def _already_answered(self, reading: Reading) -> bool:
-        """A redelivered message whose reading the outbox already holds an answer for."""
-        return reading.message.dup and self.outbox.seen(reading.key)
+    def _identify(self, reading: Reading, fields: Fields | None) -> None:
+        identity = identify(reading.message, fields)
+        reading.reading_id, reading.id_source = identity.reading_id, identity.source
+        reading.seq, reading.timestamp = identity.seq, identity.timestamp
+        reading.problem = identity.problem
 
     def _error(self, reading: Reading, exc: TetherError) -> Outgoing:
         self.metrics.errors.labels(reading.binding.model, exc.reason).inc()
-        return error_message(reading, exc, device=self.device)
+        try:
+            return error_message(reading, exc, device=self.device)
+        except Exception:
+            log.exception("error message for reading %r failed", reading.reading_id)
+            return last_resort_error(reading, exc, device=self.device)
 
-    def _run(
-        self,
-        chunk: list[Reading],
-        runtime: Runtime,
-        outgoing: list[Outgoing],
-        escalations: list[Escalation],
-    ) -> None:
+    def _run(self, chunk: list[Reading], runtime: Runtime, answer: Answer) -> None:
         binding = chunk[0].binding
         requests = [r.decoded.request for r in chunk if r.decoded is not None]
         try:
             request = _concat(requests) if len(requests) > 1 else requests[0]
             prediction = self.dataplane.infer(binding.model, binding.version, request)
-        except TetherError as exc:
+        except Exception as exc:
             if len(chunk) > 1:  # find the reading at fault; the others still get answers
                 for reading in chunk:
-                    self._run([reading], runtime, outgoing, escalations)
+                    self._run([reading], runtime, answer)
                 return
-            outgoing.append(self._error(chunk[0], exc))
-            return
-        except Exception as exc:
-            log.exception("model %s failed on a batch of %d", binding.model, len(chunk))
-            for reading in chunk:
-                outgoing.append(self._error(reading, InternalError(f"{type(exc).__name__}: {exc}")))
+            if not isinstance(exc, TetherError):
+                log.exception("model %s failed on reading %r", binding.model, chunk[0].reading_id)
+            answer.outgoing.append(self._error(chunk[0], _tether_error(exc)))
             return
         local = getattr(runtime, "local", None)
         local_id = (local.name, local.version) if isinstance(local, Runtime) else None
@@ -165,15 +153,26 @@ class BatchProcessor:
         for reading in chunk:
             assert reading.decoded is not None
             stop = start + reading.decoded.rows
-            outputs, params, version = split_rows(prediction, start, stop, total, local_id)
-            start = stop
-            outgoing.append(
-                result_message(reading, binding.model, outputs, params, version, device=self.device)
-            )
-            if params.get("route") == "degraded":
+            try:
+                outputs, params, version = split_rows(prediction, start, stop, total, local_id)
+                result = result_message(
+                    reading, binding.model, outputs, params, version, device=self.device
+                )
+                degraded = params.get("route") == "degraded"
+                escalation = (
+                    self._escalation(reading) if degraded and self.settings.corrections else None
+                )
+            except Exception as exc:
+                log.exception("result of reading %r failed", reading.reading_id)
+                answer.outgoing.append(self._error(reading, _tether_error(exc)))
+                continue
+            finally:
+                start = stop
+            answer.outgoing.append(result)
+            if degraded:
                 self.metrics.degraded.labels(binding.model).inc()
-                if self.settings.corrections:
-                    escalations.append(self._escalation(reading))
+            if escalation is not None:
+                answer.escalations.append(escalation)
 
     def _escalation(self, reading: Reading) -> Escalation:
         assert reading.decoded is not None
@@ -191,6 +190,13 @@ class BatchProcessor:
             reading_id=reading.reading_id,
             correlation=reading.message.correlation_data,
         )
+
+
+def _tether_error(exc: BaseException) -> TetherError:
+    """``exc`` as the Tether error an error message reports (unexpected ones: internal)."""
+    if isinstance(exc, TetherError):
+        return exc
+    return InternalError(f"{type(exc).__name__} while handling the reading")
 
 
 def _chunks(readings: list[Reading], max_rows: int) -> list[list[Reading]]:

@@ -19,6 +19,7 @@ import orjson
 
 from edge.runtimes.base import Prediction
 from edge.sensors.bindings import Binding
+from edge.sensors.identity import Scalar
 from edge.sensors.payloads import DecodedReading
 from shared.codec import build_response
 from shared.errors import TetherError
@@ -40,8 +41,10 @@ class Reading:
     #: Set once the payload is decoded (see :func:`edge.sensors.payloads.reading_id`).
     reading_id: str = ""
     id_source: str = ""
-    timestamp: Any = None
-    seq: Any = None
+    timestamp: Scalar | None = None
+    seq: Scalar | None = None
+    #: What broke the identity rule (the reading gets an ``invalid_input`` error for it).
+    problem: str | None = None
     received_at: float = field(default_factory=time.time)
     decoded: DecodedReading | None = None
 
@@ -129,6 +132,28 @@ def error_message(reading: Reading, exc: TetherError, *, device: str) -> Outgoin
         kind="error",
         topic=reading.binding.errors_topic(device, reading.sensor),
         payload=orjson.dumps(body, option=_DUMPS),
+        reading_id=reading.reading_id,
+        correlation=reading.message.correlation_data,
+    )
+
+
+def last_resort_error(reading: Reading, exc: TetherError, *, device: str) -> Outgoing:
+    """An error message built from plain strings only, for when :func:`error_message` failed."""
+    body = {
+        "error": str(exc.message)[:1000],
+        "reason": str(exc.reason),
+        "status": int(exc.status),
+        "model": reading.binding.model,
+        "kind": "error",
+        "sensor": reading.sensor,
+        "reading_id": reading.reading_id,
+        "topic": reading.message.topic,
+        "schema_version": RESULT_SCHEMA,
+    }
+    return Outgoing(
+        kind="error",
+        topic=reading.binding.errors_topic(device, reading.sensor),
+        payload=orjson.dumps(body),
         reading_id=reading.reading_id,
         correlation=reading.message.correlation_data,
     )

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 DEFAULT_DATA_FILTER = "tether/{device}/sensors/+/data"
 DEFAULT_RESULTS_TOPIC = "tether/{device}/sensors/{sensor}/inference"
 DEFAULT_ERRORS_TOPIC = "tether/{device}/sensors/{sensor}/errors"
 
-PayloadFormat = Literal["auto", "json", "raw"]
-OutboxPolicy = Literal["drop_oldest", "refuse_new"]
+#: ``auto`` and the names of ``edge.sensors.payloads.FORMATS`` (kept here: settings stay light).
+PayloadFormatName = Literal["auto", "json", "raw"]
+FullPolicy = Literal["drop_oldest", "refuse_new"]
 
 
 class _Section(BaseModel):
@@ -34,7 +35,7 @@ class BindingSettings(_Section):
     version: str | None = Field(None, description="Model version (default: the route's choice).")
     results: str = Field(DEFAULT_RESULTS_TOPIC, description="Topic template of the results.")
     errors: str = Field(DEFAULT_ERRORS_TOPIC, description="Topic template of the error messages.")
-    format: PayloadFormat = Field(
+    format: PayloadFormatName = Field(
         "auto",
         description="auto: MQTT content type, else JSON when the payload starts with { or [, "
         "else raw little-endian bytes; json or raw force one.",
@@ -59,25 +60,38 @@ class BatchSettings(_Section):
     )
 
 
+class IntakeSettings(_Section):
+    """The durable intake: readings stored (and then acknowledged) before they are inferred."""
+
+    max_messages: int = Field(100_000, ge=1, description="Readings waiting to be inferred.")
+    max_bytes: int = Field(128 * 1024 * 1024, ge=1024, description="Payload bytes waiting.")
+    policy: FullPolicy = Field(
+        "drop_oldest",
+        description="When full: drop_oldest (the oldest waiting readings go, counted) or "
+        "refuse_new (the new reading is not stored, counted); both acknowledge the message.",
+    )
+    dedupe_window: int = Field(
+        100_000, ge=1, description="Recent messages remembered to skip broker redeliveries."
+    )
+
+
 class OutboxSettings(_Section):
     """The persistent outbox (SQLite in the data directory) and its policy when full."""
 
     max_messages: int = Field(100_000, ge=1, description="Records (results + escalations) kept.")
     max_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Payload bytes kept.")
-    policy: OutboxPolicy = Field(
+    policy: FullPolicy = Field(
         "drop_oldest",
         description="When full: drop_oldest (the oldest records go, counted) or refuse_new "
         "(the new record is not stored, counted).",
     )
     synchronous: Literal["full", "normal"] = Field(
         "full",
-        description="SQLite synchronous mode: full survives power loss, normal only crashes.",
+        description="SQLite synchronous mode of the bridge's file (intake and outbox): full "
+        "survives power loss, normal only crashes.",
     )
     publish_window: int = Field(
         256, ge=1, le=1000, description="Results published before waiting for their PUBACKs."
-    )
-    dedupe_window: int = Field(
-        100_000, ge=1, description="Recent reading ids remembered to skip broker redeliveries."
     )
 
 
@@ -101,15 +115,25 @@ class SensorSettings(_Section):
     )
     batch: BatchSettings = Field(default_factory=BatchSettings)
     queue_size: int = Field(
-        256,
+        65_535,
         ge=1,
         le=65_535,
-        description="Readings held in memory per model; also the MQTT Receive Maximum, so the "
-        "broker holds back the rest (back-pressure).",
+        description="Readings delivered and not yet stored in the intake: the MQTT Receive "
+        "Maximum, so a burst waits in flight to the bridge, not in the broker's bounded queue "
+        "(at most 32 MiB of them are held in memory).",
+    )
+    batches_in_flight: int = Field(
+        4,
+        ge=1,
+        le=64,
+        description="Micro-batches of one model inferred at once: while some wait for cloud "
+        "escalations the others go on (bounds the escalations in flight); results still "
+        "leave in arrival order.",
     )
     max_payload_bytes: int = Field(
         1024 * 1024, ge=16, description="Largest reading accepted (an error message past it)."
     )
+    intake: IntakeSettings = Field(default_factory=IntakeSettings)
     outbox: OutboxSettings = Field(default_factory=OutboxSettings)
     corrections: bool = Field(
         False,
@@ -120,12 +144,3 @@ class SensorSettings(_Section):
         9102, ge=0, le=65535, description="Prometheus port of the bridge (0: any free; none: off)."
     )
     metrics_host: str = Field("127.0.0.1", description="Address the metrics endpoint binds.")
-
-    @model_validator(mode="after")
-    def _queue_holds_a_batch(self) -> SensorSettings:
-        if self.queue_size < self.batch.max_messages:
-            raise ValueError(
-                f"sensors.queue_size ({self.queue_size}) must hold a whole batch "
-                f"({self.batch.max_messages} messages)"
-            )
-        return self

@@ -78,7 +78,7 @@ threshold = {threshold}
 broker_url = "{device_url}"
 corrections = true
 metrics_port = 0
-queue_size = 256
+batches_in_flight = 4
 
 [sensors.batch]
 max_messages = 64

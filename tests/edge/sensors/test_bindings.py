@@ -58,8 +58,10 @@ def test_bindings_from_toml(tmp_path: Path) -> None:
 def test_invalid_sensor_settings_are_refused() -> None:
     with pytest.raises(ValidationError, match="needs a '\\+' level"):
         load_settings(None, sensors={"bindings": [{"topic": "a/b/c"}]})
-    with pytest.raises(ValidationError, match="must hold a whole batch"):
-        load_settings(None, sensors={"queue_size": 4, "batch": {"max_messages": 8}})
+    with pytest.raises(ValidationError, match="less than or equal to 64"):
+        load_settings(None, sensors={"batches_in_flight": 65})
+    with pytest.raises(ValidationError):
+        load_settings(None, sensors={"intake": {"policy": "block"}})
     with pytest.raises(ValidationError):
         load_settings(None, sensors={"outbox": {"policy": "keep_everything"}})
 

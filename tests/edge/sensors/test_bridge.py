@@ -8,7 +8,7 @@ import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from edge.sensors.bridge import SensorBridge, read_stats
+from edge.sensors.processor import Answer
 from edge.sensors.results import Outgoing, Reading
 from edge.settings import RuntimeSettings, load_settings
 from shared.mqtt import Message, MqttClient
@@ -147,33 +148,47 @@ def test_formats_provenance_errors_and_metrics(
     assert read_stats(tmp_path / "data")["messages_in"] == 8  # type: ignore[index]
 
 
-def test_back_pressure_holds_readings_at_the_broker(
+def test_the_intake_absorbs_a_stalled_model_and_answers_in_order(
     fresh_broker: Broker, sensor: MqttClient, tmp_path: Path
 ) -> None:
     bridge = make_bridge(
-        fresh_broker.url, tmp_path / "data", queue_size=8, batch={"max_messages": 4}
+        fresh_broker.url,
+        tmp_path / "data",
+        queue_size=8,
+        batches_in_flight=3,
+        batch={"max_messages": 4},
     )
     gate = threading.Event()
-    process: Callable[[list[Reading]], Any] = bridge.processor.process
+    answer = bridge.processor.answer
 
-    def slow(batch: list[Reading]) -> Any:
-        gate.wait(10)
-        return process(batch)
+    def slow(batch: Sequence[Reading]) -> Answer:
+        gate.wait(20)
+        return answer(batch)
 
-    bridge.processor.process = slow  # type: ignore[method-assign]
+    bridge.processor.answer = slow  # type: ignore[method-assign]
     bridge.start(connect_wait_s=5)
     inbox = Inbox(fresh_broker.url)
     try:
-        for i in range(100):
+        for i in range(300):
             sensor.publish(
-                data_topic("p"), json.dumps({"id": f"p{i}", "data": ROW.tolist()}).encode()
+                data_topic(f"p{i % 3}"),
+                json.dumps({"id": f"p{i}", "seq": i, "data": ROW.tolist()}).encode(),
             )
-        time.sleep(1.0)
-        # Receive Maximum = queue_size: the broker holds everything past 8 unacknowledged
-        assert bridge.stats()["messages_in"] <= 8
+        # Receive Maximum is 8, yet every reading is stored and acknowledged while the
+        # model is stuck: the intake, not the broker, holds them
+        deadline = time.monotonic() + 20
+        while (bridge.intake.depth(), bridge.receiver.depth()) != (300, 0):
+            assert time.monotonic() < deadline, (bridge.intake.depth(), bridge.receiver.depth())
+            time.sleep(0.05)
+        assert bridge.intake.depth() == 300 and bridge.receiver.depth() == 0
+        assert bridge.stats()["messages_in"] == 300
         gate.set()
-        items = inbox.wait(100, timeout_s=20)
-        assert {b["reading_id"] for _, b in items} == {f"p{i}" for i in range(100)}
+        items = inbox.wait(300, timeout_s=30)
+        assert {b["reading_id"] for _, b in items} == {f"p{i}" for i in range(300)}
+        for sensor_id in ("p0", "p1", "p2"):  # results leave in the order readings came
+            seqs = [b["seq"] for t, b in items if t.endswith(f"/{sensor_id}/inference")]
+            assert seqs == sorted(seqs) and len(seqs) == 100
+        assert bridge.intake.depth() == 0
     finally:
         gate.set()
         bridge.stop()

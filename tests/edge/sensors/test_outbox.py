@@ -1,4 +1,4 @@
-"""The outbox: durable order, delete after delivery, bounds with both policies, redelivery keys."""
+"""The outbox: durable order, delete after delivery, bounds with both policies."""
 
 from __future__ import annotations
 
@@ -20,13 +20,12 @@ def escalation(n: int) -> Escalation:
 def test_results_survive_reopening_in_order_and_leave_after_delivery(tmp_path: Path) -> None:
     path = tmp_path / "outbox.sqlite3"
     outbox = Outbox(path)
-    outbox.store([result(1), result(2)], seen=["k1"])
-    outbox.store([result(3)], seen=["k2"])
+    outbox.store([result(1), result(2)])
+    outbox.store([result(3)])
     outbox.close()
     reopened = Outbox(path)
     rows = reopened.peek_results(10)
     assert [r.reading_id for r in rows] == ["r1", "r2", "r3"]
-    assert reopened.seen("k1") and reopened.seen("k2") and not reopened.seen("k3")
     reopened.delete_results([rows[0].seq, rows[1].seq])
     assert [r.reading_id for r in reopened.peek_results(10)] == ["r3"]
     assert reopened.depth() == 1 and reopened.stats().results == 1
@@ -65,10 +64,3 @@ def test_escalations_become_corrections_in_one_step(tmp_path: Path) -> None:
     outbox.complete_escalations([second.seq], [], reason="cloud_rejected:invalid_input")
     assert outbox.peek_escalations(10) == []
     assert outbox.stats().dropped == {"cloud_rejected:invalid_input": 1}
-
-
-def test_seen_keys_are_bounded_by_the_dedupe_window(tmp_path: Path) -> None:
-    outbox = Outbox(tmp_path / "o.sqlite3", OutboxSettings(dedupe_window=10))
-    for i in range(1100):
-        outbox.store([], seen=[f"k{i}"])
-    assert outbox.seen("k1099") and not outbox.seen("k0")

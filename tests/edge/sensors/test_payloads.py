@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from edge.runtimes.base import TensorSpec
-from edge.sensors.payloads import ModelInputs, decode_payload, reading_id
+from edge.sensors.identity import MAX_IDENTITY_CHARS, Fields, identify
+from edge.sensors.payloads import ModelInputs, decode_payload
 from shared.errors import InvalidInput, PayloadTooLarge, Unsupported
 from shared.mqtt import Message
 
@@ -104,6 +105,10 @@ def test_unbatched_model_needs_exactly_its_shape() -> None:
 
 
 def test_reading_id_sources_in_order() -> None:
+    def reading_id(message: Message, fields: Fields | None) -> tuple[str, str]:
+        identity = identify(message, fields)
+        return identity.reading_id, identity.source
+
     message = Message(topic="t/s/data", payload=b"[1]")
     decoded = decode_payload(json.dumps({"seq": 9, "data": ROW.tolist()}).encode(), MODEL)
     assert reading_id(message, decoded.fields) == ("9", "seq")
@@ -118,3 +123,43 @@ def test_reading_id_sources_in_order() -> None:
     first = reading_id(message, None)
     assert first[1] == "hash" and first[0].startswith("h:")
     assert reading_id(Message(topic="t/other/data", payload=b"[1]"), None)[0] != first[0]
+
+
+DEEP = "[" * 300 + "1" + "]" * 300
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "reason"),
+    [
+        ("id", {"a": 1}, "must be a string, number or boolean"),
+        ("timestamp", [1, 2], "got an array"),
+        ("seq", "x" * 257, "257 characters"),
+        ("ts", DEEP, "must be a string"),
+    ],
+)
+def test_identity_fields_that_break_the_rule_are_named_and_left_out(
+    field: str, value: object, reason: str
+) -> None:
+    body = json.dumps({"id": "good-1", field: value, "data": ROW.tolist()})
+    if value == DEEP:
+        body = body.replace(json.dumps(DEEP), DEEP)  # nested 300 levels, not a string
+    decoded = decode_payload(body.encode(), MODEL)
+    assert decoded.fields.problem is not None and reason in decoded.fields.problem
+    identity = identify(Message(topic="t/s/data", payload=body.encode()), decoded.fields)
+    assert identity.problem == decoded.fields.problem
+    # only fields that keep the rule are carried on
+    assert all(
+        v is None or isinstance(v, str | int | float | bool)
+        for v in (identity.seq, identity.timestamp)
+    )
+    assert len(identity.reading_id) <= MAX_IDENTITY_CHARS + 2
+
+
+def test_overlong_properties_and_correlation_data_break_the_rule() -> None:
+    message = Message(topic="t/s/data", payload=b"[1]", user_properties={"id": "p" * 300})
+    identity = identify(message, None)
+    assert identity.problem and "300 characters" in identity.problem
+    assert identity.source == "hash"
+    message = Message(topic="t/s/data", payload=b"[1]", correlation_data=b"c" * 300)
+    identity = identify(message, None)
+    assert identity.problem and "300 bytes" in identity.problem and identity.source == "hash"
