@@ -380,6 +380,15 @@ def rollout_group() -> None:
 )
 @click.option("--device-timeout", default="120s", show_default=True)
 @click.option("--shadow-sample-rate", type=float, default=0.1, show_default=True)
+@click.option("--rate", type=float, help="At most this many devices ordered per minute.")
+@click.option(
+    "--rate-growth",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="Multiply the rate by this after every --growth-every committed devices.",
+)
+@click.option("--growth-every", type=int, default=0, show_default=True)
 @click.option(
     "--until",
     default="24h",
@@ -402,6 +411,9 @@ def rollout_start_command(
     agreement_drop: str,
     device_timeout: str,
     shadow_sample_rate: float,
+    rate: float | None,
+    rate_growth: float,
+    growth_every: int,
     until: str,
 ) -> None:
     """Roll MODEL VERSION out to the selected devices in waves (idempotent)."""
@@ -420,6 +432,9 @@ def rollout_start_command(
             device_timeout_s=parse_duration(device_timeout),
             shadow_sample_rate=shadow_sample_rate,
             until_s=parse_duration(until),
+            rate_per_minute=rate,
+            rate_growth=rate_growth,
+            growth_every=growth_every,
         )
         db = _db(_settings(ctx))
         rollout, created = start_rollout(db, model, version, parse_labels(select), policy)

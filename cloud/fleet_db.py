@@ -105,6 +105,11 @@ class RolloutPolicy:
     #: ``max_failure`` stops the rollout only once this many devices finished installing
     #: (committed or failed), so one early failure among few is not a verdict.
     min_executed: int = 0
+    #: At most this many devices ordered per minute, paced evenly (``None``: no limit),
+    #: multiplied by ``rate_growth`` after every ``growth_every`` committed devices.
+    rate_per_minute: float | None = None
+    rate_growth: float = 1.0
+    growth_every: int = 0
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, sort_keys=True)

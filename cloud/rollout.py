@@ -57,7 +57,13 @@ from cloud.fleet_db import (
     RolloutRecord,
 )
 from cloud.leadership import Leadership
-from cloud.rollout_policy import allowed_failures, failure_budget, health_verdict, wave_sizes
+from cloud.rollout_policy import (
+    allowed_failures,
+    failure_budget,
+    health_verdict,
+    order_allowance,
+    wave_sizes,
+)
 from shared.errors import InvalidInput, TetherError
 from shared.fleet import (
     EVENTS_FILTER,
@@ -356,8 +362,11 @@ class RolloutController:
             return
         deadline = rollout.created_at + policy.until_s
         pending = [d for d in devices if d.wave <= rollout.wave and d.ordered_at is None]
-        if pending and now < deadline and self._order_late(rollout, pending, now):
-            devices = self.db.rollout_devices(rollout.id)
+        held = False  # online devices of this wave the rollout rate has not ordered yet
+        if pending and now < deadline:
+            ordered_now, held = self._order_late(rollout, devices, pending, now)
+            if ordered_now:
+                devices = self.db.rollout_devices(rollout.id)
         wave = [d for d in devices if d.wave == rollout.wave and d.ordered_at is not None]
         silent = self._silent(wave, policy, now)
         if silent:
@@ -384,7 +393,7 @@ class RolloutController:
                 now,
             )
             return
-        if not all(d.step in INSTALL_DONE for d in wave):
+        if held or not all(d.step in INSTALL_DONE for d in wave):
             return
         reports = [d.health for d in ordered if d.step == "committed" and d.health is not None]
         verdict = health_verdict(reports, policy)
@@ -428,19 +437,39 @@ class RolloutController:
         log.info("rollout %s: wave %d passed", rollout.id, rollout.wave + 1)
         self._open_wave(rollout, rollout.wave + 1, devices, now)
 
-    def _order_late(self, rollout: RolloutRecord, pending: list[RolloutDevice], now: float) -> bool:
-        """Order the devices of open waves that were offline and are online now."""
+    def _allowance(
+        self, rollout: RolloutRecord, devices: list[RolloutDevice], now: float
+    ) -> int | None:
+        """How many devices the rollout rate lets this tick order (``None``: no limit)."""
+        times = [d.ordered_at for d in devices if d.ordered_at is not None]
+        committed = sum(1 for d in devices if d.step == "committed")
+        first = min(times) if times else None
+        return order_allowance(rollout.policy, first, len(times), committed, now)
+
+    def _order_late(
+        self,
+        rollout: RolloutRecord,
+        devices: list[RolloutDevice],
+        pending: list[RolloutDevice],
+        now: float,
+    ) -> tuple[bool, bool]:
+        """Order the online, not yet ordered devices of open waves (late ones, and those
+        the rollout rate held back), as far as the rate allows. Returns whether any was
+        ordered, and whether online devices of the current wave are still held back."""
         online = self.db.online_devices([d.device for d in pending])
-        late = [d for d in pending if d.device in online]
+        ready = [d for d in pending if d.device in online]
+        allowance = self._allowance(rollout, devices, now)
+        late = ready if allowance is None else ready[:allowance]
+        held = any(d.wave == rollout.wave for d in ready[len(late) :])
         if not late:
-            return False
+            return False, held
         self.db.mark_devices(
             rollout.id, [d.device for d in late], ORDERED, now, column="ordered_at"
         )
         for wave in sorted({d.wave for d in late}):
             self._send_installs(rollout, [d for d in late if d.wave == wave], now, wave=wave)
-        log.info("rollout %s: %d late devices ordered", rollout.id, len(late))
-        return True
+        log.info("rollout %s: %d more devices ordered", rollout.id, len(late))
+        return True, held
 
     def _open_wave(
         self, rollout: RolloutRecord, wave: int, devices: list[RolloutDevice], now: float
@@ -450,6 +479,9 @@ class RolloutController:
         candidates = [d for d in devices if d.wave == wave]
         online = self.db.online_devices([d.device for d in candidates])
         members = [d for d in candidates if d.device in online]
+        allowance = self._allowance(rollout, devices, now)
+        if allowance is not None:
+            members = members[:allowance]  # the rest when the rollout rate allows
         with self.db.transaction():
             opened = self.db.open_wave(
                 rollout.id,
