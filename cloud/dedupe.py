@@ -1,8 +1,9 @@
-"""Run each request once, although QoS 1 may deliver it more than once.
+"""Run each request once, although it may arrive more than once.
 
-MQTT QoS 1 is at-least-once: a request is delivered again when the broker misses our
-PUBACK, and the edge uplink publishes it again (same request id, reply topic and
-correlation data) when no reply came within its attempt timeout. The :class:`ReplyCache`
+The edge uplink publishes a request again (same request id, reply topic and correlation
+data) when no reply came within its attempt timeout, since a request or a reply sent at
+QoS 0 can be lost; and a requester that uses QoS 1 gets redeliveries when the broker
+misses a PUBACK. The :class:`ReplyCache`
 remembers each request, keyed by ``(device, request_id)`` with the device taken from the
 topic, from its arrival until ``ttl_s`` after its answer:
 
@@ -11,11 +12,10 @@ topic, from its arrival until ``ttl_s`` after its answer:
   ready (an address already known gets it once);
 * a duplicate that arrives after the answer gets the *same answer bytes* again, from the
   cache, without running the model again. A retry means the asker did not see the first
-  answer (or the broker redelivered because our PUBACK was lost, in which case the reply
-  may have been lost too); answering from the cache keeps the promise that matters, one
-  run per request, while never leaving a retry unanswered. Receivers must already accept
-  duplicate replies, since QoS 1 replies can themselves be delivered twice; the edge
-  uplink drops any reply whose correlation id is no longer pending;
+  answer (its reply was lost, or the request and the reply crossed); answering from the
+  cache keeps the promise that matters, one run per request, while never leaving a retry
+  unanswered. The edge uplink drops any reply whose correlation id is no longer pending,
+  so a second copy of an answer is harmless;
 * a request dropped because its deadline passed is remembered without an answer, so its
   duplicates are dropped too.
 
@@ -31,10 +31,18 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import NamedTuple
 
-#: Where to answer: (response topic, correlation data).
-ReplyAddress = tuple[str, bytes | None]
 Key = tuple[str, str]
+
+
+class ReplyAddress(NamedTuple):
+    """Where to answer a request: its response topic and correlation data, and the QoS
+    the request arrived with (the answer goes back at the same QoS)."""
+
+    topic: str
+    correlation: bytes | None
+    qos: int = 0
 
 
 class Arrival(Enum):

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -22,7 +26,9 @@ import click
 from cloud.fleet_db import FleetDB, RolloutPolicy
 from cloud.fleet_settings import FleetSettings, load_fleet_settings
 from cloud.provision import provision_command
+from shared.client_ids import random_client_id
 from shared.errors import TetherError
+from shared.redaction import redact_url
 
 log = logging.getLogger(__name__)
 
@@ -109,10 +115,12 @@ def keygen_command(keyfile: Path, force: bool) -> None:
 @click.argument("keyfile", type=click.Path(path_type=Path, dir_okay=False), required=False)
 @click.pass_context
 def pubkey_command(ctx: click.Context, keyfile: Path | None) -> None:
-    """Print the public key of KEYFILE (default: the development key)."""
+    """Print the public key of KEYFILE (default: the configured TETHER_FLEET_SIGNING_KEY)."""
     from shared.manifest import load_private_key, public_key_text
 
-    path = keyfile or _settings(ctx).dev_key_path
+    path = keyfile or _settings(ctx).signing_key
+    if path is None:
+        raise click.ClickException("give KEYFILE or set TETHER_FLEET_SIGNING_KEY")
     try:
         click.echo(public_key_text(load_private_key(path)))
     except (OSError, TetherError) as exc:
@@ -121,7 +129,12 @@ def pubkey_command(ctx: click.Context, keyfile: Path | None) -> None:
 
 @fleet_group.command("publish")
 @click.argument("version_dir", type=click.Path(path_type=Path, file_okay=False, exists=True))
-@click.option("--key", "keyfile", type=click.Path(path_type=Path, dir_okay=False))
+@click.option(
+    "--key",
+    "keyfile",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Signing key (default: TETHER_FLEET_SIGNING_KEY; there is no other default).",
+)
 @click.option("--expires", default="30d", show_default=True, help="Manifest lifetime.")
 @click.option("--target-hardware", default="cpu", show_default=True)
 @click.option("--min-agent-version", default="0.1.0", show_default=True)
@@ -138,22 +151,14 @@ def publish_command(
 ) -> None:
     """Sign and store models/repository/<name>/<version> as a publishable artifact."""
     from cloud.artifacts import ArtifactStore
-    from cloud.registry import PublishOptions, Registry, load_or_create_dev_key
-    from shared.manifest import key_id, load_private_key, public_key_text
+    from cloud.registry import PublishOptions, Registry, load_signing_key
+    from shared.manifest import key_id
 
     settings = _settings(ctx)
+    if keyfile is not None:  # the flag overrides the setting: one value, read in one place
+        settings = settings.model_copy(update={"signing_key": keyfile})
     try:
-        if keyfile is None:
-            key, created = load_or_create_dev_key(settings.dev_key_path)
-            click.echo(
-                f"warning: signing with the DEVELOPMENT key {settings.dev_key_path}"
-                f"{' (just generated)' if created else ''}; use --key for a real fleet",
-                err=True,
-            )
-            if created:
-                click.echo(f"dev public key: {public_key_text(key)}", err=True)
-        else:
-            key = load_private_key(keyfile)
+        key = load_signing_key(settings)
         registry = Registry(
             _db(settings),
             ArtifactStore(settings.artifacts),
@@ -172,24 +177,67 @@ def publish_command(
         raise click.ClickException(getattr(exc, "message", str(exc))) from exc
     m = signed.manifest
     click.echo(f"published {m.model} version {m.version}: {m.size} bytes, sha256 {m.sha256}")
-    click.echo(f"url {m.url}, signed by key {key_id(key)}, expires in {expires}")
+    click.echo(f"url {redact_url(m.url)}, signed by key {key_id(key)}, expires in {expires}")
 
 
-@fleet_group.command("serve")
-@click.option("--host", help="Artifact server address (default 127.0.0.1).")
-@click.option("--port", type=int, help="Artifact server port (default 8090).")
+def _serving(settings: FleetSettings, host: str | None, port: int | None) -> FleetSettings:
+    updates: dict[str, Any] = {}
+    if host:
+        updates["http_host"] = host
+    if port is not None:
+        updates["http_port"] = port
+    return settings.model_copy(update=updates)
+
+
+@fleet_group.command("artifacts")
+@click.option("--host", help="Address to listen on (default 127.0.0.1).")
+@click.option("--port", type=int, help="Port (default 8090).")
 @click.pass_context
-def serve_command(ctx: click.Context, host: str | None, port: int | None) -> None:
-    """Run the artifact server, device registry and rollout controller until SIGTERM."""
-    from cloud.artifacts import ArtifactServer, ArtifactStore
+def artifacts_command(ctx: click.Context, host: str | None, port: int | None) -> None:
+    """Serve artifacts to devices (and /metrics) on granian, until SIGTERM.
+
+    Needs the artifact store and the fleet database; never the signing key.
+    """
+    from cloud.artifact_server import serve
+
+    serve(_serving(_settings(ctx), host, port))
+
+
+@fleet_group.command("controller")
+@click.option(
+    "--check-alive",
+    is_flag=True,
+    help="Exit 0 when a running controller ticked recently (a health check), else 1.",
+)
+@click.pass_context
+def controller_command(ctx: click.Context, check_alive: bool) -> None:
+    """Run the device registry and rollout controller until SIGTERM (no listening port).
+
+    Signs rollout orders with TETHER_FLEET_SIGNING_KEY.
+    """
+    settings = _settings(ctx)
+    if check_alive:
+        ctx.exit(0 if controller_alive(settings) else 1)
+    _run_controller(settings, on_tick=None)
+
+
+def controller_alive(settings: FleetSettings, now: float | None = None) -> bool:
+    """Whether the controller's heartbeat file was touched within ten ticks (30 s at least)."""
+    now = time.time() if now is None else now
+    try:
+        age = now - settings.heartbeat.stat().st_mtime
+    except OSError:
+        return False
+    return age <= max(30.0, 10 * settings.tick_s)
+
+
+def _run_controller(settings: FleetSettings, on_tick: Callable[[], None] | None) -> None:
+    """The controller until SIGTERM/SIGINT; ``on_tick`` is called every second meanwhile."""
+    from cloud.leadership import Leadership
+    from cloud.registry import load_signing_key
     from cloud.rollout import RolloutController
     from shared.mqtt import MqttClient
 
-    settings = _settings(ctx)
-    if host:
-        settings.http_host = host
-    if port is not None:
-        settings.http_port = port
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -197,29 +245,83 @@ def serve_command(ctx: click.Context, host: str | None, port: int | None) -> Non
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        from cloud.fleet_metrics import FleetMetrics
-
+        key = load_signing_key(settings)
         db = _db(settings)
-        server = ArtifactServer(
-            ArtifactStore(settings.artifacts),
-            settings.http_host,
-            settings.http_port,
-            metrics=FleetMetrics(db).render,
-        ).start()
-        mqtt = MqttClient(settings.mqtt_url, f"tether-fleet-{int(time.time())}")
+        mqtt = MqttClient(settings.mqtt_url, random_client_id("fleet", "controller"))
         mqtt.start(wait_s=None)
-        controller = RolloutController(db, mqtt, tick_s=settings.tick_s)
+        controller = RolloutController(
+            db,
+            mqtt,
+            signing_key=key,
+            order_ttl_s=settings.order_ttl_s,
+            tick_s=settings.tick_s,
+            heartbeat=settings.heartbeat,
+            leadership=Leadership(db, ttl_s=settings.lease_ttl_s),
+        )
         controller.start()
-        log.info("fleet service: artifacts on %s, database %s", server.url, settings.database)
-        stop.wait()
+        log.info(
+            "rollout controller: broker %s, database %s",
+            redact_url(settings.mqtt_url),
+            redact_url(settings.database),
+        )
+        while not stop.wait(1.0):
+            if on_tick is not None:
+                on_tick()
         controller.stop()
         mqtt.stop()
-        server.stop()
     except TetherError as exc:
         raise _fail(exc) from exc
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+@fleet_group.command("serve")
+@click.option("--host", help="Artifact server address (default 127.0.0.1).")
+@click.option("--port", type=int, help="Artifact server port (default 8090).")
+@click.pass_context
+def serve_command(ctx: click.Context, host: str | None, port: int | None) -> None:
+    """Run the artifact server, device registry and rollout controller until SIGTERM.
+
+    The artifact server runs as `tether fleet artifacts` in a child process that does not
+    get the signing key; this process runs the controller, which signs orders with it.
+    """
+    settings = _serving(_settings(ctx), host, port)
+    child = subprocess.Popen(
+        [sys.executable, "-m", "tether", "fleet", "artifacts"], env=_artifacts_env(settings)
+    )
+
+    def watch() -> None:
+        if child.poll() is not None:
+            raise click.ClickException(f"the artifact server exited with {child.returncode}")
+
+    try:
+        _run_controller(settings, on_tick=watch)
+    finally:
+        if child.poll() is None:
+            child.terminate()
+            try:
+                child.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+
+
+def _artifacts_env(settings: FleetSettings) -> dict[str, str]:
+    """The environment of the artifact server child: these settings, without the key."""
+    env = {k: v for k, v in os.environ.items() if k != "TETHER_FLEET_SIGNING_KEY"}
+    values = {
+        "DATA_DIR": settings.data_dir,
+        "DATABASE_URL": settings.database_url,
+        "TABLE_PREFIX": settings.table_prefix,
+        "ARTIFACT_DIR": settings.artifact_dir,
+        "HTTP_HOST": settings.http_host,
+        "HTTP_PORT": settings.http_port,
+        "HTTP_WORKERS": settings.http_workers,
+        "HTTP_THREADS": settings.http_threads,
+    }
+    env.update({f"TETHER_FLEET_{k}": str(v) for k, v in values.items() if v is not None})
+    return env
 
 
 @fleet_group.command("status")
@@ -259,6 +361,13 @@ def rollout_group() -> None:
 @click.option("--waves", default="1,10%,50%,100%", show_default=True)
 @click.option("--window", default="60s", show_default=True, help="Health window per wave.")
 @click.option("--max-failure", default="5%", show_default=True, help="Failed/silent devices.")
+@click.option(
+    "--min-executed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Devices that must have finished before --max-failure can stop the rollout.",
+)
 @click.option("--max-error-rate", default="2%", show_default=True, help="Allowed increase.")
 @click.option("--max-p99-ratio", type=float, default=1.5, show_default=True)
 @click.option(
@@ -271,6 +380,22 @@ def rollout_group() -> None:
 )
 @click.option("--device-timeout", default="120s", show_default=True)
 @click.option("--shadow-sample-rate", type=float, default=0.1, show_default=True)
+@click.option("--rate", type=float, help="At most this many devices ordered per minute.")
+@click.option(
+    "--rate-growth",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="Multiply the rate by this after every --growth-every committed devices.",
+)
+@click.option("--growth-every", type=int, default=0, show_default=True)
+@click.option(
+    "--until",
+    default="24h",
+    show_default=True,
+    help="How long the target set stays open: devices offline at the start (or selected "
+    "later) get the order of their wave when they come online until then.",
+)
 @click.pass_context
 def rollout_start_command(
     ctx: click.Context,
@@ -280,11 +405,16 @@ def rollout_start_command(
     waves: str,
     window: str,
     max_failure: str,
+    min_executed: int,
     max_error_rate: str,
     max_p99_ratio: float,
     agreement_drop: str,
     device_timeout: str,
     shadow_sample_rate: float,
+    rate: float | None,
+    rate_growth: float,
+    growth_every: int,
+    until: str,
 ) -> None:
     """Roll MODEL VERSION out to the selected devices in waves (idempotent)."""
     from cloud.rollout import start_rollout, summarize
@@ -295,11 +425,16 @@ def rollout_start_command(
             waves=parse_waves(waves),
             window_s=parse_duration(window),
             max_failure=max_failure,
+            min_executed=min_executed,
             max_error_rate=parse_fraction(max_error_rate),
             max_p99_ratio=max_p99_ratio,
             max_agreement_drop=parse_fraction(agreement_drop),
             device_timeout_s=parse_duration(device_timeout),
             shadow_sample_rate=shadow_sample_rate,
+            until_s=parse_duration(until),
+            rate_per_minute=rate,
+            rate_growth=rate_growth,
+            growth_every=growth_every,
         )
         db = _db(_settings(ctx))
         rollout, created = start_rollout(db, model, version, parse_labels(select), policy)

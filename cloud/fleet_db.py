@@ -28,6 +28,7 @@ from typing import Any, Protocol
 from shared.errors import InvalidInput, NotFound, Unavailable
 from shared.fleet import DeviceStatus, HealthReport, RolloutEvent
 from shared.manifest import SignedManifest
+from shared.redaction import redact_url
 
 #: Rollout states. ``aborting`` is a request (from the CLI) the controller turns into
 #: ``rolling_back``; ``completed`` and ``rolled_back`` are final.
@@ -35,6 +36,8 @@ ROLLOUT_STATES = ("running", "paused", "aborting", "rolling_back", "completed", 
 ACTIVE_STATES = ("running", "paused", "aborting", "rolling_back")
 #: Per-device steps the controller sets itself, besides the device's own RolloutEvent steps.
 ORDERED, TIMEOUT = "ordered", "timeout"
+#: A device of the rollout that stayed offline until the rollout's deadline (``--until``).
+MISSED = "missed"
 
 _PREFIX = re.compile(r"^[a-z][a-z0-9_]{0,30}$")
 
@@ -96,6 +99,17 @@ class RolloutPolicy:
     max_agreement_drop: float | None = 0.05
     device_timeout_s: float = 120.0
     shadow_sample_rate: float = 0.1
+    #: The target set stays open this long after the start: a device offline until then
+    #: gets its wave's order when it comes online (then it is marked ``missed``).
+    until_s: float = 86400.0
+    #: ``max_failure`` stops the rollout only once this many devices finished installing
+    #: (committed or failed), so one early failure among few is not a verdict.
+    min_executed: int = 0
+    #: At most this many devices ordered per minute, paced evenly (``None``: no limit),
+    #: multiplied by ``rate_growth`` after every ``growth_every`` committed devices.
+    rate_per_minute: float | None = None
+    rate_growth: float = 1.0
+    growth_every: int = 0
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, sort_keys=True)
@@ -140,6 +154,15 @@ class RolloutDevice:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class LeaseTerm:
+    """One term of a lease: who holds it, and the epoch that fences a deposed holder out."""
+
+    name: str
+    holder: str
+    epoch: int
+
+
 def rollout_key(model: str, version: int, selector: dict[str, str]) -> str:
     """Identity of a rollout for idempotent re-application: model, version and selection."""
     text = json.dumps([model, version, sorted(selector.items())], separators=(",", ":"))
@@ -174,10 +197,10 @@ class FleetDB:
             try:
                 self._conn = psycopg.connect(url, autocommit=True, connect_timeout=10)
             except psycopg.OperationalError as exc:
-                raise Unavailable(f"cannot reach PostgreSQL at {url}: {exc}") from None
+                raise Unavailable(f"cannot reach PostgreSQL at {redact_url(url)}: {exc}") from None
         else:
             raise InvalidInput(
-                f"database URL must be sqlite:///path or postgresql://..., got {url}"
+                f"database URL must be sqlite:///path or postgresql://..., got {redact_url(url)}"
             )
         self._in_tx = False
         self.create_schema()
@@ -249,6 +272,13 @@ class FleetDB:
                 health TEXT, at DOUBLE PRECISION NOT NULL)""",
             f"""CREATE INDEX IF NOT EXISTS {t("rollout_events_by_device")}
                 ON {t("rollout_events")} (rollout_id, device)""",
+            f"""CREATE TABLE IF NOT EXISTS {t("wave_log")} (
+                rollout_id TEXT NOT NULL, wave INTEGER NOT NULL, holder TEXT NOT NULL,
+                epoch BIGINT NOT NULL, at DOUBLE PRECISION NOT NULL,
+                PRIMARY KEY (rollout_id, wave))""",
+            f"""CREATE TABLE IF NOT EXISTS {t("leases")} (
+                name TEXT PRIMARY KEY, holder TEXT NOT NULL, epoch BIGINT NOT NULL,
+                expires_at DOUBLE PRECISION NOT NULL, seq BIGINT NOT NULL)""",
         ]
         with self._lock:
             for statement in statements:
@@ -257,7 +287,15 @@ class FleetDB:
     def drop_schema(self) -> None:
         """Drop every table of this prefix (tests clean up with it)."""
         with self._lock:
-            for name in ("rollout_events", "rollout_devices", "rollouts", "manifests", "devices"):
+            for name in (
+                "wave_log",
+                "leases",
+                "rollout_events",
+                "rollout_devices",
+                "rollouts",
+                "manifests",
+                "devices",
+            ):
                 self._exec(f"DROP TABLE IF EXISTS {self._t(name)}")
 
     # ------------------------------------------------------------------ devices
@@ -294,6 +332,12 @@ class FleetDB:
     def get_device(self, device: str) -> DeviceRecord | None:
         rows = self._rows(f"SELECT * FROM {self._t('devices')} WHERE device = ?", (device,))
         return _device(rows[0]) if rows else None
+
+    def online_devices(self, devices: Sequence[str]) -> set[str]:
+        """Which of ``devices`` are online now (their latest status, not their will)."""
+        wanted = set(devices)
+        rows = self._rows(f"SELECT device FROM {self._t('devices')} WHERE online = 1")
+        return {str(row[0]) for row in rows if row[0] in wanted}
 
     def list_devices(self, selector: dict[str, str] | None = None) -> list[DeviceRecord]:
         """Devices whose labels contain every ``key=value`` of ``selector``, by id."""
@@ -426,8 +470,15 @@ class FleetDB:
         only_from: Sequence[str] | None = None,
         wave: int | None = None,
         wave_started_at: float | None = None,
+        expect_wave: int | None = None,
+        fence: LeaseTerm | None = None,
     ) -> bool:
-        """Move a rollout to ``state`` (only from ``only_from`` states); True if it moved."""
+        """Move a rollout to ``state`` (only from ``only_from`` states, only while it is at
+        ``expect_wave``, only while ``fence`` is the lease's current term); True if it moved.
+
+        The conditions are checked by the one ``UPDATE``, so two controllers can never both
+        advance the same wave, and a controller whose lease was taken over changes nothing.
+        """
         if state not in ROLLOUT_STATES:
             raise InvalidInput(f"unknown rollout state {state!r}")
         sets = ["state = ?", "updated_at = ?"]
@@ -446,6 +497,15 @@ class FleetDB:
         if only_from is not None:
             sql += f" AND state IN ({', '.join('?' * len(only_from))})"
             params.extend(only_from)
+        if expect_wave is not None:
+            sql += " AND wave = ?"
+            params.append(expect_wave)
+        if fence is not None:
+            sql += (
+                f" AND EXISTS (SELECT 1 FROM {self._t('leases')}"
+                " WHERE name = ? AND holder = ? AND epoch = ?)"
+            )
+            params += [fence.name, fence.holder, fence.epoch]
         return self._exec(sql, params).rowcount > 0
 
     def active_rollout_of(self, devices: Sequence[str]) -> dict[str, str]:
@@ -555,6 +615,108 @@ class FleetDB:
             (rollout_id, device),
         )
         return [(str(s), str(r), float(a)) for s, r, a in rows]
+
+    def open_wave(
+        self,
+        rollout_id: str,
+        wave: int,
+        now: float,
+        *,
+        expect_wave: int,
+        first: bool,
+        fence: LeaseTerm | None,
+        holder: str,
+        epoch: int,
+    ) -> bool:
+        """Record that ``wave`` of a running rollout starts now, once: moves the rollout from
+        ``expect_wave`` (not yet started when ``first``) under ``fence``, and writes the wave
+        log, whose key refuses a second opening. True when this call opened it."""
+        with self.transaction():
+            sql = (
+                f"UPDATE {self._t('rollouts')} SET wave = ?, wave_started_at = ?, updated_at = ? "
+                "WHERE id = ? AND state = 'running' AND wave = ?"
+            )
+            params: list[Any] = [wave, now, now, rollout_id, expect_wave]
+            if first:
+                sql += " AND wave_started_at IS NULL"
+            if fence is not None:
+                sql += (
+                    f" AND EXISTS (SELECT 1 FROM {self._t('leases')}"
+                    " WHERE name = ? AND holder = ? AND epoch = ?)"
+                )
+                params += [fence.name, fence.holder, fence.epoch]
+            if self._exec(sql, params).rowcount == 0:
+                return False
+            self._exec(
+                f"""INSERT INTO {self._t("wave_log")} VALUES (?, ?, ?, ?, ?)
+                ON CONFLICT (rollout_id, wave) DO NOTHING""",
+                (rollout_id, wave, holder, epoch, now),
+            )
+            return True
+
+    def wave_log(self, rollout_id: str) -> list[tuple[int, str, int, float]]:
+        """``(wave, holder, epoch, at)`` of every wave opening of a rollout, in order."""
+        rows = self._rows(
+            f"SELECT wave, holder, epoch, at FROM {self._t('wave_log')} WHERE rollout_id = ? "
+            "ORDER BY wave",
+            (rollout_id,),
+        )
+        return [(int(w), str(h), int(e), float(a)) for w, h, e, a in rows]
+
+    # ------------------------------------------------------------------ leases
+
+    def take_lease(
+        self, name: str, holder: str, now: float, ttl_s: float, *, seq: int = 0
+    ) -> tuple[LeaseTerm, int] | None:
+        """Renew ``holder``'s unexpired lease ``name``, or take it over once expired (a new
+        term, epoch + 1); the term now held and the highest ``seq`` any holder recorded
+        (with this call's), or ``None`` while someone else holds it.
+
+        Compare-and-set on the epoch, so of several controllers asking at once exactly one
+        gets a new term. Expiry is judged by the callers' clocks (keep them in sync: NTP).
+        The recorded ``seq`` lets a new holder number its signed orders above every order
+        the previous one signed, whatever their clocks say.
+        """
+        leases = self._t("leases")
+        with self.transaction():
+            self._exec(
+                f"INSERT INTO {leases} VALUES (?, ?, 0, ?, 0) ON CONFLICT (name) DO NOTHING",
+                (name, holder, now - 1.0),
+            )
+            rows = self._rows(
+                f"SELECT holder, epoch, expires_at, seq FROM {leases} WHERE name = ?", (name,)
+            )
+            current, epoch, expires_at = str(rows[0][0]), int(rows[0][1]), float(rows[0][2])
+            floor = max(int(rows[0][3]), seq)
+            if current == holder and expires_at > now:
+                renewed = self._exec(
+                    f"UPDATE {leases} SET expires_at = ?, seq = ? WHERE name = ? AND epoch = ?",
+                    (now + ttl_s, floor, name, epoch),
+                ).rowcount
+                return (LeaseTerm(name, holder, epoch), floor) if renewed else None
+            if expires_at > now:
+                return None
+            taken = self._exec(
+                f"""UPDATE {leases} SET holder = ?, epoch = ?, expires_at = ?, seq = ?
+                WHERE name = ? AND epoch = ?""",
+                (holder, epoch + 1, now + ttl_s, floor, name, epoch),
+            ).rowcount
+            return (LeaseTerm(name, holder, epoch + 1), floor) if taken else None
+
+    def lease(self, name: str) -> tuple[str, int, float] | None:
+        """``(holder, epoch, expires_at)`` of lease ``name`` as recorded (maybe expired)."""
+        rows = self._rows(
+            f"SELECT holder, epoch, expires_at FROM {self._t('leases')} WHERE name = ?", (name,)
+        )
+        return (str(rows[0][0]), int(rows[0][1]), float(rows[0][2])) if rows else None
+
+    def release_lease(self, term: LeaseTerm) -> None:
+        """Give the lease up now (a clean stop), so another holder need not wait it out."""
+        self._exec(
+            f"UPDATE {self._t('leases')} SET expires_at = 0 WHERE name = ? AND holder = ? "
+            "AND epoch = ?",
+            (term.name, term.holder, term.epoch),
+        )
 
 
 def sqlite_path(url: str) -> str:

@@ -31,14 +31,42 @@ class FleetSettings(BaseSettings):
     table_prefix: str = Field("fleet_", description="Prefix of the fleet tables.")
     artifact_dir: Path | None = Field(None, description="Artifact store (default data_dir).")
     signing_key: Path | None = Field(
-        None, description="ed25519 PEM key (default: a development key in data_dir/keys)."
+        None,
+        description="The fleet's ed25519 PEM key (`tether fleet keygen`): signs manifests "
+        "(`fleet publish`, overridden by --key) and rollout orders (the controller). No "
+        "default: only `tether up` points it at its development key.",
     )
     http_host: str = Field("127.0.0.1", description="Address of the artifact server.")
     http_port: int = Field(8090, ge=0, le=65535, description="Port of the artifact server.")
+    http_workers: int = Field(
+        2, ge=1, le=64, description="Worker processes of the artifact server (granian)."
+    )
+    http_threads: int = Field(
+        16,
+        ge=1,
+        le=256,
+        description="Threads per artifact server worker: each serves one download at a time.",
+    )
     artifact_url: str | None = Field(
         None, description="Base URL devices download from (default http://host:port)."
     )
     tick_s: float = Field(0.5, gt=0, description="How often the rollout controller acts.")
+    lease_ttl_s: float = Field(
+        10.0,
+        gt=0,
+        description="Rollout lease lifetime: with several controllers on one database, how "
+        "long a dead leader can hold rollouts up before another takes over.",
+    )
+    order_ttl_s: float = Field(
+        7 * 86400.0,
+        gt=0,
+        description="How long a signed rollout order stays valid; a device refuses it after.",
+    )
+    heartbeat_file: Path | None = Field(
+        None,
+        description="File the rollout controller touches every tick, for health checks "
+        "(default data_dir/run/controller.heartbeat).",
+    )
 
     @property
     def database(self) -> str:
@@ -50,7 +78,12 @@ class FleetSettings(BaseSettings):
 
     @property
     def dev_key_path(self) -> Path:
+        """Where `tether up` keeps its development signing key (never trust it on a fleet)."""
         return self.data_dir / "keys" / "dev-signing.pem"
+
+    @property
+    def heartbeat(self) -> Path:
+        return self.heartbeat_file or self.data_dir / "run" / "controller.heartbeat"
 
     @property
     def public_artifact_url(self) -> str:

@@ -13,7 +13,10 @@ Provisioning makes, for one identity:
 
 Identities are topic-safe names; ``cloud`` and ``fleet`` (topic namespaces of the cloud
 side) and the service users ``cloud-worker`` and ``fleet-controller`` are refused for
-devices. Service credentials are made with ``--service``.
+devices, and so is any name starting with ``tether-``: that is where the client ids
+clients choose live, while the broker binds a certificate client's id to its identity
+(:mod:`shared.client_ids`), and the two must never meet. Service credentials are made with
+``--service``.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from shared.client_ids import CLIENT_ID_PREFIX
 from shared.errors import InvalidInput
 from shared.topics import RESERVED_DEVICE_IDS
 
@@ -58,6 +62,11 @@ def check_identity(name: str, *, service: bool = False) -> str:
         )
     if name.lower() in RESERVED_DEVICE_IDS:
         raise InvalidInput(f"{name!r} is reserved: tether/{name}/ is the cloud side's namespace")
+    if name.lower().startswith(CLIENT_ID_PREFIX):
+        raise InvalidInput(
+            f"{name!r} starts with {CLIENT_ID_PREFIX!r}, which the broker keeps for the client "
+            "ids clients choose (an identity with it could take over their sessions)"
+        )
     if service and name not in SERVICE_IDENTITIES:
         raise InvalidInput(f"service identities are {sorted(SERVICE_IDENTITIES)}, not {name!r}")
     if not service and name.lower() in SERVICE_IDENTITIES:
@@ -373,8 +382,13 @@ def provision_command(
     if "cert" in made.files:
         click.echo(
             f"  the Mosquitto bridge or an MQTT client may log in with {device}.crt/.key "
-            "on the certificate listener (8884) instead of the password."
+            "on the certificate listener (8884) instead of the password; there its "
+            f"session is bound to the certificate (client id {device})."
         )
+    click.echo(
+        "  client ids must start with 'tether-' (Tether's own clients do; give your own "
+        "tools one too, e.g. mosquitto_sub -i tether-debug-1)."
+    )
     click.echo(
         "  trust the fleet CA if it signed the broker's certificate: on a device set "
         "TETHER_MQTT_TLS__CA_FILE=/etc/tether/ca.crt (the [mqtt_tls] ca_file setting); "

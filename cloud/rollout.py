@@ -19,8 +19,17 @@ on each tick acts on the rollouts that are not finished:
   silent past ``device_timeout_s``).
 * ``paused``: nothing is sent or timed out; devices already ordered carry on.
 
-One controller per database: run one ``tether fleet serve`` (a second one would send every
-order twice; devices tolerate that, but the step history gets noisy).
+Every order is signed with the fleet key for its one device, with a sequence number that
+grows with every order and an expiry (``order_ttl_s``), so a device can tell it from a
+forged, altered, misdirected or replayed one (:mod:`shared.order_signing`).
+
+Several controllers may run against one database (``tether fleet serve`` on two or more
+machines): with a :class:`~cloud.leadership.Leadership`, only the holder of the rollout
+lease drives rollouts, every state change it makes is fenced by its lease term, and each
+wave is opened exactly once (the order log in the database refuses a second opening). A
+controller that takes over re-sends the orders of the waves it inherits that no device has
+acknowledged yet (the previous leader may have died between deciding and publishing);
+devices ignore an order they already handled.
 """
 
 from __future__ import annotations
@@ -32,12 +41,29 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-import orjson
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from cloud.fleet_db import ORDERED, TIMEOUT, FleetDB, RolloutDevice, RolloutPolicy, RolloutRecord
-from cloud.rollout_policy import allowed_failures, health_verdict, wave_sizes
+from cloud.fleet_db import (
+    MISSED,
+    ORDERED,
+    TIMEOUT,
+    FleetDB,
+    LeaseTerm,
+    RolloutDevice,
+    RolloutPolicy,
+    RolloutRecord,
+)
+from cloud.leadership import Leadership
+from cloud.rollout_policy import (
+    allowed_failures,
+    failure_budget,
+    health_verdict,
+    order_allowance,
+    wave_sizes,
+)
 from shared.errors import InvalidInput, TetherError
 from shared.fleet import (
     EVENTS_FILTER,
@@ -49,6 +75,7 @@ from shared.fleet import (
 )
 from shared.manifest import SignedManifest
 from shared.mqtt import Message, MqttClient, MqttError
+from shared.order_signing import sign_order
 from shared.topics import device_rollout
 
 log = logging.getLogger(__name__)
@@ -61,6 +88,8 @@ FAILED_STEPS = frozenset({"failed", "refused", "rolled_back", TIMEOUT})
 INSTALL_DONE = FAILED_STEPS | {"committed"}
 #: Steps after which the controller waits no more for a device's rollback.
 ROLLBACK_DONE = frozenset({"rolled_back", "failed", "refused", TIMEOUT})
+#: How long a signed order stays valid (a device that reconnects later refuses it).
+ORDER_TTL_S = 7 * 86400.0
 #: Steps of a device that may run (or be about to run) the new version.
 MAY_HAVE_NEW = frozenset(
     {ORDERED, "received", "downloading", "verifying", "staged", "active", "committed"}
@@ -81,10 +110,12 @@ def start_rollout(
 ) -> tuple[RolloutRecord, bool]:
     """Create a rollout of a published version to the devices ``selector`` picks.
 
-    Offline devices, devices already at ``version`` or newer, and devices of another
-    hardware than a non-``cpu`` manifest targets are left out (a later rollout of the same
-    version to the same selector is the same rollout: publish a newer version for them). Returns ``(rollout, created)``; the same
-    model, version and selector again returns the existing rollout.
+    Devices already at ``version`` or newer, and devices of another hardware than a
+    non-``cpu`` manifest targets, are left out. Offline devices are in: they are assigned to
+    the later waves (online devices first, so canaries answer) and get the order of their
+    wave when they come online, until ``policy.until_s`` after the start. Returns
+    ``(rollout, created)``; the same model, version and selector again returns the existing
+    rollout.
     """
     now = time.time() if now is None else now
     signed = db.get_manifest(model, version)
@@ -94,14 +125,15 @@ def start_rollout(
     devices = [
         d
         for d in db.list_devices(selector)
-        if d.online
-        and (d.active_version(model) or 0) < version
-        and (target == "cpu" or d.hardware == target)
+        if (d.active_version(model) or 0) < version and (target == "cpu" or d.hardware == target)
     ]
     rollout_id = f"{model}-v{version}-{uuid.uuid4().hex[:8]}"
     key = f"{model}/{version}/{sorted(selector.items())}"
-    # A stable pseudo-random order, so the canary is not always the first device by name.
-    devices.sort(key=lambda d: hashlib.sha256(f"{key}/{d.device}".encode()).hexdigest())
+    # Online devices first, each group in a stable pseudo-random order, so the canary is an
+    # online device and not always the first one by name.
+    devices.sort(
+        key=lambda d: (not d.online, hashlib.sha256(f"{key}/{d.device}".encode()).hexdigest())
+    )
     sizes = wave_sizes(policy.waves, len(devices))
     assignments: list[tuple[str, int, int | None]] = []
     for index, device in enumerate(devices):
@@ -184,13 +216,26 @@ class RolloutController:
         db: FleetDB,
         mqtt: MqttClient,
         *,
+        signing_key: Ed25519PrivateKey,
+        order_ttl_s: float = ORDER_TTL_S,
         tick_s: float = 0.5,
         clock: Callable[[], float] = time.time,
+        heartbeat: Path | None = None,
+        leadership: Leadership | None = None,
     ) -> None:
         self.db = db
         self.mqtt = mqtt
+        self.signing_key = signing_key
+        self.order_ttl_s = order_ttl_s
+        #: Touched after every tick, so a health check can tell the loop is alive.
+        self.heartbeat = heartbeat
         self.tick_s = tick_s
         self.clock = clock
+        #: With several controllers per database: only the lease holder drives rollouts.
+        self.leadership = leadership
+        self._term: LeaseTerm | None = None
+        self._seq = 0
+        self._seq_lock = threading.Lock()
         self._inbox: queue.Queue[tuple[str, str, Any, float]] = queue.Queue()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -213,6 +258,8 @@ class RolloutController:
         for thread in self._threads:
             thread.join(timeout=5)
         self._threads.clear()
+        if self.leadership is not None:
+            self.leadership.release()
 
     # ------------------------------------------------------------------ recording
 
@@ -264,16 +311,35 @@ class RolloutController:
     # ------------------------------------------------------------------ driving
 
     def _loop(self) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.parent.mkdir(parents=True, exist_ok=True)
         while not self._stop.wait(self.tick_s):
             try:
                 self.tick()
             except Exception:
                 log.exception("rollout tick failed")
+                continue
+            if self.heartbeat is not None:
+                self.heartbeat.touch()
 
     def tick(self, now: float | None = None) -> None:
         """Advance every unfinished rollout by what has happened since the last tick."""
         given = now
         now = self.clock() if now is None else now
+        if self.leadership is not None:
+            term = self.leadership.hold(now, self._seq)
+            if term is None:
+                self._term = None
+                return
+            if term != self._term:
+                self._term = term
+                self._manifests.clear()
+                with self._seq_lock:
+                    # Above anything the previous leader may have signed since it last
+                    # renewed (at most a lease lifetime of microseconds ago).
+                    floor = self.leadership.seq_floor + int(self.leadership.ttl_s * 1_000_000)
+                    self._seq = max(self._seq, floor)
+                self._resend_unacknowledged(now)
         for rollout in self.db.list_rollouts(active_only=True):
             try:
                 if rollout.state == "running":
@@ -292,12 +358,16 @@ class RolloutController:
         # report received during a slow read is older than an order that follows it.
         now = self.clock() if now is None else now
         if rollout.wave_started_at is None:
-            self._send_installs(rollout, [d for d in devices if d.wave == rollout.wave], now)
-            self.db.set_rollout_state(
-                rollout.id, "running", now, wave_started_at=now, only_from=("running",)
-            )
+            self._open_wave(rollout, rollout.wave, devices, now)
             return
-        wave = [d for d in devices if d.wave == rollout.wave]
+        deadline = rollout.created_at + policy.until_s
+        pending = [d for d in devices if d.wave <= rollout.wave and d.ordered_at is None]
+        held = False  # online devices of this wave the rollout rate has not ordered yet
+        if pending and now < deadline:
+            ordered_now, held = self._order_late(rollout, devices, pending, now)
+            if ordered_now:
+                devices = self.db.rollout_devices(rollout.id)
+        wave = [d for d in devices if d.wave == rollout.wave and d.ordered_at is not None]
         silent = self._silent(wave, policy, now)
         if silent:
             self.db.mark_devices(
@@ -309,11 +379,12 @@ class RolloutController:
                 unless_steps=tuple(INSTALL_DONE),
             )
             devices = self.db.rollout_devices(rollout.id)
-            wave = [d for d in devices if d.wave == rollout.wave]
-        ordered = [d for d in devices if d.wave <= rollout.wave]
+            wave = [d for d in devices if d.wave == rollout.wave and d.ordered_at is not None]
+        ordered = [d for d in devices if d.wave <= rollout.wave and d.ordered_at is not None]
         failed = [d for d in ordered if d.step in FAILED_STEPS]
-        budget = allowed_failures(policy.max_failure, len(ordered))
-        if len(failed) > budget:
+        executed = sum(1 for d in ordered if d.step in INSTALL_DONE)
+        budget = failure_budget(policy, len(ordered), executed)
+        if budget is not None and len(failed) > budget:
             sample = "; ".join(f"{d.device}: {d.step} {d.reason}".strip() for d in failed[:3])
             self._roll_back(
                 rollout,
@@ -322,7 +393,7 @@ class RolloutController:
                 now,
             )
             return
-        if not all(d.step in INSTALL_DONE for d in wave):
+        if held or not all(d.step in INSTALL_DONE for d in wave):
             return
         reports = [d.health for d in ordered if d.step == "committed" and d.health is not None]
         verdict = health_verdict(reports, policy)
@@ -330,23 +401,104 @@ class RolloutController:
             self._roll_back(rollout, f"wave {rollout.wave + 1}: {verdict}", now)
             return
         last_wave = max(d.wave for d in devices)
+        # Fewer devices finished than min_executed, and no more will be ordered: judge the
+        # failures over those that did.
+        if (
+            rollout.wave >= last_wave
+            and budget is None
+            and len(failed) > allowed_failures(policy.max_failure, executed)
+        ):
+            self._roll_back(rollout, f"{len(failed)} of {executed} finished devices failed", now)
+            return
         if rollout.wave >= last_wave:
-            self.db.set_rollout_state(
-                rollout.id, "completed", now, reason="", only_from=("running",)
-            )
-            log.info("rollout %s completed", rollout.id)
+            waiting = [d.device for d in devices if d.ordered_at is None and d.step is None]
+            if waiting and now < deadline:
+                return  # the target set is open: late devices may still come online
+            if waiting:
+                self.db.mark_devices(
+                    rollout.id,
+                    waiting,
+                    MISSED,
+                    now,
+                    reason="offline until the rollout's deadline",
+                    unless_steps=(ORDERED, *INSTALL_DONE),
+                )
+            if self.db.set_rollout_state(
+                rollout.id,
+                "completed",
+                now,
+                reason="",
+                only_from=("running",),
+                expect_wave=rollout.wave,
+                fence=self._term,
+            ):
+                log.info("rollout %s completed", rollout.id)
             return
         log.info("rollout %s: wave %d passed", rollout.id, rollout.wave + 1)
-        next_wave = rollout.wave + 1
-        self._send_installs(rollout, [d for d in devices if d.wave == next_wave], now)
-        self.db.set_rollout_state(
-            rollout.id,
-            "running",
-            now,
-            wave=next_wave,
-            wave_started_at=now,
-            only_from=("running",),
+        self._open_wave(rollout, rollout.wave + 1, devices, now)
+
+    def _allowance(
+        self, rollout: RolloutRecord, devices: list[RolloutDevice], now: float
+    ) -> int | None:
+        """How many devices the rollout rate lets this tick order (``None``: no limit)."""
+        times = [d.ordered_at for d in devices if d.ordered_at is not None]
+        committed = sum(1 for d in devices if d.step == "committed")
+        first = min(times) if times else None
+        return order_allowance(rollout.policy, first, len(times), committed, now)
+
+    def _order_late(
+        self,
+        rollout: RolloutRecord,
+        devices: list[RolloutDevice],
+        pending: list[RolloutDevice],
+        now: float,
+    ) -> tuple[bool, bool]:
+        """Order the online, not yet ordered devices of open waves (late ones, and those
+        the rollout rate held back), as far as the rate allows. Returns whether any was
+        ordered, and whether online devices of the current wave are still held back."""
+        online = self.db.online_devices([d.device for d in pending])
+        ready = [d for d in pending if d.device in online]
+        allowance = self._allowance(rollout, devices, now)
+        late = ready if allowance is None else ready[:allowance]
+        held = any(d.wave == rollout.wave for d in ready[len(late) :])
+        if not late:
+            return False, held
+        self.db.mark_devices(
+            rollout.id, [d.device for d in late], ORDERED, now, column="ordered_at"
         )
+        for wave in sorted({d.wave for d in late}):
+            self._send_installs(rollout, [d for d in late if d.wave == wave], now, wave=wave)
+        log.info("rollout %s: %d more devices ordered", rollout.id, len(late))
+        return True, held
+
+    def _open_wave(
+        self, rollout: RolloutRecord, wave: int, devices: list[RolloutDevice], now: float
+    ) -> None:
+        """Decide (once, fenced) that ``wave`` starts, then send its install orders to the
+        wave's online devices (the others get theirs when they come online)."""
+        candidates = [d for d in devices if d.wave == wave]
+        online = self.db.online_devices([d.device for d in candidates])
+        members = [d for d in candidates if d.device in online]
+        allowance = self._allowance(rollout, devices, now)
+        if allowance is not None:
+            members = members[:allowance]  # the rest when the rollout rate allows
+        with self.db.transaction():
+            opened = self.db.open_wave(
+                rollout.id,
+                wave,
+                now,
+                expect_wave=rollout.wave,
+                first=rollout.wave_started_at is None,
+                fence=self._term,
+                holder=self._term.holder if self._term else "",
+                epoch=self._term.epoch if self._term else 0,
+            )
+            if not opened:
+                return  # another controller decided first, or this one lost its lease
+            self.db.mark_devices(
+                rollout.id, [d.device for d in members], ORDERED, now, column="ordered_at"
+            )
+        self._send_installs(rollout, members, now, wave=wave)
 
     @staticmethod
     def _silent(wave: list[RolloutDevice], policy: RolloutPolicy, now: float) -> list[str]:
@@ -371,8 +523,38 @@ class RolloutController:
             self._manifests[key] = signed
         return self._manifests[key]
 
+    def _resend_unacknowledged(self, now: float) -> None:
+        """On taking the lease: send again the orders no device has acknowledged yet."""
+        for rollout in self.db.list_rollouts(active_only=True):
+            devices = self.db.rollout_devices(rollout.id)
+            if rollout.state == "running" and rollout.wave_started_at is not None:
+                silent = [d for d in devices if d.step == ORDERED and d.wave <= rollout.wave]
+                for wave in sorted({d.wave for d in silent}):
+                    members = [d for d in silent if d.wave == wave]
+                    self._send_installs(rollout, members, now, wave=wave)
+            elif rollout.state == "rolling_back":
+                silent = [
+                    d for d in devices if d.rollback_at is not None and d.step not in ROLLBACK_DONE
+                ]
+                self._send_rollbacks(rollout, silent, now)
+
+    def _next_seq(self) -> int:
+        """A number larger than any this controller signed before: microseconds of the
+        wall clock (so it keeps growing across restarts), at least one more than the last."""
+        with self._seq_lock:
+            self._seq = max(self._seq + 1, int(time.time() * 1_000_000))
+            return self._seq
+
+    def _publish_order(self, device: str, order: RolloutOrder, now: float) -> None:
+        """Sign ``order`` for ``device`` and publish it as the device's retained order."""
+        signed = order.model_copy(
+            update={"device": device, "seq": self._next_seq(), "expires_at": now + self.order_ttl_s}
+        )
+        payload = sign_order(signed, self.signing_key)
+        self.mqtt.publish(device_rollout(device), payload, qos=1, retain=True)
+
     def _send_installs(
-        self, rollout: RolloutRecord, devices: list[RolloutDevice], now: float
+        self, rollout: RolloutRecord, devices: list[RolloutDevice], now: float, *, wave: int
     ) -> None:
         order = RolloutOrder(
             rollout_id=rollout.id,
@@ -382,34 +564,37 @@ class RolloutController:
             health_window_s=rollout.policy.window_s,
             shadow_sample_rate=rollout.policy.shadow_sample_rate,
             issued_at=now,
-            wave=min(d.wave for d in devices) + 1 if devices else None,
+            wave=wave + 1,
         )
-        payload = orjson.dumps(order.dump())
         names = [d.device for d in devices]
-        self.db.mark_devices(rollout.id, names, ORDERED, now, column="ordered_at")
         for name in names:
-            self.mqtt.publish(device_rollout(name), payload, qos=1, retain=True)
-        log.info(
-            "rollout %s: wave %d ordered on %d devices", rollout.id, rollout.wave + 1, len(names)
-        )
+            self._publish_order(name, order, now)
+        log.info("rollout %s: wave %d ordered on %d devices", rollout.id, wave + 1, len(names))
 
     def _roll_back(self, rollout: RolloutRecord, reason: str, now: float) -> None:
         """Send rollback orders to every device that got the install; wait on those that
         may run the new version."""
         log.warning("rollout %s rolls back: %s", rollout.id, reason)
-        if not self.db.set_rollout_state(
-            rollout.id,
-            "rolling_back",
-            now,
-            reason=reason,
-            only_from=("running", "paused", "aborting"),
-        ):
-            return
-        devices = [d for d in self.db.rollout_devices(rollout.id) if d.ordered_at is not None]
-        waiting = [d.device for d in devices if d.step in MAY_HAVE_NEW]
-        self.db.mark_devices(rollout.id, waiting, ROLLBACK_ORDERED, now, column="rollback_at")
-        others = [d.device for d in devices if d.step not in MAY_HAVE_NEW]
-        self.db.mark_devices(rollout.id, others, None, now, column="rollback_at")
+        with self.db.transaction():
+            if not self.db.set_rollout_state(
+                rollout.id,
+                "rolling_back",
+                now,
+                reason=reason,
+                only_from=("running", "paused", "aborting"),
+                fence=self._term,
+            ):
+                return
+            devices = [d for d in self.db.rollout_devices(rollout.id) if d.ordered_at is not None]
+            waiting = [d.device for d in devices if d.step in MAY_HAVE_NEW]
+            self.db.mark_devices(rollout.id, waiting, ROLLBACK_ORDERED, now, column="rollback_at")
+            others = [d.device for d in devices if d.step not in MAY_HAVE_NEW]
+            self.db.mark_devices(rollout.id, others, None, now, column="rollback_at")
+        self._send_rollbacks(rollout, devices, now)
+
+    def _send_rollbacks(
+        self, rollout: RolloutRecord, devices: list[RolloutDevice], now: float
+    ) -> None:
         for d in devices:
             order = RolloutOrder(
                 rollout_id=rollout.id,
@@ -419,8 +604,7 @@ class RolloutController:
                 health_window_s=0.0,
                 issued_at=now,
             )
-            payload = orjson.dumps(order.dump())
-            self.mqtt.publish(device_rollout(d.device), payload, qos=1, retain=True)
+            self._publish_order(d.device, order, now)
 
     def _finish_rollback(self, rollout: RolloutRecord, now: float) -> None:
         devices = [d for d in self.db.rollout_devices(rollout.id) if d.rollback_at is not None]
@@ -440,6 +624,7 @@ class RolloutController:
                 unless_steps=tuple(ROLLBACK_DONE),
             )
             devices = [d for d in self.db.rollout_devices(rollout.id) if d.rollback_at is not None]
-        if all(d.step in ROLLBACK_DONE for d in devices):
-            self.db.set_rollout_state(rollout.id, "rolled_back", now, only_from=("rolling_back",))
+        if all(d.step in ROLLBACK_DONE for d in devices) and self.db.set_rollout_state(
+            rollout.id, "rolled_back", now, only_from=("rolling_back",), fence=self._term
+        ):
             log.info("rollout %s rolled back", rollout.id)

@@ -58,6 +58,39 @@ def allowed_failures(max_failure: str, ordered: int) -> int:
     return parse_count(max_failure, ordered)
 
 
+def failure_budget(policy: RolloutPolicy, ordered: int, executed: int) -> int | None:
+    """How many failed devices the rollout tolerates now, or ``None`` while too few have
+    finished to judge.
+
+    Without ``min_executed``, ``max_failure`` is a share of the devices ordered so far. With
+    it (as AWS IoT Jobs' abort criteria), it is a share of the devices that finished
+    (committed or failed), applied once at least ``min_executed`` of them have.
+    """
+    if policy.min_executed > 0:
+        if executed < policy.min_executed:
+            return None
+        return allowed_failures(policy.max_failure, executed)
+    return allowed_failures(policy.max_failure, ordered)
+
+
+def order_allowance(
+    policy: RolloutPolicy, first_order_at: float | None, ordered: int, committed: int, now: float
+) -> int | None:
+    """How many more devices may be ordered now under the rollout rate (``None``: any).
+
+    The rate is ``rate_per_minute``, times ``rate_growth`` for every ``growth_every``
+    committed devices (exponential growth on success, as AWS IoT Jobs' rollout rate), and
+    orders are paced evenly: since the first order, at most one plus the rate times the
+    minutes elapsed.
+    """
+    if policy.rate_per_minute is None:
+        return None
+    steps = committed // policy.growth_every if policy.growth_every > 0 else 0
+    rate = policy.rate_per_minute * policy.rate_growth**steps
+    elapsed_min = 0.0 if first_order_at is None else max(0.0, now - first_order_at) / 60.0
+    return max(0, 1 + math.floor(rate * elapsed_min + 1e-9) - ordered)
+
+
 def health_verdict(reports: Sequence[HealthReport], policy: RolloutPolicy) -> str | None:
     """Why the new version's health fails the gate, or ``None`` when it passes.
 

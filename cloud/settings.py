@@ -23,11 +23,12 @@ from pydantic_settings import (
     NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
-    TomlConfigSettingsSource,
 )
 
 from edge.runtime_options import RuntimeOptions
 from edge.settings import RuntimeSettings, Section, load_toml_settings
+from edge.settings_toml import ConfigFileSource
+from shared.client_ids import client_id
 from shared.errors import InvalidInput
 from shared.topics import CLOUD_SHARE_GROUP, check_segment
 
@@ -36,8 +37,9 @@ MQTT_URL_VARIABLE = "TETHER_MQTT_URL"
 
 
 def default_worker_id() -> str:
-    """``<host>-<pid>``: unique per process, readable in logs and broker client lists."""
-    return f"{socket.gethostname()}-{os.getpid()}"
+    """``tether-<host>-<pid>``: unique per process, readable in logs and broker client lists
+    (it is the MQTT client id, which starts with ``tether-``: shared/client_ids.py)."""
+    return client_id(socket.gethostname(), str(os.getpid()))
 
 
 class BatchPolicy(Section):
@@ -98,7 +100,8 @@ class CloudSettings(BaseSettings):
     )
     worker_id: str = Field(
         default_factory=default_worker_id,
-        description="This worker's MQTT client id and name in replies (default host-pid).",
+        description="This worker's MQTT client id and name in replies (default "
+        "tether-host-pid; on the shipped broker it must start with tether-).",
     )
     repository: Path = Field(Path("models/repository"), description="The model repository.")
     models: Annotated[list[str], NoDecode] = Field(
@@ -167,7 +170,7 @@ class CloudSettings(BaseSettings):
         sources = [init_settings, env_settings, SharedBrokerUrl(settings_cls)]
         toml_file = _TOML_FILE.get("path")
         if toml_file is not None:
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+            sources.append(ConfigFileSource(settings_cls, toml_file))
         return tuple(sources)
 
     def runtime_options(self) -> RuntimeOptions:

@@ -4,7 +4,9 @@ A :class:`CloudWorker` is stateless: it loads its own model repository (the same
 :class:`~edge.repository.ModelRepository` and runtimes as the edge), joins the shared
 subscription ``$share/<group>/tether/cloud/infer/+/+`` so that every worker of the group
 gets a share of the requests, and answers each on the requester's MQTT 5 response topic
-with the requester's correlation data.
+with the requester's correlation data, at the QoS the request arrived with (the edge
+uplink sends QoS 0: its own deadlines and retries, and this worker's de-duplication, do
+what QoS 1 would, without the PUBACKs that stall on a broker with Nagle's algorithm on).
 
 The MQTT handler (paho's network thread) only decodes the envelope, checks deadline,
 duplicate and model, and queues the request; worker threads take batches from the
@@ -55,6 +57,8 @@ log = logging.getLogger(__name__)
 
 #: Statuses after which a retry of the same request id is run afresh, not deduplicated.
 TRANSIENT_STATUSES = frozenset({429, 503})
+#: The model label of failures for models this worker does not serve (see ``_model_label``).
+UNKNOWN_MODEL = "unknown"
 
 
 @dataclass
@@ -156,7 +160,8 @@ class CloudWorker:
 
         Draining unsubscribes, waits until the broker has applied that (so every request
         it routed here has arrived), then lets the worker threads finish the queue and
-        the running batches and waits for their replies' PUBACKs, all within
+        the running batches and waits until their replies are written (QoS 0) or
+        acknowledged (QoS 1), all within
         ``timeout_s`` (default ``drain_timeout_s``). Without ``drain`` queued requests are
         answered 503 at once so the edge can retry them elsewhere.
         """
@@ -212,14 +217,14 @@ class CloudWorker:
         if message.response_topic and address is None:
             # A reply there would publish with the worker's rights into a namespace the
             # requester may not write: answer nothing, the request is not the device's.
-            self.metrics.failures.labels("unknown", "foreign_reply_topic").inc()
+            self.metrics.failures.labels(UNKNOWN_MODEL, "foreign_reply_topic").inc()
             log.warning(
                 "dropped a request on %s: its response topic %r is not the device's own",
                 message.topic,
                 message.response_topic,
             )
             return
-        model = "unknown"
+        model = UNKNOWN_MODEL
         try:
             device, model = topics.parse_cloud_request(message.topic)
             envelope, tail = decode_envelope(message.payload)
@@ -230,7 +235,7 @@ class CloudWorker:
                     f"the envelope names model {envelope.model!r} but was sent to {model!r}"
                 )
         except TetherError as exc:
-            self.metrics.failures.labels(model, exc.reason).inc()
+            self.metrics.failures.labels(self._model_label(model), exc.reason).inc()
             request_id = request_id_of(message.payload) or "unknown"
             log.info("rejected %s on %s: %s", request_id, message.topic, exc.message)
             self._send(address, _error_payload(request_id, exc), None)
@@ -270,7 +275,7 @@ class CloudWorker:
         address: ReplyAddress | None,
         exc: TetherError,
     ) -> None:
-        self.metrics.failures.labels(model, exc.reason).inc()
+        self.metrics.failures.labels(self._model_label(model), exc.reason).inc()
         payload = _error_payload(request_id, exc)
         if exc.status in TRANSIENT_STATUSES:
             self.replies.forget(key)
@@ -280,18 +285,19 @@ class CloudWorker:
             self._send(target, payload, None)
 
     def _send(self, address: ReplyAddress | None, payload: bytes, deadline: float | None) -> None:
-        """Publish a reply (QoS 1), expiring with the request's deadline; never raises."""
+        """Publish a reply (at the request's QoS), expiring with the request's deadline;
+        never raises."""
         if address is None:
             return
-        topic, correlation = address
+        topic, correlation, qos = address
         expiry = None if deadline is None else max(1.0, deadline - time.monotonic())
         try:
             info = self.client.publish(
-                topic, payload, qos=1, correlation_data=correlation, expiry_s=expiry
+                topic, payload, qos=qos, correlation_data=correlation, expiry_s=expiry
             )
         except (MqttError, ValueError) as exc:
             log.warning("could not reply on %s: %s", topic, exc)
-            self.metrics.failures.labels("unknown", "reply_failed").inc()
+            self.metrics.failures.labels(UNKNOWN_MODEL, "reply_failed").inc()
             return
         with self._lock:
             self._unanswered = [i for i in self._unanswered if not i.is_published()]
@@ -554,6 +560,14 @@ class CloudWorker:
             )
         return policy
 
+    def _model_label(self, name: str) -> str:
+        """``name`` as a metric label: a model this worker serves, else ``"unknown"``.
+
+        Model names come from request topics, which any device can make up; labelling
+        metrics with them would let one device grow the worker's label sets without bound.
+        """
+        return name if name in self.repository.served() else UNKNOWN_MODEL
+
     def _publish_readiness(self) -> None:
         for name, versions in self.repository.served().items():
             for version, runtime in versions.items():
@@ -578,7 +592,7 @@ def reply_address(message: Message) -> ReplyAddress | None:
         return None
     if owner != device:
         return None
-    return (message.response_topic, message.correlation_data)
+    return ReplyAddress(message.response_topic, message.correlation_data, min(message.qos, 1))
 
 
 def _deadline(envelope: InferRequestEnvelope, message: Message, arrived: float) -> float | None:

@@ -16,6 +16,7 @@ from edge.metrics import EdgeMetrics
 from edge.repository import ModelRepository
 from edge.router import Router
 from edge.settings import EdgeSettings, needs_uplink
+from edge.text_router import CloudText, TextRouter
 from edge.uplink import Uplink
 from shared import __version__
 from shared.codec import TensorLimits
@@ -72,10 +73,15 @@ class EdgeAgent:
         self.dataplane = DataPlane(
             self.repository, self.metrics, version=__version__, resolver=self.router.resolve
         )
+        self.text_router = TextRouter(self.repository, settings.routes, self._cloud_text())
         # Per-version errors and shadow agreement for a fleet agent in another process.
         from edge.fleet_health import install_worker_health
 
         self.shadow = install_worker_health(self)
+
+    def _cloud_text(self) -> CloudText | None:
+        """The uplink's text client (cloud language and embedding models), when connected."""
+        return None
 
     def start(self) -> None:
         """Load the start-up models; a model that fails is reported, the rest still serve.
@@ -118,6 +124,12 @@ class EdgeAgent:
             fast_path=self.settings.http.fast_path,
         )
         install_security(app, self.settings.http)  # tokens and rate limits (docs/security.md)
+        from edge.openai.metrics import TextMetrics
+        from edge.openai.routes import install_openai
+        from edge.openai.serving import OpenAIServing
+
+        text_metrics = TextMetrics(self.metrics.registry)
+        install_openai(app, OpenAIServing(self.text_router, text_metrics))  # /v1 (docs/openai.md)
         return app
 
 

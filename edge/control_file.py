@@ -8,6 +8,10 @@ it answers its next request, so all workers agree on what is loaded.
 Checking for news happens on every request, so it must not cost a system call: every
 write also bumps a 64-bit counter in a small memory-mapped file (``<name>.gen``), which
 each reader compares with the last value it saw — a read from shared memory.
+
+Only valid model names (:mod:`shared.model_names`) are recorded, and entries under any
+other name in the file are ignored when it is read: every worker parses it, and a name
+becomes a folder path when an order is applied.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
+
+from shared.model_names import check_model_name, is_model_name
 
 Action = Literal["load", "unload"]
 
@@ -41,7 +47,9 @@ class ControlFile:
         """Start a new run: every model in ``models`` is to be loaded, nothing else."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._locked():
-            self._write({name: {"action": "load", "generation": 0} for name in models})
+            self._write(
+                {check_model_name(name): {"action": "load", "generation": 0} for name in models}
+            )
 
     def record(
         self,
@@ -54,8 +62,10 @@ class ControlFile:
         """Record an order; returns its generation (higher than any before for ``name``).
 
         ``versions`` pins the versions to serve (instead of the model's version policy);
-        ``split`` weights the traffic between served versions (A/B tests).
+        ``split`` weights the traffic between served versions (A/B tests). An invalid
+        model name raises :class:`~shared.errors.InvalidInput` and records nothing.
         """
+        check_model_name(name)
         with self._locked():
             state = self.read()
             generation = int(state.get(name, {}).get("generation", 0)) + 1
@@ -69,11 +79,14 @@ class ControlFile:
             return generation
 
     def read(self) -> dict[str, dict[str, Any]]:
+        """The orders by model name (entries with an invalid name or shape are left out)."""
         try:
             data = json.loads(self.path.read_text())
         except FileNotFoundError:
             return {}
-        return data if isinstance(data, dict) else {}
+        if not isinstance(data, dict):
+            return {}
+        return {k: v for k, v in data.items() if is_model_name(k) and isinstance(v, dict)}
 
     def changed(self) -> bool:
         """Whether any order was written since the last call (a read of shared memory)."""

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from shared.errors import InvalidInput, TetherError, Unavailable
+from shared.redaction import redact_url
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ class Downloader:
             return part
         part.unlink(missing_ok=True)
         if resumed:
-            log.warning("sha256 mismatch after resuming %s; downloading it again", url)
+            log.warning("sha256 mismatch after resuming %s; downloading it again", redact_url(url))
             self._transfer(url, part, size, cancel, progress)
             actual = sha256_file(part)
             if actual == sha256.lower():
@@ -139,13 +140,18 @@ class Downloader:
                 raise
             except (OSError, urllib.error.URLError) as exc:
                 last_error = f"{type(exc).__name__}: {exc}"
-                log.info("download of %s interrupted (%s); attempt %d", url, last_error, attempt)
+                log.info(
+                    "download of %s interrupted (%s); attempt %d",
+                    redact_url(url),
+                    last_error,
+                    attempt,
+                )
                 time.sleep(self.retry_delay_s * (2**attempt))
                 continue
             if part.stat().st_size == size:
                 return
             last_error = f"connection closed at {part.stat().st_size} of {size} bytes"
-        raise DownloadError(f"could not download {url}: {last_error}")
+        raise DownloadError(f"could not download {redact_url(url)}: {last_error}")
 
     def _once(
         self,
@@ -166,12 +172,14 @@ class Downloader:
                 part.unlink(missing_ok=True)
                 raise OSError("range not satisfiable; restarting") from None
             if 400 <= exc.code < 500:
-                raise DownloadError(f"artifact server answered {exc.code} for {url}") from None
+                raise DownloadError(
+                    f"artifact server answered {exc.code} for {redact_url(url)}"
+                ) from None
             raise
         with response:
             mode = "ab"
             if have and response.status != 206:
-                log.info("server ignored the range request for %s; starting over", url)
+                log.info("server ignored the range request for %s; starting over", redact_url(url))
                 mode = "wb"
                 have = 0
             with open(part, mode) as handle:

@@ -14,17 +14,26 @@ Everything it must remember is in :class:`~edge.fleet_state.StateStore`, written
 atomically before each step takes effect, so a SIGKILL at any moment leaves a device
 that, on restart (:meth:`FleetAgent.recover`), serves a complete, verified version.
 
-All work runs on one thread per agent; the MQTT handler only parses and queues orders
+An order is acted on only when the fleet key signed it for this device, it has not
+expired, and it is newer than the last order accepted (:mod:`shared.order_signing`);
+anything else is refused with a ``refused`` event (rollout id ``unverified-order``) and a
+log line, before it can touch a file or cancel anything. Model names come only from signed
+orders and are checked again before they become folders (``edge.staging.model_folder``);
+a rollback or abort of a model this device does not manage changes nothing.
+
+All work runs on one thread per agent; the MQTT handler only verifies and queues orders
 (and cancels a running download when a newer order for the model arrives).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import queue
 import shutil
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,13 +43,16 @@ from edge.downloader import DigestMismatch, Downloader, check_free_disk
 from edge.fleet_state import FleetState, ModelPhase, ModelState, StateStore
 from edge.fleet_target import ServingTarget
 from edge.health import HealthCounters, HealthSource
-from edge.model_config import list_versions, load_model_config
+from edge.kept_artifacts import Fetched, KeptArtifacts
+from edge.model_config import list_models, list_versions, load_model_config
 from edge.self_test import self_test
+from edge.session_ids import session_client_id
 from edge.settings import EdgeSettings
 from edge.shadow import ShadowRates
 from edge.staging import (
     clean_staging,
     has_marker,
+    model_folder,
     part_file,
     remove_version,
     stage,
@@ -49,15 +61,26 @@ from edge.staging import (
 )
 from edge.status_reporter import StatusReporter
 from shared import __version__, topics
+from shared.delta import apply_delta
 from shared.errors import InvalidInput, SignatureError, TetherError
 from shared.fleet import HealthReport, RolloutEvent, RolloutOrder
 from shared.manifest import Manifest, load_public_key, verify_manifest
 from shared.mqtt import Message, MqttClient
+from shared.order_signing import OrderRefused, VerifiedOrder, replay_reason, verify_order
 
 log = logging.getLogger(__name__)
 
 #: Called at named points of an install (tests use it to SIGKILL at a chosen moment).
 StepHook = Callable[[str, str, int], None]
+#: The rollout id of the ``refused`` event for an order that failed verification: its own
+#: rollout id is not trusted, and a refusal must not count against a real rollout.
+UNVERIFIED_ORDER = "unverified-order"
+#: At most this many refusal events per ``REFUSAL_WINDOW_S`` (each is logged regardless).
+REFUSAL_EVENTS = 10
+REFUSAL_WINDOW_S = 10.0
+
+#: What the MQTT handler queues for the work thread.
+_Work = tuple[str, VerifiedOrder | OrderRefused | None]
 
 
 class Cancelled(TetherError):
@@ -102,18 +125,20 @@ class FleetAgent:
         self.clock = clock
         self.trusted_keys = [load_public_key(k) for k in self.fleet.public_keys()]
         self.store = StateStore(settings.data_dir / "fleet" / "state.json")
+        self.artifacts = KeptArtifacts(settings.data_dir / "fleet" / "artifacts")
         self.state: FleetState = self.store.load()
         self.reporter = StatusReporter(
             self.device, hardware=self.fleet.hardware, labels=self.fleet.labels
         )
         self.client = MqttClient(
             settings.mqtt_url,
-            client_id or f"{self.device}-fleet",
+            client_id or session_client_id(settings.data_dir, self.device, "fleet"),
             will=self.reporter.will(),
             tls=settings.mqtt_tls_config(),
         )
         self.reporter.attach(self.client)
-        self._queue: queue.Queue[tuple[str, RolloutOrder | None]] = queue.Queue()
+        self._queue: queue.Queue[_Work] = queue.Queue()
+        self._refusals: deque[float] = deque()
         self._cancel: dict[str, threading.Event] = {}
         self._installing: dict[str, str] = {}
         self._windows: dict[str, _Window] = {}
@@ -153,38 +178,86 @@ class FleetAgent:
             self._queue.put(("online", None))
 
     def _on_order(self, message: Message) -> None:
+        """Verify an order (MQTT thread) and queue it, or queue its refusal."""
         if not message.payload:
             return  # a cleared retained order
         try:
-            order = RolloutOrder.parse(message.payload)
-        except TetherError as exc:
-            log.warning("%s: unreadable rollout order: %s", self.device, exc.message)
+            verified = verify_order(
+                message.payload,
+                self.trusted_keys,
+                device=self.device,
+                now=self.clock(),
+                accepted_digest=self.state.order_digest,
+            )
+            self._check_replay(verified)
+        except OrderRefused as exc:
+            self._queue.put(("refused", exc))
             return
+        order = verified.order
         running = self._installing.get(order.model)
         if (running is not None and running != order.rollout_id) or order.action != "install":
             cancel = self._cancel.get(order.model)
             if cancel is not None:
                 cancel.set()
-        self._queue.put(("order", order))
+        self._queue.put(("order", verified))
+
+    def _check_replay(self, verified: VerifiedOrder) -> None:
+        why = replay_reason(verified, self.state.order_seq, self.state.order_digest)
+        if why is not None:
+            order = verified.order
+            claimed = f"action {order.action}, rollout_id {order.rollout_id}, model {order.model}"
+            raise OrderRefused(why, claimed)
 
     def _run(self) -> None:
         while True:
             timeout = self._next_deadline() - self.clock()
             try:
-                kind, order = self._queue.get(timeout=max(0.0, min(timeout, 1.0)))
+                kind, item = self._queue.get(timeout=max(0.0, min(timeout, 1.0)))
             except queue.Empty:
-                kind, order = "tick", None
+                kind, item = "tick", None
             try:
                 if kind == "stop":
                     return
                 if kind == "online":
                     self.reporter.flush()
                     self._next_status = 0.0
-                elif kind == "order" and order is not None:
-                    self.handle(order)
+                elif kind == "order" and isinstance(item, VerifiedOrder):
+                    self._accept(item)
+                elif kind == "refused" and isinstance(item, OrderRefused):
+                    self._refuse(item)
                 self._tick()
             except Exception:
                 log.exception("fleet agent %s: unexpected failure", self.device)
+
+    def _accept(self, verified: VerifiedOrder) -> None:
+        """Record a verified order as the last accepted (so an older one is a replay from
+        now on), then carry it out."""
+        try:
+            self._check_replay(verified)  # again: another order may have come first
+        except OrderRefused as exc:
+            self._refuse(exc)
+            return
+        if (self.state.order_seq, self.state.order_digest) != (
+            verified.order.seq,
+            verified.digest,
+        ):
+            self.state.order_seq, self.state.order_digest = verified.order.seq, verified.digest
+            self.save()
+        self.handle(verified.order)
+
+    def _refuse(self, refused: OrderRefused) -> None:
+        """Log a refused order and report it (at most ``REFUSAL_EVENTS`` per window)."""
+        reason = f"order refused: {refused.message}"
+        if refused.claimed:
+            reason += f" (it claims {refused.claimed})"
+        log.warning("%s: %s", self.device, reason)
+        now = time.monotonic()
+        while self._refusals and now - self._refusals[0] > REFUSAL_WINDOW_S:
+            self._refusals.popleft()
+        if len(self._refusals) >= REFUSAL_EVENTS:
+            return
+        self._refusals.append(now)
+        self._event(UNVERIFIED_ORDER, "unknown", 0, "refused", reason)
 
     def _next_deadline(self) -> float:
         deadlines = [self._next_status]
@@ -198,7 +271,7 @@ class FleetAgent:
     def recover(self) -> None:
         """Bring the device to a consistent state after a start, however the last run ended."""
         for name, st in self.state.models.items():
-            model_dir = self.root / name
+            model_dir = model_folder(self.root, name)
             clean_staging(model_dir, {st.pending} if st.pending is not None else set())
             for version in st.discarded:
                 if version not in (st.active, st.previous):
@@ -215,7 +288,7 @@ class FleetAgent:
         self.recovered = True
 
     def _serve_verified(self, name: str, st: ModelState) -> None:
-        model_dir = self.root / name
+        model_dir = model_folder(self.root, name)
         for version in (st.active, st.previous):
             if version is None:
                 continue
@@ -261,7 +334,13 @@ class FleetAgent:
     # ------------------------------------------------------------------ orders
 
     def handle(self, order: RolloutOrder) -> None:
-        """Carry out one order (idempotent: a finished order is ignored)."""
+        """Carry out one verified order (idempotent: a finished order is ignored)."""
+        if order.action != "install" and not self._manages(order.model):
+            # Nothing of this model is on the device or in the agent's records: there is
+            # nothing to undo, and no folder or record is made for a name it never had.
+            reason = f"{order.action} of {order.model}: not managed here, nothing to undo"
+            self._event(order.rollout_id, order.model, 0, "rolled_back", reason)
+            return
         st = self.state.model(order.model)
         if f"{order.rollout_id}:{order.action}" in st.handled:
             self._report_again(order.model, st)
@@ -276,6 +355,13 @@ class FleetAgent:
             log.info("%s: rolled %s back from %s", self.device, order.model, version)
         else:
             self._abort(order, st)
+
+    def _manages(self, name: str) -> bool:
+        """Whether ``name`` is a model of this device: in the agent's records or a model
+        folder with versions in the repository."""
+        if name in self.state.models:
+            return True
+        return name in list_models(self.root)
 
     def _report_again(self, name: str, st: ModelState) -> None:
         """Repeat the last final event once per run: the previous run may have died first."""
@@ -328,12 +414,12 @@ class FleetAgent:
         self._cancel[order.model] = cancel
         self._installing[order.model] = rid
         try:
-            self._fetch_and_stage(order, manifest, st, cancel)
+            fetched = self._fetch_and_stage(order, manifest, st, cancel)
             self._phase(st, "staged")
-            self._event(rid, order.model, version, "staged")
+            self._event(rid, order.model, version, "staged", fetched=fetched)
             self._hook("staged", order.model, version)
             self_test(
-                self.root / order.model,
+                model_folder(self.root, order.model),
                 version,
                 self.settings.runtime_options(),
                 backend=self.settings.runtime.backend,
@@ -382,13 +468,15 @@ class FleetAgent:
 
     def _fetch_and_stage(
         self, order: RolloutOrder, manifest: Manifest, st: ModelState, cancel: threading.Event
-    ) -> None:
+    ) -> Fetched | None:
+        """Download (a delta when one applies, else the full artifact), verify and stage;
+        what was fetched, or ``None`` when the version was already staged."""
         name, version = order.model, manifest.version
-        model_dir = self.root / name
+        model_dir = model_folder(self.root, name)
         model_dir.mkdir(parents=True, exist_ok=True)
         version_dir = model_dir / str(version)
         if version_dir.is_dir() and verify_version(version_dir, manifest.sha256) is None:
-            return  # staged before a restart
+            return None  # staged before a restart
         part = part_file(model_dir, version)
         have = part.stat().st_size if part.exists() else 0
         check_free_disk(
@@ -401,18 +489,23 @@ class FleetAgent:
             self._phase(st, "verifying")
             self._event(order.rollout_id, name, version, "verifying")
 
-        try:
-            self.downloader.fetch(
-                manifest.url,
-                part,
-                size=manifest.size,
-                sha256=manifest.sha256,
-                cancel=cancel,
-                verifying=verifying,
-            )
-        except DigestMismatch:
-            part.unlink(missing_ok=True)
-            raise
+        fetched = self._fetch_delta(name, manifest, st, part, cancel) if not have else None
+        if fetched is not None:
+            verifying()
+        else:
+            try:
+                self.downloader.fetch(
+                    manifest.url,
+                    part,
+                    size=manifest.size,
+                    sha256=manifest.sha256,
+                    cancel=cancel,
+                    verifying=verifying,
+                )
+            except DigestMismatch:
+                part.unlink(missing_ok=True)
+                raise
+            fetched = Fetched(manifest.size - have, None)
         self._hook("verified", name, version)
         config = load_model_config(model_dir)
         stage(
@@ -423,7 +516,48 @@ class FleetAgent:
             model_filename=config.model_filename,
             expected_files=manifest.files,
         )
-        part.unlink(missing_ok=True)
+        self.artifacts.keep(name, version, manifest.sha256, part, also=st.active)
+        return fetched
+
+    def _fetch_delta(
+        self,
+        name: str,
+        manifest: Manifest,
+        st: ModelState,
+        part: Path,
+        cancel: threading.Event,
+    ) -> Fetched | None:
+        """Build the artifact from a delta against the kept artifact of the active version;
+        ``None`` (and nothing left behind) when no delta applies or it fails."""
+        base = self.artifacts.find(name, st.active) if st.active is not None else None
+        for delta in manifest.deltas or []:
+            if base is None or (delta.from_version, delta.from_sha256) != base[:2]:
+                continue
+            delta_part = part.with_name(part.name + ".delta")
+            try:
+                self.downloader.fetch(
+                    delta.url, delta_part, size=delta.size, sha256=delta.sha256, cancel=cancel
+                )
+                target = apply_delta(
+                    base[2].read_bytes(), delta_part.read_bytes(), max_size=manifest.size
+                )
+                if hashlib.sha256(target).hexdigest() != manifest.sha256:
+                    raise DigestMismatch("the patched artifact does not match the manifest")
+                part.write_bytes(target)
+                return Fetched(delta.size, delta.from_version)
+            except TetherError as exc:
+                log.warning(
+                    "%s: delta %s v%s -> v%s failed (%s); fetching the full artifact",
+                    self.device,
+                    name,
+                    delta.from_version,
+                    manifest.version,
+                    exc.message,
+                )
+                part.unlink(missing_ok=True)
+            finally:
+                delta_part.unlink(missing_ok=True)
+        return None
 
     def _activate(self, order: RolloutOrder, st: ModelState, version: int) -> None:
         name, rid = order.model, order.rollout_id
@@ -431,7 +565,7 @@ class FleetAgent:
         if current == version:
             # The policy already sees the staged folder; what served before is the highest
             # version below it (when this agent has no record of its own).
-            older = [v for v in list_versions(self.root / name) if v < version]
+            older = [v for v in list_versions(model_folder(self.root, name)) if v < version]
             current = st.previous if st.previous is not None else (max(older) if older else None)
         start = self._counters(name, version)
         baseline = self._counters(name, current) if current is not None else None
@@ -464,7 +598,7 @@ class FleetAgent:
         st.pending = None
         if version is None:
             return
-        model_dir = self.root / name
+        model_dir = model_folder(self.root, name)
         part_file(model_dir, version).unlink(missing_ok=True)
         shutil.rmtree(staging_dir(model_dir, version), ignore_errors=True)
         if version not in (st.active, st.previous):
@@ -487,8 +621,9 @@ class FleetAgent:
             return
         if to is None:
             to = st.previous
-        if to is not None and self._unusable(self.root / name, to) is not None:
-            why = f"cannot roll back to {to}: {self._unusable(self.root / name, to)}"
+        model_dir = model_folder(self.root, name)
+        if to is not None and self._unusable(model_dir, to) is not None:
+            why = f"cannot roll back to {to}: {self._unusable(model_dir, to)}"
             _finish(st, f"{rid}:{action}", rid, bad or 0, "failed", why)
             self.save()
             self._event(rid, name, bad or 0, "failed", why)
@@ -516,7 +651,7 @@ class FleetAgent:
         if self.shadow_rates is not None:
             self.shadow_rates.clear(name)
         for version in st.discarded:
-            remove_version(self.root / name, version)
+            remove_version(model_dir, version)
         st.discarded = []
         self.save()
         self._event(rid, name, bad or 0, "rolled_back", reason, report)
@@ -632,6 +767,7 @@ class FleetAgent:
         step: Any,
         reason: str = "",
         health: HealthReport | None = None,
+        fetched: Fetched | None = None,
     ) -> None:
         event = RolloutEvent(
             rollout_id=rid or "none",
@@ -642,6 +778,8 @@ class FleetAgent:
             reason=reason,
             health=health,
             at=self.clock(),
+            bytes_downloaded=fetched.bytes if fetched is not None else None,
+            delta_from=fetched.delta_from if fetched is not None else None,
         )
         log.info("%s: %s v%s %s %s", self.device, name, version, step, reason)
         self.reporter.publish_event(event)

@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from edge.settings import load_settings
+from shared.redaction import redact_url
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,8 @@ def fleet_agent_command(config_file: Path | None) -> None:
         shadow_rates=FileShadowRates(shadow_rates_path(settings)),
     )
     agent.start(connect_wait_s=None)
-    log.info("fleet agent %s running (broker %s)", settings.device_id, settings.mqtt_url)
+    log.info(
+        "fleet agent %s running (broker %s)", settings.device_id, redact_url(settings.mqtt_url)
+    )
     stop.wait()
     agent.stop()

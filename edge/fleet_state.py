@@ -4,7 +4,12 @@ What the agent must remember across a SIGKILL, per model: the version it serves
 (``active``), the one to return to (``previous``), the one it is installing (``pending``),
 the newest manifest version it has trusted (refusing older ones defeats rollback attacks),
 how often it has started while an uncommitted version was active (crash-loop detection),
-and which rollout orders it has finished (orders are retained, so they come again).
+and which rollout orders it has finished (orders are retained, so they come again); and,
+for the whole device, the sequence number and digest of the last signed order it accepted
+(an older one is a replay: :mod:`shared.order_signing`).
+
+Model names are folder names under the repository: a state file that names anything else
+(written by hand, or by a version that did not check) is read without those entries.
 
 Every change is written to a temporary file, fsynced, and renamed over the old file
 (then the folder is fsynced), so a crash leaves either the old state or the new one.
@@ -13,12 +18,17 @@ Every change is written to a temporary file, fsynced, and renamed over the old f
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from shared.model_names import check_model_name, is_model_name
+
+log = logging.getLogger(__name__)
 
 #: Where one model stands in its rollout life cycle.
 ModelPhase = Literal[
@@ -71,17 +81,31 @@ class ModelState(BaseModel):
 
 
 class FleetState(BaseModel):
-    """The whole durable state: one :class:`ModelState` per model name."""
+    """The whole durable state: one :class:`ModelState` per model name, and the last signed
+    order accepted."""
 
     model_config = ConfigDict(extra="ignore")
 
     models: dict[str, ModelState] = Field(default_factory=dict)
+    #: ``seq`` and digest of the last rollout order accepted (``shared.order_signing``).
+    order_seq: int | None = None
+    order_digest: str | None = None
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _only_model_names(cls, models: object) -> object:
+        if not isinstance(models, dict):
+            return models
+        bad = [name for name in models if not is_model_name(name)]
+        for name in bad:
+            log.error("fleet state: ignoring an entry for the invalid model name %r", name)
+        return {name: value for name, value in models.items() if name not in bad}
 
     def model(self, name: str) -> ModelState:
-        """The state of ``name``, created empty on first use."""
+        """The state of ``name`` (a valid model name), created empty on first use."""
         state = self.models.get(name)
         if state is None:
-            state = self.models[name] = ModelState()
+            state = self.models[check_model_name(name)] = ModelState()
         return state
 
 

@@ -111,6 +111,14 @@ class EdgeMetrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+        self.broker_round_trip = Gauge(
+            "tether_broker_round_trip_seconds",
+            "Fastest of a few round trips through the MQTT broker at start-up, by the QoS of "
+            "the question (QoS 1 far slower means the broker lacks TCP_NODELAY).",
+            ["qos"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
         # Per-version health for the fleet agent beside the workers (edge/fleet_health.py).
         self.version_errors = Counter(
             "tether_request_errors",

@@ -18,7 +18,14 @@ from shared.errors import InvalidInput
 
 CONFIG_FILE = "config.json"
 
-Platform = Literal["onnxruntime_onnx", "tensorrt_plan"]
+Platform = Literal["onnxruntime_onnx", "tensorrt_plan", "onnx_text_embedding", "llama_cpp_gguf"]
+#: The model file of each platform in a version folder.
+MODEL_FILES: dict[str, str] = {
+    "onnxruntime_onnx": "model.onnx",
+    "tensorrt_plan": "model.plan",
+    "onnx_text_embedding": "model.onnx",
+    "llama_cpp_gguf": "model.gguf",
+}
 
 
 class TensorConfig(BaseModel):
@@ -96,7 +103,7 @@ class ModelConfig(BaseModel):
 
     @property
     def model_filename(self) -> str:
-        return "model.plan" if self.platform == "tensorrt_plan" else "model.onnx"
+        return MODEL_FILES[self.platform]
 
     def input_shape(self, tensor: TensorConfig) -> list[int]:
         """The full shape clients see, with ``-1`` for the batch dimension when batched."""

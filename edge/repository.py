@@ -18,6 +18,7 @@ from edge.control_file import ControlFile
 from edge.model_config import ModelConfig, list_models, list_versions, load_model_config
 from edge.runtimes import Runtime, RuntimeOptions, create_runtime
 from shared.errors import InvalidInput, ModelNotFound, ModelNotReady, TetherError, Unavailable
+from shared.model_names import check_model_name
 from shared.protocol import RepositoryIndexEntry
 
 log = logging.getLogger(__name__)
@@ -78,12 +79,16 @@ class ModelRepository:
         """
         if split:
             _check_split(split, versions)
+        self._model_dir(name)  # a valid name of a model on disk, before anything is recorded
         if self.control is not None:
             self._applied[name] = self.control.record(name, "load", versions=versions, split=split)
         return self._load(name, versions, split)
 
     def unload(self, name: str) -> None:
         """Stop serving a model; in-flight requests on it still finish."""
+        check_model_name(name)
+        if name not in self._served and name not in self.model_names():
+            raise ModelNotFound(f"unknown model {name!r}")
         if self.control is not None:
             self._applied[name] = self.control.record(name, "unload")
         self._unload(name)
@@ -170,9 +175,7 @@ class ModelRepository:
             _release_later(list(old.values()))
 
     def _model_dir(self, name: str) -> Path:
-        if not name or "/" in name or name.startswith(".") or "\\" in name:
-            raise InvalidInput(f"invalid model name {name!r}")
-        model_dir = self.root / name
+        model_dir = self.root / check_model_name(name)
         if not model_dir.is_dir() or not self._versions_on_disk(model_dir):
             raise ModelNotFound(f"unknown model {name!r}")
         return model_dir

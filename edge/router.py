@@ -141,11 +141,18 @@ class RouteRuntime(Runtime):
         return prediction
 
     def _run_cloud(
-        self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str] | None
+        self,
+        inputs: Mapping[str, np.ndarray],
+        output_names: Sequence[str] | None,
+        via: Runtime | None = None,
     ) -> Prediction:
+        """The cloud's answer; ``via`` the local model, which chooses the form of an escalation."""
         if self.cloud is None:
             raise Unavailable(f"route {self.name!r} has no uplink to the cloud")
-        prediction = self.cloud.infer(inputs, output_names)
+        if via is not None:
+            prediction = via.escalate(self.cloud, inputs, output_names)
+        else:
+            prediction = self.cloud.infer(inputs, output_names)
         self.accounting.flops(self.cloud, _rows(inputs), "cloud")
         return prediction
 
@@ -223,11 +230,9 @@ class CascadeRoute(RouteRuntime):
             answer = _local_answer(local, "local", outputs)
             answer.parameters.update(params)
             return answer
-        sub = self.local.escalation_inputs(
-            {key: np.ascontiguousarray(value[low]) for key, value in inputs.items()}
-        )
+        sub = {key: np.ascontiguousarray(value[low]) for key, value in inputs.items()}
         try:
-            remote = self._run_cloud(sub, wanted)
+            remote = self._run_cloud(sub, wanted, via=self.local)
         except TetherError as exc:
             log.info("cascade %s: cloud failed, answering locally: %s", self.name, exc.message)
             self.accounting.rows(self.name, "local", total - low.size)

@@ -20,7 +20,6 @@ from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
-    TomlConfigSettingsSource,
 )
 
 from edge.http.tokens import (
@@ -33,6 +32,7 @@ from edge.http.tokens import (
 )
 from edge.runtime_options import DEFAULT_PROVIDERS, RuntimeOptions, tensorrt_available
 from edge.sensors.settings import SensorSettings
+from edge.settings_toml import ConfigFileSource
 
 if TYPE_CHECKING:
     from shared.mqtt import TlsConfig
@@ -180,8 +180,9 @@ class HttpSettings(Section):
         ge=1,
         le=256,
         description="Threads per worker that run requests. Unset: 1 when every route is "
-        "local and no GPU runtime is installed (threads then only contend for the GIL), "
-        "else 4 (requests waiting on the cloud or the GPU overlap).",
+        "local, no GPU runtime is installed and no language model is served (threads then "
+        "only contend for the GIL), else 4 (requests waiting on the cloud, the GPU or a "
+        "stream overlap).",
     )
     max_body_bytes: int = Field(
         64 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 past it)."
@@ -332,6 +333,23 @@ class RouteSettings(Section):
     outputs: list[RouteTensor] | None = Field(
         None, description="cloud: output metadata when the model is not in the local repository."
     )
+    task: Literal["chat", "embedding"] | None = Field(
+        None,
+        description="Text routes: what a cloud-only route serves on /v1 (chat or embedding); "
+        "a route over a local text model has its model's task.",
+    )
+    max_local_prompt_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Text routes (size rule): prompts longer than this many tokens go to the "
+        "cloud.",
+    )
+    max_local_new_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Text routes (size rule): requests for more new tokens than this go to the "
+        "cloud.",
+    )
 
 
 class UplinkSettings(Section):
@@ -363,7 +381,8 @@ class FleetSettings(Section):
     enabled: bool = Field(False, description="Run the fleet agent beside the HTTP server.")
     trusted_keys: list[str] = Field(
         default_factory=list,
-        description="Base64 ed25519 public keys whose signed manifests this device accepts.",
+        description="Base64 ed25519 public keys whose signed manifests and rollout orders "
+        "this device accepts.",
     )
     trusted_keys_file: Path | None = Field(
         None, description="A file of more trusted public keys, one per line ('#' comments)."
@@ -507,7 +526,7 @@ class EdgeSettings(BaseSettings):
         ]
         toml_file = _TOML_FILE.get("path")
         if toml_file is not None:
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+            sources.append(ConfigFileSource(settings_cls, toml_file))
         return tuple(sources)
 
     def mqtt_tls_config(self) -> TlsConfig | None:
@@ -527,7 +546,22 @@ class EdgeSettings(BaseSettings):
         """``http.threads``, or its default for this configuration (see the field)."""
         if self.http.threads is not None:
             return self.http.threads
-        return 4 if needs_uplink(self.routes) or gpu_runtime_installed() else 1
+        waits = needs_uplink(self.routes) or gpu_runtime_installed()
+        return 4 if waits or self.serves_language_models() else 1
+
+    def serves_language_models(self) -> bool:
+        """Whether a start-up model is a language model (a stream holds its request thread
+        for the whole generation, so other requests need threads of their own)."""
+        from edge.model_config import load_model_config
+        from shared.errors import TetherError
+
+        for name in self.startup_models():
+            try:
+                if load_model_config(self.repository / name).platform == "llama_cpp_gguf":
+                    return True
+            except TetherError:
+                continue
+        return False
 
     def startup_models(self) -> list[str]:
         """The models to load at start: the configured list, or every model on disk except

@@ -22,9 +22,16 @@ from edge.downloader import sha256_file
 from edge.fleet_state import fsync_dir, write_atomic
 from edge.model_config import CONFIG_FILE
 from shared.errors import InvalidInput
+from shared.model_names import check_model_name
 
 MARKER = ".tether-verified.json"
 STAGING_PREFIX = ".staging-"
+
+
+def model_folder(repository: Path, name: str) -> Path:
+    """``<repository>/<name>``, for a valid model name only (never a path that leaves the
+    repository, nor one of its scratch folders)."""
+    return repository / check_model_name(name)
 
 
 def staging_dir(model_dir: Path, version: int) -> Path:

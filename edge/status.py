@@ -3,7 +3,8 @@
 The agent's HTTP API (``/metrics``) and, when running, the sensor bridge's metrics port
 are scraped and summarised for a terminal: models and their execution providers, traffic
 by where it was served, offload ratio, cloud cost estimate, cloud health, and the sensor
-pipeline's queue and outbox.
+pipeline's queue and outbox, and what the broker costs a round trip (with a warning when
+it lacks a setting that Tether's QoS 1 traffic needs, see edge/broker_check.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from dataclasses import dataclass, field
 
 import click
 from prometheus_client.parser import text_string_to_metric_families
+
+from edge.broker_check import BrokerCheck
 
 
 @dataclass
@@ -102,8 +105,24 @@ def render_edge(scrape: Scrape) -> list[str]:
         "Cloud uplink",
         f"  circuit breaker     {'OPEN (cloud failing; local answers marked degraded)' if breaker else 'closed'}",
         f"  cloud requests      {cloud_all:,.0f} ({cloud_ok:,.0f} ok)",
+        f"  broker round trip   {render_broker(scrape)}",
     ]
     return lines
+
+
+def render_broker(scrape: Scrape) -> str:
+    """The uplink's start-up measurement of the broker, and what it means."""
+    times = {
+        s.labels.get("qos"): s.value for s in scrape.select("tether_broker_round_trip_seconds")
+    }
+    if "0" not in times or "1" not in times:
+        return "not measured (no uplink, or the broker refused the probe topic)"
+    check = BrokerCheck(qos0_ms=times["0"] * 1000.0, qos1_ms=times["1"] * 1000.0)
+    measured = f"{check.qos0_ms:.2f} ms at QoS 0, {check.qos1_ms:.2f} ms at QoS 1"
+    advice = check.advice()
+    return (
+        f"{measured}\n  WARNING: {advice}" if advice else f"{measured} (no broker setting missing)"
+    )
 
 
 def render_bridge(scrape: Scrape) -> list[str]:

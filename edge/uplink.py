@@ -2,16 +2,27 @@
 
 One :class:`Uplink` per worker process owns one :class:`~shared.mqtt.MqttClient` (paho
 stays inside that adapter). A request is an :class:`InferRequestEnvelope` published with
-QoS 1 to ``tether/cloud/infer/<device>/<model>``, carrying an MQTT 5 response topic (this
+QoS 0 to ``tether/cloud/infer/<device>/<model>``, carrying an MQTT 5 response topic (this
 connection's reply topic), correlation data (the request id) and a message expiry equal to
 what is left of the request's deadline, so the broker drops a request nobody waits for.
+The worker answers at QoS 0 too.
+
+Why QoS 0: QoS 1 would add nothing that the uplink does not already do better (it
+retries within the request's own deadline, and the cloud worker runs a retried request
+once and re-sends its answer), and its PUBACKs cost ~40 ms per round trip on a broker that
+leaves Nagle's algorithm on (a stock Mosquitto): the broker's PUBACK to us waits for our
+delayed ACK, and the reply behind it waits too (docs/troubleshooting.md).
 
 Replies resolve futures keyed by correlation id. A reply that does not come within
-``attempt_timeout_s`` (a cloud worker killed mid-request) makes the request go out again
-while its deadline allows; past the deadline the caller gets :class:`DeadlineExceeded`,
-never a hang. When the broker is down, publishing fails at once and requests in flight
+``attempt_timeout_s`` (a lost message, a cloud worker killed mid-request) makes the
+request go out again while its deadline allows; past the deadline the caller gets
+:class:`DeadlineExceeded`, never a hang. When the broker is down, publishing fails at once and requests in flight
 fail at once. A :class:`~edge.breaker.CircuitBreaker` turns a cloud that keeps timing out
 into immediate 503s until a trial call succeeds.
+
+Once connected, the uplink measures the broker in the background
+(:func:`~edge.broker_check.check_broker`): the round trips go into ``/metrics`` for
+``tether status``, and a broker that stalls QoS 1 answers gets a warning in the log.
 
 :class:`CloudRuntime` puts the uplink behind the runtime interface, so the router chooses
 between a local model and the cloud as between two runtimes.
@@ -22,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import secrets
 import threading
 import time
 import uuid
@@ -35,10 +45,12 @@ from typing import Any
 import numpy as np
 
 from edge.breaker import BreakerState, CircuitBreaker
+from edge.broker_check import check_broker
 from edge.metrics import EdgeMetrics
 from edge.runtimes.base import Prediction, Runtime, TensorSpec
 from edge.settings import UplinkSettings
 from shared import __version__, topics
+from shared.client_ids import random_client_id
 from shared.codec import OutputRequest, build_request, decode_response_parts
 from shared.envelopes import (
     ErrorEnvelope,
@@ -86,8 +98,9 @@ class CloudReply:
 
 
 def new_client_id(device_id: str) -> str:
-    """A client id unique per process and start: ``<device>-<pid>-<random>``."""
-    return f"{device_id}-{os.getpid()}-{secrets.token_hex(3)}"
+    """A client id unique per process and start, and unguessable:
+    ``tether-<device>-<pid>-<random>`` (shared/client_ids.py)."""
+    return random_client_id(device_id, str(os.getpid()))
 
 
 class Uplink:
@@ -117,9 +130,11 @@ class Uplink:
             self.breaker.add_listener(
                 lambda state: metrics.breaker_open.set(1 if state is BreakerState.OPEN else 0)
             )
+        self.broker_url = broker_url
+        self.tls = tls
         self.client = MqttClient(broker_url, self.client_id, tls=tls)
         self.client.add_connection_listener(self._on_connection)
-        self.client.subscribe(self.reply_topic, self._on_reply, qos=1)
+        self.client.subscribe(self.reply_topic, self._on_reply, qos=0)
         self._pending: dict[bytes, Future[Message]] = {}
         self._lock = threading.Lock()
         self._started = False
@@ -147,6 +162,32 @@ class Uplink:
                 self.client_id,
                 self.client.last_error,
             )
+        threading.Thread(target=self._check_broker, name="broker-check", daemon=True).start()
+
+    def _check_broker(self) -> None:
+        """Measure the broker once connected; log what it means, export it (never raises)."""
+        while self._started and not self.client.wait_connected(1.0):
+            pass
+        if not self._started:
+            return
+        try:
+            check = check_broker(self.broker_url, self.device_id, self.client_id, tls=self.tls)
+        except Exception as exc:  # a broker that refuses the probe topic, or went away
+            log.info("could not measure the broker's round trip: %s", exc)
+            return
+        advice = check.advice()
+        if advice is not None:
+            log.warning("MQTT broker %s: %s", self.client.address.url(), advice)
+        else:
+            log.info(
+                "MQTT broker %s: round trip %.2f ms (QoS 0), %.2f ms (QoS 1)",
+                self.client.address.url(),
+                check.qos0_ms,
+                check.qos1_ms,
+            )
+        if self.metrics is not None:
+            self.metrics.broker_round_trip.labels("0").set(check.qos0_ms / 1000.0)
+            self.metrics.broker_round_trip.labels("1").set(check.qos1_ms / 1000.0)
 
     def close(self) -> None:
         """Fail what is in flight and disconnect."""
@@ -246,7 +287,7 @@ class Uplink:
                     self.client.publish(
                         topic,
                         payload,
-                        qos=1,
+                        qos=0,
                         response_topic=self.reply_topic,
                         correlation_data=correlation,
                         expiry_s=remaining,

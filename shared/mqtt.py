@@ -7,6 +7,13 @@ and sets ``TCP_NODELAY`` on its socket: without it, small QoS 1 packets (PUBLISH
 wait on Nagle's algorithm and the peer's delayed ACK, costing ~40 ms per hop (see
 docs/troubleshooting.md).
 
+paho runs in its threaded mode (``loop_start``): any thread may publish, subscribe or
+acknowledge, and only paho's network thread touches the socket. (Driving ``loop_forever``
+from a thread of our own would put paho in its single-threaded mode, where every publish
+writes to the socket from the caller's thread: two threads' large messages then
+interleave on the wire, and a TLS connection is read and written from two threads at
+once; either way the broker drops the connection.)
+
 Handlers run on paho's network thread: they must be quick and hand real work to a queue.
 """
 
@@ -16,8 +23,8 @@ import contextlib
 import logging
 import socket
 import ssl
+import sys
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -159,6 +166,11 @@ class MqttClient:
         self._connected = threading.Event()
         self._stopping = False
         self._subscriptions: dict[str, tuple[int, Handler]] = {}
+        #: Guards the subscriptions against a connect that happens while one is added.
+        self._lock = threading.Lock()
+        #: SUBSCRIBE packets awaiting their SUBACK (packet id -> filter); set once granted.
+        self._suback_mids: dict[int, str] = {}
+        self._granted: dict[str, threading.Event] = {}
         #: Handlers kept after ``unsubscribe(keep_handler=True)`` for messages still on the way.
         self._retired: dict[str, Handler] = {}
         self._listeners: list[ConnectionListener] = []
@@ -167,15 +179,15 @@ class MqttClient:
         self._clean_start = clean_start
         #: MQTT 5 Receive Maximum: unacknowledged QoS 1 messages the broker may send at once.
         self._receive_maximum = receive_maximum
-        self._reconnect = (reconnect_min_s, reconnect_max_s)
-        self._thread: threading.Thread | None = None
         self._client = paho.Client(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
             protocol=paho.MQTTv5,
-            reconnect_on_failure=False,
+            reconnect_on_failure=True,
             manual_ack=manual_ack,
         )
+        # paho annotates the delays as int but computes with them as float
+        self._client.reconnect_delay_set(reconnect_min_s, reconnect_max_s)  # type: ignore[arg-type]
         self._client.max_inflight_messages_set(max_inflight)
         self._client.max_queued_messages_set(0)
         self._keepalive = keepalive
@@ -193,7 +205,9 @@ class MqttClient:
         if will is not None:
             self._client.will_set(will.topic, will.payload, will.qos, will.retain)
         self._client.on_connect = self._on_connect
+        self._client.on_connect_fail = self._on_connect_fail
         self._client.on_disconnect = self._on_disconnect
+        self._client.on_subscribe = self._on_subscribe
         self._client.on_message = self._on_message
         self._client.on_socket_open = _on_socket_open
 
@@ -214,10 +228,18 @@ class MqttClient:
         for bad credentials or authorisation raises :class:`ConnectError` when waiting.
         """
         self._stopping = False
-        self._thread = threading.Thread(
-            target=self._run, name=f"mqtt-{self.client_id}", daemon=True
+        properties = Properties(PacketTypes.CONNECT)
+        properties.SessionExpiryInterval = self._session_expiry_s
+        if self._receive_maximum is not None:
+            properties.ReceiveMaximum = self._receive_maximum
+        self._client.connect_async(
+            self.address.host,
+            self.address.port,
+            keepalive=self._keepalive,
+            clean_start=self._clean_start,
+            properties=properties,
         )
-        self._thread.start()
+        self._client.loop_start()  # paho's network thread connects, retries and reconnects
         if wait_s is not None and not self._connected.wait(wait_s):
             raise ConnectError(
                 f"could not connect to {self.address.url()} within {wait_s:g}s: {self._last_error}"
@@ -231,41 +253,12 @@ class MqttClient:
         self._stopping = True
         with contextlib.suppress(Exception):  # best effort on shutdown
             self._client.disconnect()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        self._client.loop_stop()
         self._connected.clear()
 
     def add_connection_listener(self, listener: ConnectionListener) -> None:
         """Call ``listener(True/False)`` on every connect and disconnect."""
         self._listeners.append(listener)
-
-    def _run(self) -> None:
-        delay = self._reconnect[0]
-        while not self._stopping:
-            try:
-                properties = Properties(PacketTypes.CONNECT)
-                properties.SessionExpiryInterval = self._session_expiry_s
-                if self._receive_maximum is not None:
-                    properties.ReceiveMaximum = self._receive_maximum
-                self._client.connect(
-                    self.address.host,
-                    self.address.port,
-                    keepalive=self._keepalive,
-                    clean_start=self._clean_start,
-                    properties=properties,
-                )
-                delay = self._reconnect[0]
-                self._client.loop_forever(retry_first_connection=False)
-            except (OSError, ssl.SSLError) as exc:
-                self._last_error = f"{type(exc).__name__}: {exc}"
-            except Exception as exc:
-                self._last_error = f"{type(exc).__name__}: {exc}"
-                log.exception("MQTT loop of %s failed", self.client_id)
-            self._set_connected(False)
-            if self._stopping:
-                break
-            time.sleep(delay)
-            delay = min(delay * 2, self._reconnect[1])
 
     # ------------------------------------------------------------------ paho callbacks
 
@@ -277,14 +270,23 @@ class MqttClient:
         reason_code: ReasonCode,
         properties: Properties | None,
     ) -> None:
-        if reason_code.is_failure:
+        if reason_code.is_failure:  # paho drops the connection and tries again later
             self._last_error = f"broker refused the connection: {reason_code}"
             log.warning("%s: %s", self.client_id, self._last_error)
-            client.disconnect()
             return
-        for topic, (qos, _handler) in list(self._subscriptions.items()):
-            client.subscribe(topic, qos)
-        self._set_connected(True)
+        with self._lock:  # a subscribe() racing this connect is sent once, here or there
+            self._suback_mids.clear()
+            for topic, (qos, _handler) in self._subscriptions.items():
+                self._send_subscribe(topic, qos)
+            was = self._connected.is_set()
+            self._connected.set()
+        if not was:
+            self._notify(True)
+
+    def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
+        """A connection attempt failed (paho calls this while handling the OSError)."""
+        exc = sys.exc_info()[1]
+        self._last_error = f"{type(exc).__name__}: {exc}" if exc else "could not connect"
 
     def _on_disconnect(
         self,
@@ -298,6 +300,25 @@ class MqttClient:
             self._last_error = f"disconnected: {reason_code}"
             log.info("%s lost the broker: %s", self.client_id, reason_code)
         self._set_connected(False)
+
+    def _on_subscribe(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        mid: int,
+        reason_codes: list[ReasonCode],
+        properties: Properties | None,
+    ) -> None:
+        with self._lock:
+            topic_filter = self._suback_mids.pop(mid, None)
+            granted = self._granted.get(topic_filter) if topic_filter is not None else None
+        if granted is None:
+            return
+        refused = [code for code in reason_codes if code.is_failure]
+        if refused:
+            log.warning("%s: the broker refused %s: %s", self.client_id, topic_filter, refused[0])
+            return
+        granted.set()
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         message = _to_message(msg, self)
@@ -323,24 +344,47 @@ class MqttClient:
         else:
             self._connected.clear()
         if was != connected:
-            for listener in list(self._listeners):
-                try:
-                    listener(connected)
-                except Exception:
-                    log.exception("connection listener failed")
+            self._notify(connected)
+
+    def _notify(self, connected: bool) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(connected)
+            except Exception:
+                log.exception("connection listener failed")
 
     # ------------------------------------------------------------------ operations
 
     def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
-        """Deliver messages matching ``topic_filter`` to ``handler``; kept across reconnects."""
-        self._subscriptions[topic_filter] = (qos, handler)
-        self._retired.pop(topic_filter, None)
-        if self.connected:
-            result, _mid = self._client.subscribe(topic_filter, qos)
-            if result != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                log.warning(
-                    "subscribe to %s failed now (%s); retried on reconnect", topic_filter, result
-                )
+        """Deliver messages matching ``topic_filter`` to ``handler``; kept across reconnects.
+
+        :meth:`wait_subscribed` waits until the broker has granted it.
+        """
+        with self._lock:
+            self._subscriptions[topic_filter] = (qos, handler)
+            self._retired.pop(topic_filter, None)
+            self._granted[topic_filter] = threading.Event()
+            if self._connected.is_set():
+                self._send_subscribe(topic_filter, qos)
+
+    def wait_subscribed(self, topic_filter: str, timeout_s: float) -> bool:
+        """Whether the broker granted the latest :meth:`subscribe` to ``topic_filter`` (its
+        SUBACK came back without a failure code) within ``timeout_s``. From then on every
+        message published to a matching topic reaches the handler."""
+        with self._lock:
+            granted = self._granted.get(topic_filter)
+        return granted is not None and granted.wait(timeout_s)
+
+    def _send_subscribe(self, topic_filter: str, qos: int) -> None:
+        """Send one SUBSCRIBE (with ``_lock`` held) and remember its packet id."""
+        result, mid = self._client.subscribe(topic_filter, qos)
+        if result != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            log.warning(
+                "subscribe to %s failed now (%s); retried on reconnect", topic_filter, result
+            )
+            return
+        if mid is not None:
+            self._suback_mids[mid] = topic_filter
 
     def unsubscribe(self, topic_filter: str, *, keep_handler: bool = False) -> None:
         """Stop the subscription (not renewed on reconnect).
@@ -349,7 +393,9 @@ class MqttClient:
         it applied the UNSUBSCRIBE: they are already acknowledged, so dropping them would
         lose them (a draining consumer wants them).
         """
-        entry = self._subscriptions.pop(topic_filter, None)
+        with self._lock:
+            entry = self._subscriptions.pop(topic_filter, None)
+            self._granted.pop(topic_filter, None)
         if keep_handler and entry is not None:
             self._retired[topic_filter] = entry[1]
         if self.connected:

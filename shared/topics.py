@@ -81,6 +81,12 @@ def parse_cloud_replies(topic: str) -> tuple[str, str]:
     return parts[1], parts[4]
 
 
+def broker_probe(device: str, client: str) -> str:
+    """Where one connection of a device times round trips through the broker
+    (``<this>/ask`` and ``<this>/answer``, see edge/broker_check.py)."""
+    return f"{ROOT}/{check_device(device)}/probe/{check_segment(client, 'client id')}"
+
+
 def sensor_data_filter(device: str) -> str:
     return f"{ROOT}/{check_device(device)}/sensors/+/data"
 

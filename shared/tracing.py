@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from typing import Any
 
 from pythonjsonlogger.json import JsonFormatter
 
@@ -81,6 +82,17 @@ class RequestIdFilter(logging.Filter):
         if not hasattr(record, "request_id"):
             record.request_id = _request_id.get() or "-"
         return True
+
+
+#: The logging configuration handed to granian (edge API, artifact server): its own records
+#: go to the root logger, so they come out in Tether's format.
+GRANIAN_LOGGING: dict[str, Any] = {
+    "formatters": {},
+    "handlers": {},
+    "loggers": {
+        name: {"handlers": [], "propagate": True} for name in ("_granian", "granian.access")
+    },
+}
 
 
 def json_formatter() -> logging.Formatter:

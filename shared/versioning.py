@@ -19,8 +19,10 @@ mixed-version tests prove on the wire (``tests/shared/test_mixed_versions.py``):
   (:func:`shared.manifest.verify_manifest`), so a device verifies a manifest that a newer
   registry of the same major signed.
 
-So within a major, edge and cloud can be upgraded in either order; messages of a new minor
-simply carry extra fields that older readers skip.
+So within a major, edge and cloud read each other's messages whichever is newer: messages
+of a new minor simply carry extra fields that older readers skip. (Security rules are
+another matter: a device that requires signed rollout orders refuses an older
+controller's unsigned ones.)
 """
 
 from __future__ import annotations

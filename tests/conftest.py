@@ -50,9 +50,19 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
     instance.stop()
 
 
+@pytest.fixture(scope="session")
+def stock_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    """One stock Mosquitto 2.0 for the session (only a listener): the broker users run."""
+    instance = Broker(tmp_path_factory.mktemp("mosquitto-stock"), stock=True).start()
+    yield instance
+    instance.stop()
+
+
 @pytest.fixture
-def fresh_broker(tmp_path: Path) -> Iterator[Broker]:
-    """A Mosquitto of this test's own, free to kill and restart."""
-    instance = Broker(tmp_path / "mosquitto").start()
+def fresh_broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Broker]:
+    """A Mosquitto of this test's own, free to kill and restart; tuned unless a test
+    parametrizes it indirectly with ``"stock"``."""
+    stock = getattr(request, "param", "tuned") == "stock"
+    instance = Broker(tmp_path / "mosquitto", stock=stock).start()
     yield instance
     instance.stop()

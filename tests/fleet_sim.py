@@ -23,6 +23,7 @@ from shared.errors import SignatureError, TetherError
 from shared.fleet import DeviceStatus, HealthReport, ModelState, RolloutEvent, RolloutOrder
 from shared.manifest import verify_manifest
 from shared.mqtt import Message, MqttClient, Will
+from shared.order_signing import replay_reason, verify_order
 from shared.topics import device_rollout, device_rollout_events, device_status
 
 
@@ -39,6 +40,40 @@ class Behaviour:
     baseline_p99_ms: float = 10.0
     shadow_agreement: float = 0.98
     baseline_shadow_agreement: float = 0.98
+
+
+class OrderGate:
+    """A device's check of signed orders (:mod:`shared.order_signing`), as the agent does:
+    signed by a trusted key for this device, not expired, and newer than the last one it
+    accepted (the very same order again is let through, it is handled idempotently)."""
+
+    def __init__(self, device: str, trusted_keys: list[Ed25519PublicKey]) -> None:
+        self.device = device
+        self.trusted_keys = trusted_keys
+        self.last_seq: int | None = None
+        self.last_digest: str | None = None
+        #: Why orders were refused, oldest first.
+        self.refused: list[str] = []
+
+    def accept(self, payload: bytes) -> RolloutOrder | None:
+        """The order to act on, or ``None`` (refused, with the reason kept)."""
+        try:
+            verified = verify_order(
+                payload,
+                self.trusted_keys,
+                device=self.device,
+                now=time.time(),
+                accepted_digest=self.last_digest,
+            )
+        except TetherError as exc:
+            self.refused.append(exc.message)
+            return None
+        why = replay_reason(verified, self.last_seq, self.last_digest)
+        if why is not None:
+            self.refused.append(why)
+            return None
+        self.last_seq, self.last_digest = verified.order.seq, verified.digest
+        return verified.order
 
 
 @dataclass
@@ -62,6 +97,7 @@ class SimDevice:
         self.download_statuses: list[int] = []
         self._generation = 0
         self._lock = threading.Lock()
+        self.gate = OrderGate(self.name, self.trusted_keys)
         will = orjson.dumps({"kind": "device_status", "device": self.name, "online": False})
         self.mqtt = MqttClient(
             self.broker_url,
@@ -108,11 +144,10 @@ class SimDevice:
     def _on_order(self, message: Message) -> None:
         if self.behaviour.silent or not message.payload:
             return
-        try:
-            order = RolloutOrder.parse(message.payload)
-        except TetherError:
-            return
         with self._lock:
+            order = self.gate.accept(message.payload)
+            if order is None:
+                return
             self._generation += 1
             generation = self._generation
             self.orders.append(order)

@@ -79,3 +79,36 @@ def write_model(
     if config is not None:
         (repository / name / "config.json").write_text(json.dumps({"name": name, **config}))
     return path
+
+
+def headed_classifier(
+    head_seed: int, *, width: int = 256, inputs: int = 4, classes: int = 3
+) -> onnx.ModelProto:
+    """``[N, inputs] -> [N, classes]``: a fixed two-layer backbone (``width`` wide, the
+    same for every seed) and a classification head drawn from ``head_seed``. Versions that
+    differ only in ``head_seed`` are what a retrained head ships as."""
+    backbone = np.random.default_rng(0)
+    w1 = backbone.standard_normal((inputs, width)).astype(np.float32)
+    w2 = backbone.standard_normal((width, width)).astype(np.float32) / width
+    head = np.random.default_rng(head_seed).standard_normal((width, classes)).astype(np.float32)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h1"]),
+        helper.make_node("Relu", ["h1"], ["a1"]),
+        helper.make_node("MatMul", ["a1", "w2"], ["h2"]),
+        helper.make_node("Relu", ["h2"], ["a2"]),
+        helper.make_node("MatMul", ["a2", "head"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "classifier",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", inputs])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", classes])],
+        initializer=[
+            numpy_helper.from_array(w1, "w1"),
+            numpy_helper.from_array(w2, "w2"),
+            numpy_helper.from_array(head, "head"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model

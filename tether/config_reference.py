@@ -22,14 +22,17 @@ SETTINGS: list[tuple[str, str, str, str]] = [
         "TETHER_",
         "Read from the TOML file given with `--config`, then `TETHER_*` environment "
         "variables (nested fields with `__`, e.g. `TETHER_HTTP__PORT=9000`), then "
-        "command-line flags, each overriding the one before.",
+        "command-line flags, each overriding the one before. A relative path in the file is "
+        "relative to the file's folder (so a config means the same from any working "
+        "directory); in a variable or a flag, to the working directory.",
     ),
     (
         "Cloud worker (`tether cloud`)",
         "cloud.settings:CloudSettings",
         "TETHER_CLOUD_",
         "Read from the TOML file given with `--config`, then `TETHER_CLOUD_*` environment "
-        "variables (the broker from `TETHER_MQTT_URL`, as on the edge).",
+        "variables (the broker from `TETHER_MQTT_URL`, as on the edge). Relative paths as "
+        "for the edge: in the file, relative to the file's folder.",
     ),
 ]
 

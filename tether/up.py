@@ -153,15 +153,41 @@ def seed_repository(repository: Path) -> None:
     if not repository.exists():
         shutil.copytree(source, repository)
         click.echo(f"seeded the device's model repository {repository} from {source}")
+        add_text_models(repository)
         return
     for model in sorted(source.iterdir()):
         if model.is_dir() and not (repository / model.name).exists():
             shutil.copytree(model, repository / model.name)
             click.echo(f"added {model.name} to the device's model repository {repository}")
+    add_text_models(repository)
+
+
+#: The text models the demo device serves (docs/openai.md); mpnet-base is the cloud's.
+DEVICE_TEXT_MODELS = ("smollm2-135m", "minilm-l6")
+
+
+def add_text_models(repository: Path) -> None:
+    """Link the device's text models from ``models/text-repository`` into its repository
+    (hard links: the weights are not copied), when built and not there yet."""
+    from models.language_models import link_or_copy
+
+    source = ROOT / "models" / "text-repository"
+    for name in DEVICE_TEXT_MODELS:
+        if (source / name / "config.json").is_file() and not (repository / name).exists():
+            shutil.copytree(
+                source / name,
+                repository / name,
+                copy_function=lambda src, dst: link_or_copy(Path(src), Path(dst)),
+            )
+            click.echo(f"added {name} to the device's model repository {repository}")
 
 
 def fleet_services(tether: list[str], broker_env: dict[str, str]) -> tuple[Service, dict[str, str]]:
-    """The fleet service, and the fleet agent's environment trusting the development key."""
+    """The fleet service, and the fleet agent's environment trusting the development key.
+
+    This is the one place the development key is made and used: the fleet service gets it
+    as its ``TETHER_FLEET_SIGNING_KEY`` (publishing by hand: ``--key`` with the same file).
+    """
     from cloud.fleet_settings import load_fleet_settings
     from cloud.registry import load_or_create_dev_key
     from shared.manifest import public_key_text
@@ -178,7 +204,7 @@ def fleet_services(tether: list[str], broker_env: dict[str, str]) -> tuple[Servi
     service = Service(
         "fleet service",
         [*tether, "fleet", "serve"],
-        env=broker_env,
+        env={**broker_env, "TETHER_FLEET_SIGNING_KEY": str(fleet.dev_key_path.resolve())},
         ready=lambda: port_answers(fleet.http_host, fleet.http_port),
     )
     agent_env = {
@@ -186,6 +212,7 @@ def fleet_services(tether: list[str], broker_env: dict[str, str]) -> tuple[Servi
         "TETHER_FLEET__TRUSTED_KEYS_FILE": str(public.resolve()),
     }
     click.echo(f"fleet: artifacts on {url}, database in {fleet.data_dir}, dev key {public}")
+    click.echo(f"publish with: tether fleet publish --key {fleet.dev_key_path} <version folder>")
     return service, agent_env
 
 

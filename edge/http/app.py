@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from flask import Flask, Response
+from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
 from edge.dataplane import DataPlane
@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 access = logging.getLogger("tether.access")
 
 REQUEST_ID_HEADER = "X-Request-Id"
+#: Errors under this path are rendered in OpenAI's shape (edge/openai/routes.py).
+OPENAI_PREFIX = "/v1/"
 
 StartResponse = Callable[..., Any]
 WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
@@ -89,6 +91,10 @@ def _register_error_handlers(app: Flask) -> None:
     def tether_error(exc: TetherError) -> Response:
         if exc.status >= 500:
             log.warning("request failed: %s", exc.message)
+        if request.path.startswith(OPENAI_PREFIX):  # the OpenAI API's own error shape
+            from edge.openai.routes import error_response
+
+            return error_response(exc)
         response = json_response(exc.to_body(), exc.status)
         if isinstance(exc, TooManyRequests):
             # whole seconds, rounded up: a client that waits that long is let in
@@ -104,7 +110,12 @@ def _register_error_handlers(app: Flask) -> None:
         if status == 413:
             limit = app.config["MAX_CONTENT_LENGTH"]
             message = f"request body is over the limit of {limit} bytes"
-        response = json_response({"error": message}, status)
+        if request.path.startswith(OPENAI_PREFIX):
+            from edge.openai.routes import http_error_response
+
+            response = http_error_response(status, str(message))
+        else:
+            response = json_response({"error": message}, status)
         if status == 405 and exc.get_response().headers.get("Allow"):
             response.headers["Allow"] = exc.get_response().headers["Allow"]
         return response
@@ -112,4 +123,8 @@ def _register_error_handlers(app: Flask) -> None:
     @app.errorhandler(Exception)
     def unexpected(exc: Exception) -> Response:
         log.exception("unexpected error")
+        if request.path.startswith(OPENAI_PREFIX):
+            from edge.openai.routes import http_error_response
+
+            return http_error_response(500, f"internal error: {type(exc).__name__}")
         return json_response({"error": f"internal error: {type(exc).__name__}"}, 500)

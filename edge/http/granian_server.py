@@ -11,25 +11,16 @@ import logging
 import multiprocessing
 import sys
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from edge.settings import EdgeSettings
 from edge.systemd_notify import ServerLifecycle, take_notifier
+from shared.tracing import GRANIAN_LOGGING
 
 if TYPE_CHECKING:
     from edge.http.server import RunState
 
 log = logging.getLogger(__name__)
-
-#: granian's own records go to the root logger, so they come out in Tether's format.
-LOG_CONFIG: dict[str, Any] = {
-    "formatters": {},
-    "handlers": {},
-    "loggers": {
-        "_granian": {"handlers": [], "propagate": True},
-        "granian.access": {"handlers": [], "propagate": True},
-    },
-}
 
 #: Seconds a stopping worker gets to finish its requests.
 GRACEFUL_TIMEOUT_S = 10
@@ -59,7 +50,7 @@ def serve_granian(settings: EdgeSettings, state: RunState) -> None:
         http=HTTPModes.auto,
         websockets=False,
         log_level=LogLevels.info,
-        log_dictconfig=LOG_CONFIG,
+        log_dictconfig=GRANIAN_LOGGING,
         log_access=False,
         ssl_cert=http.tls.cert_file if http.tls.enabled else None,
         ssl_key=http.tls.key_file if http.tls.enabled else None,

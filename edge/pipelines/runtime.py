@@ -111,16 +111,54 @@ class PipelineRuntime(Runtime):
         feeds[stage.tensor] = self.decoder.batch(inputs[stage.name])
         return feeds
 
-    def escalation_inputs(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Images as their raw file bytes (a JSON client's base64 text is a third larger)."""
+    def escalate(
+        self,
+        cloud: Runtime,
+        inputs: Mapping[str, np.ndarray],
+        output_names: Sequence[str] | None = None,
+    ) -> Prediction:
+        """Send the smallest faithful form: the image files when ``cloud`` takes images (a
+        JSON client's base64 text turned back into bytes), else the tensor this model's
+        pipeline made, when ``cloud`` takes exactly that; then add the outputs the cloud
+        model lacks and this pipeline makes (the labels, from the cloud's scores)."""
+        names = list(output_names) if output_names else [spec.name for spec in self.outputs]
+        takes = {spec.name: spec for spec in cloud.inputs}
         stage = self.pipeline.input
-        if stage is None or stage.name not in inputs:
-            return dict(inputs)
-        images = inputs[stage.name]
-        raw = np.empty(images.shape, dtype=object)
-        for index, item in enumerate(images.ravel()):
-            raw.flat[index] = file_bytes(item, index)
-        return {**inputs, stage.name: raw}
+        sent: Mapping[str, np.ndarray] = inputs
+        if stage is not None and self.decoder is not None and stage.name in inputs:
+            tensor = takes.get(stage.tensor)
+            if (
+                stage.name not in takes
+                and tensor is not None
+                and tensor.datatype == "FP32"
+                and tuple(tensor.shape[1:]) == self.decoder.shape
+            ):
+                sent = self.prepare(inputs)
+            else:
+                sent = {**inputs, stage.name: _file_bytes(inputs[stage.name])}
+        has = {spec.name for spec in cloud.outputs}
+        labels = self.pipeline.output
+        labeller = self.labeller
+        make_labels = (
+            labels is not None
+            and labeller is not None
+            and labels.name in names
+            and bool(has)
+            and labels.name not in has
+        )
+        asked = [n for n in names if not has or n in has]
+        if make_labels and labels is not None:
+            asked = list(dict.fromkeys([*asked, labels.tensor]))
+        answer = cloud.infer(sent, asked)
+        if (
+            make_labels
+            and labels is not None
+            and labeller is not None
+            and labels.tensor in answer.outputs
+        ):
+            answer.outputs[labels.name] = labeller(answer.outputs[labels.tensor])
+        answer.outputs = {n: answer.outputs[n] for n in names if n in answer.outputs}
+        return answer
 
     def run(
         self, feeds: Mapping[str, np.ndarray], output_names: Sequence[str] | None = None
@@ -168,3 +206,11 @@ class PipelineRuntime(Runtime):
         meta["outputs"] = [spec.to_metadata() for spec in self.outputs]
         meta["parameters"]["pipeline"] = self.pipeline.model_dump(exclude_none=True)
         return meta
+
+
+def _file_bytes(images: np.ndarray) -> np.ndarray:
+    """Each image as its file's bytes (base64 text decoded)."""
+    raw = np.empty(images.shape, dtype=object)
+    for index, item in enumerate(images.ravel()):
+        raw.flat[index] = file_bytes(item, index)
+    return raw

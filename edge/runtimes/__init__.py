@@ -27,6 +27,8 @@ def create_runtime(
 ) -> Runtime:
     """Build (not load) the runtime for one model version.
 
+    Language models (``llama_cpp_gguf``) run on llama.cpp and sentence encoders
+    (``onnx_text_embedding``) on ONNX Runtime with their tokenizer, whatever ``backend``.
     ``backend`` is ``auto`` (native TensorRT for ``tensorrt_plan`` models or when TensorRT
     is installed, ONNX Runtime otherwise), ``onnxruntime`` or ``tensorrt``. A config that
     declares a ``pipeline`` gets the backend wrapped in its pre- and post-processing.
@@ -46,6 +48,14 @@ def _backend_runtime(
     options: RuntimeOptions,
     backend: str,
 ) -> Runtime:
+    if config.platform == "llama_cpp_gguf":
+        from edge.runtimes.llama import LlamaRuntime
+
+        return LlamaRuntime(config.name, version, version_dir, config, options)
+    if config.platform == "onnx_text_embedding":
+        from edge.runtimes.embeddings import EmbeddingRuntime
+
+        return EmbeddingRuntime(config.name, version, version_dir, config, options)
     use_tensorrt = backend == "tensorrt" or config.platform == "tensorrt_plan"
     if backend == "auto" and not use_tensorrt:
         use_tensorrt = tensorrt_available()

@@ -129,10 +129,16 @@ class Runtime(ABC):
             compute_ms=compute_ms,
         )
 
-    def escalation_inputs(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """The smallest form of ``inputs`` that means the same to a model taking the same
-        inputs: what a cascade sends up the uplink (an image pipeline's raw file bytes)."""
-        return dict(inputs)
+    def escalate(
+        self,
+        cloud: Runtime,
+        inputs: Mapping[str, np.ndarray],
+        output_names: Sequence[str] | None = None,
+    ) -> Prediction:
+        """Ask ``cloud``, a larger model for the same task, about inputs this model was sent
+        (a cascade's escalation): here as they came; a model with a pipeline sends the
+        smallest form the cloud model takes and completes its answer."""
+        return cloud.infer(inputs, output_names)
 
     def metadata(self) -> dict[str, Any]:
         """Model metadata in the Open Inference Protocol's shape, plus Tether's facts."""

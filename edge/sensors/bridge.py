@@ -36,6 +36,7 @@ from edge.sensors.outbox import Outbox
 from edge.sensors.processor import BatchProcessor
 from edge.sensors.publisher import ResultPublisher
 from edge.sensors.results import Reading
+from edge.session_ids import session_client_id
 from edge.settings import EdgeSettings
 from shared.mqtt import Message, MqttClient
 
@@ -67,8 +68,11 @@ def read_stats(data_dir: Path) -> dict[str, Any] | None:
 
 
 def client_id_of(settings: EdgeSettings) -> str:
-    """The fixed client id whose persistent session keeps unacknowledged readings."""
-    return settings.sensors.client_id or f"tether-bridge-{settings.device_id}"
+    """The fixed client id whose persistent session keeps unacknowledged readings:
+    ``tether-bridge-<device>-<this device's secret tag>`` (edge/session_ids.py)."""
+    return settings.sensors.client_id or session_client_id(
+        settings.data_dir, "bridge", settings.device_id
+    )
 
 
 class SensorBridge:

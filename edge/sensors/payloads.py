@@ -31,7 +31,8 @@ from shared.mqtt import Message
 from shared.protocol import InferenceRequest
 
 JSON_TYPES = frozenset({"application/json", "text/json"})
-RAW_TYPES = frozenset({"application/octet-stream"})
+#: Raw payloads: a tensor's bytes, or one encoded image for a model with an image pipeline.
+RAW_TYPES = frozenset({"application/octet-stream", "image/jpeg", "image/png"})
 _ID_KEYS = ("id", "reading_id")
 _TIME_KEYS = ("timestamp", "ts", "time")
 
@@ -197,7 +198,7 @@ def _array_request(data: list[Any], model: ModelInputs) -> DecodedRequest:
 def _raw_request(payload: bytes, model: ModelInputs) -> DecodedRequest:
     spec = _single_input(model)
     if spec.datatype == "BYTES":
-        raise Unsupported("BYTES inputs cannot be sent as raw bytes; send a V2 request")
+        return _one_element(payload, spec, model)
     dtype = to_numpy_dtype(spec.datatype)
     if len(payload) % dtype.itemsize:
         raise InvalidInput(
@@ -209,6 +210,18 @@ def _raw_request(payload: bytes, model: ModelInputs) -> DecodedRequest:
         inputs={spec.name: flat.reshape(_shape(spec, model, flat.size))},
         datatypes={spec.name: spec.datatype},
     )
+
+
+def _one_element(payload: bytes, spec: TensorSpec, model: ModelInputs) -> DecodedRequest:
+    """A raw payload for a ``BYTES`` input is one element: a camera's JPEG frame, one row."""
+    row = _row_shape(spec, model)
+    if math.prod(row) != 1:
+        raise Unsupported(
+            f"input {spec.name!r} takes {list(spec.shape)} BYTES elements; send a V2 request"
+        )
+    array = np.empty((1, *row) if model.batched else row, dtype=object)
+    array.flat[0] = payload
+    return DecodedRequest(inputs={spec.name: array}, datatypes={spec.name: "BYTES"})
 
 
 # --------------------------------------------------------------------------- identity

@@ -89,7 +89,8 @@ class SensorSettings(_Section):
     )
     client_id: str | None = Field(
         None,
-        description="Fixed client id of the persistent session (default tether-bridge-<device>).",
+        description="Fixed client id of the persistent session (default "
+        "tether-bridge-<device>-<tag>, the tag a secret of the device: edge/session_ids.py).",
     )
     session_expiry_s: int = Field(
         86_400, ge=0, description="How long the broker keeps the session while the bridge is down."

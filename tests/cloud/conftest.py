@@ -195,11 +195,12 @@ class Asker:
         correlation: bytes | None = None,
         expiry_s: float | None = None,
         device: str | None = None,
+        qos: int = 1,
     ) -> None:
         self.client.publish(
             topics.cloud_request(device or self.device, model),
             payload,
-            qos=1,
+            qos=qos,
             response_topic=self.reply_topic,
             correlation_data=correlation or uuid.uuid4().bytes,
             expiry_s=expiry_s,

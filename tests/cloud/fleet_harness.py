@@ -76,7 +76,7 @@ class FleetHarness:
         self.run = uuid.uuid4().hex[:6]
         self.mqtt = MqttClient(broker_url, f"fleet-test-{self.run}")
         self.mqtt.start()
-        self.controller = RolloutController(db, self.mqtt, tick_s=tick_s)
+        self.controller = RolloutController(db, self.mqtt, signing_key=self.key, tick_s=tick_s)
         self.controller.start()
         self.executor = ThreadPoolExecutor(max_workers=64)
         self.devices: list[SimDevice] = []

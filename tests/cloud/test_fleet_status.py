@@ -43,6 +43,7 @@ def test_status_shows_devices_and_rollout_progress(tmp_path: Path) -> None:
     text = "\n".join(render(_fleet(tmp_path)))
     assert "Devices: 3 (2 online, 1 offline)" in text
     assert "m-v2-x" in text and "1/3" in text
+    assert "devices: 1 done, 2 pending (1 offline), 0 failed" in text
 
 
 def test_rollout_metrics_for_the_dashboard(tmp_path: Path) -> None:

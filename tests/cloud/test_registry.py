@@ -18,10 +18,20 @@ from click.testing import CliRunner
 from cloud.artifacts import ArtifactServer, ArtifactStore, pack_version
 from cloud.fleet_db import FleetDB
 from cloud.registry import Registry
-from shared.errors import InvalidInput
-from shared.manifest import generate_key, load_public_key, verify_manifest
+from shared.errors import InvalidInput, SignatureError
+from shared.manifest import (
+    generate_key,
+    key_id,
+    load_public_key,
+    public_key_text,
+    save_private_key,
+    verify_manifest,
+)
 from tests.cloud.fleet_harness import make_version
 from tether.cli import cli
+
+#: The environment without a configured signing key (click's runner unsets None values).
+NO_KEY: dict[str, str | None] = {"TETHER_FLEET_SIGNING_KEY": None}
 
 
 @pytest.fixture
@@ -144,19 +154,34 @@ def test_cli_keygen_publish_and_rollout_commands(tmp_path: Path) -> None:
     assert runner.invoke(cli, [*base, "keygen", str(tmp_path / "k.pem")]).exit_code != 0
 
     folder = make_version(tmp_path / "repo", "digits", 1)
-    result = runner.invoke(cli, [*base, "publish", str(folder), "--expires", "2h"])
-    assert result.exit_code == 0, result.output
-    assert "DEVELOPMENT key" in result.output
-    assert (data / "keys" / "dev-signing.pem").is_file()
-    assert "published digits version 1" in result.output
+    # No key configured: a loud refusal, and no development key made behind the user's back.
+    result = runner.invoke(cli, [*base, "publish", str(folder)], env=NO_KEY)
+    assert result.exit_code != 0 and "no fleet signing key" in result.output
+    assert not (data / "keys").exists()
 
-    folder = make_version(tmp_path / "repo", "digits", 2)
-    result = runner.invoke(cli, [*base, "publish", str(folder), "--key", str(tmp_path / "k.pem")])
+    # The setting is the source of truth...
+    other = tmp_path / "other.pem"
+    assert runner.invoke(cli, [*base, "keygen", str(other)]).exit_code == 0
+    env = {"TETHER_FLEET_SIGNING_KEY": str(tmp_path / "k.pem")}
+    result = runner.invoke(cli, [*base, "publish", str(folder), "--expires", "2h"], env=env)
     assert result.exit_code == 0, result.output
+    assert "published digits version 1" in result.output
     db = FleetDB(f"sqlite:///{data}/fleet.db")
+    signed = db.get_manifest("digits", 1)
+    assert signed is not None and signed.key_id == key_id(load_public_key(public))
+
+    # ... and --key overrides it.
+    folder = make_version(tmp_path / "repo", "digits", 2)
+    result = runner.invoke(cli, [*base, "publish", str(folder), "--key", str(other)], env=env)
+    assert result.exit_code == 0, result.output
     signed = db.get_manifest("digits", 2)
     assert signed is not None
-    verify_manifest(signed, [load_public_key(public)], now=time.time(), last_trusted_version=1)
+    other_public = runner.invoke(cli, [*base, "pubkey", str(other)]).output.strip()
+    verify_manifest(
+        signed, [load_public_key(other_public)], now=time.time(), last_trusted_version=1
+    )
+    with pytest.raises(SignatureError):
+        verify_manifest(signed, [load_public_key(public)], now=time.time(), last_trusted_version=1)
 
     result = runner.invoke(cli, [*base, "rollout", "start", "digits", "2", "--select", "x=y"])
     assert result.exit_code != 0 and "no device matches" in result.output
@@ -164,3 +189,41 @@ def test_cli_keygen_publish_and_rollout_commands(tmp_path: Path) -> None:
     assert result.exit_code == 0 and result.output == ""
     result = runner.invoke(cli, [*base, "rollout", "pause", "nope"])
     assert result.exit_code != 0 and "no rollout" in result.output
+
+
+def test_the_development_key_is_refused_for_a_production_database(tmp_path: Path) -> None:
+    """A PostgreSQL fleet configured with `tether up`'s development key is refused before
+    anything is signed or any database is touched."""
+    data = tmp_path / "data"
+    dev_key = generate_key()
+    save_private_key(dev_key, data / "keys" / "dev-signing.pem")
+    folder = make_version(tmp_path / "repo", "digits", 1)
+    result = CliRunner().invoke(
+        cli,
+        [
+            "fleet",
+            "--data-dir",
+            str(data),
+            "--database-url",
+            "postgresql://tether:secret@127.0.0.1:1/fleet",
+            "publish",
+            str(folder),
+        ],
+        env={"TETHER_FLEET_SIGNING_KEY": str(data / "keys" / "dev-signing.pem")},
+    )
+    assert result.exit_code != 0
+    assert "refusing the development key" in result.output
+    assert "secret" not in result.output
+    # The same key under SQLite (what `tether up` runs) is fine.
+    result = CliRunner().invoke(
+        cli,
+        ["fleet", "--data-dir", str(data), "publish", str(folder)],
+        env={"TETHER_FLEET_SIGNING_KEY": str(data / "keys" / "dev-signing.pem")},
+    )
+    assert result.exit_code == 0, result.output
+    public = CliRunner().invoke(
+        cli,
+        ["fleet", "--data-dir", str(data), "pubkey"],
+        env={"TETHER_FLEET_SIGNING_KEY": str(data / "keys" / "dev-signing.pem")},
+    )
+    assert public.output.strip() == public_key_text(dev_key)

@@ -195,7 +195,29 @@ def test_an_unsigned_or_foreign_manifest_is_refused_and_counted(fleet: FleetHarn
         device.trusted_keys = [generate_key().public_key()]
     rollout, _ = start_rollout(fleet.db, "digits", 2, fleet.sel(), policy(waves=["100%"]))
     assert fleet.wait_state(rollout.id, {"completed", "rolled_back"}) == "rolled_back"
+    # Devices that refused are not waited for; they confirm the rollback order on their own.
+    wait_for(
+        lambda: {r.step for r in fleet.db.rollout_devices(rollout.id)} == {"rolled_back"},
+        10,
+        "every device to confirm the rollback",
+    )
     rows = fleet.db.rollout_devices(rollout.id)
-    assert {r.step for r in rows} == {"rolled_back"}
     history = fleet.db.device_history(rollout.id, rows[0].device)
     assert any(s == "refused" and "untrusted key" in r for s, r, _ in history)
+
+
+def test_the_rollout_rate_paces_the_orders(fleet: FleetHarness) -> None:
+    fleet.publish("digits", 2)
+    fleet.add_devices(10)
+    rollout, _ = start_rollout(
+        fleet.db,
+        "digits",
+        2,
+        fleet.sel(site="lab"),
+        policy(waves=["100%"], window_s=0.0, rate_per_minute=120),  # two a second
+    )
+    assert fleet.wait_state(rollout.id, {"completed", "rolled_back"}, 60) == "completed"
+    times = sorted(r.ordered_at or 0 for r in fleet.db.rollout_devices(rollout.id))
+    for index, at in enumerate(times):
+        assert at - times[0] >= index / 2 - 0.6  # never ahead of the pace (one tick slack)
+    assert times[-1] - times[0] >= 4.0

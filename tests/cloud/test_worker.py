@@ -191,6 +191,43 @@ def test_unknown_model_gets_404(make_worker: WorkerFactory, asker: Asker) -> Non
     )
 
 
+@pytest.mark.parametrize("qos", [0, 1])
+def test_the_answer_goes_back_at_the_requests_qos(
+    make_worker: WorkerFactory, asker: Asker, qos: int
+) -> None:
+    """The uplink asks at QoS 0 (no PUBACK to stall on a stock broker) and gets QoS 0 back;
+    a requester that asks at QoS 1 still gets QoS 1."""
+    make_worker()
+    asker.publish("dense", asker.envelope("dense", rows(1)), qos=qos)
+    (reply,) = asker.collect(1)  # the asker subscribes at QoS 1: it gets what was sent
+    assert reply.kind == "infer_response" and reply.message.qos == qos
+
+
+def test_made_up_model_names_do_not_grow_the_metrics(
+    make_worker: WorkerFactory, asker: Asker
+) -> None:
+    """Topics name the model and any device can make one up: failures for models the
+    worker does not serve share one ``unknown`` label, and no device id is a label."""
+    import urllib.request
+
+    from tests.broker import free_port
+
+    worker, _ = make_worker(metrics_port=free_port())
+    for i in range(40):
+        asker.ask(f"made-up-{i}", rows(1))
+    for i in range(10):
+        asker.publish(f"garbage-{i}", b"not an envelope")
+    asker.publish("dense", b"not an envelope")
+    replies = asker.collect(51)
+    assert sorted(r.header["status"] for r in replies) == [400] * 11 + [404] * 40
+    with urllib.request.urlopen(f"http://127.0.0.1:{worker.metrics_port}/metrics") as response:
+        text = response.read().decode()
+    assert "made-up" not in text and "garbage" not in text and asker.device not in text
+    assert 'tether_cloud_failures_total{model="unknown",reason="not_found"} 40.0' in text
+    assert 'tether_cloud_failures_total{model="unknown",reason="invalid_input"} 10.0' in text
+    assert 'tether_cloud_failures_total{model="dense",reason="invalid_input"} 1.0' in text
+
+
 def test_invalid_tensors_get_400_and_the_worker_lives_on(
     make_worker: WorkerFactory, asker: Asker
 ) -> None:
@@ -293,8 +330,18 @@ def test_metrics_endpoint_serves_prometheus_text(make_worker: WorkerFactory, ask
     worker, _ = make_worker(metrics_port=free_port())
     asker.ask("dense", rows(1))
     asker.collect(1)
-    with urllib.request.urlopen(f"http://127.0.0.1:{worker.metrics_port}/metrics") as response:
-        text = response.read().decode()
+
+    def scrape() -> str:
+        url = f"http://127.0.0.1:{worker.metrics_port}/metrics"
+        with urllib.request.urlopen(url) as response:
+            return str(response.read().decode())
+
+    # The worker thread counts the request answered just after publishing the reply, so
+    # the reply can reach us a moment before the gauge drops back to 0.
+    until = time.monotonic() + 5.0
+    while "tether_cloud_inflight 0.0" not in (text := scrape()):
+        assert time.monotonic() < until, text
+        time.sleep(0.02)
     for name in (
         'tether_cloud_requests_total{model="dense",version="1"} 1.0',
         "tether_cloud_queue_seconds_bucket",

@@ -57,7 +57,35 @@ def test_schema_catches_mistakes(compose: dict[str, Any]) -> None:
 
 
 def test_the_stack_has_its_services(compose: dict[str, Any]) -> None:
-    assert {"mosquitto", "postgres", "cloud", "edge", "fleet"} <= set(compose["services"])
+    assert {"mosquitto", "postgres", "cloud", "edge", "fleet", "artifacts"} <= set(
+        compose["services"]
+    )
+
+
+def test_only_the_controller_gets_the_signing_key(compose: dict[str, Any]) -> None:
+    """The artifact server devices download from runs on granian (`fleet artifacts`, never
+    `fleet serve`), gets no signing key and no broker credentials, and only reads the
+    artifact store; the controller, which signs orders, has the key and no port."""
+    services = compose["services"]
+    holders = {
+        name
+        for name, service in services.items()
+        if "fleet-signing-key" in service.get("secrets", [])
+        or "TETHER_FLEET_SIGNING_KEY" in service.get("environment", {})
+    }
+    assert holders == {"fleet"}
+    fleet, artifacts = services["fleet"], services["artifacts"]
+    assert fleet["command"] == ["fleet", "controller"] and "ports" not in fleet
+    assert "--check-alive" in fleet["healthcheck"]["test"]
+    assert artifacts["command"] == ["fleet", "artifacts"]
+    assert "TETHER_MQTT_URL" not in artifacts["environment"]
+    assert all(v.get("read_only") for v in artifacts["volumes"] if isinstance(v, dict))
+    assert not any(
+        s.get("command", [None, None])[:2] == ["fleet", "serve"] for s in services.values()
+    )
+    port = artifacts["environment"]["TETHER_FLEET_HTTP_PORT"]
+    assert artifacts["ports"] == [f"{port}:{port}"]
+    assert fleet["environment"]["TETHER_FLEET_ARTIFACT_URL"] == f"http://artifacts:{port}"
 
 
 def test_images_are_pinned_and_builds_exist(compose: dict[str, Any]) -> None:
@@ -132,7 +160,7 @@ def test_broker_runs_the_security_config(compose: dict[str, Any]) -> None:
         assert f"mqtts://{user}:" in compose["services"][name]["environment"]["TETHER_MQTT_URL"]
 
 
-@pytest.mark.parametrize("service", ["cloud", "edge", "fleet"])
+@pytest.mark.parametrize("service", ["cloud", "edge", "fleet", "artifacts"])
 def test_environment_is_known_to_the_settings(
     compose: dict[str, Any], service: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -30,10 +30,12 @@ NOT_IN_KUSTOMIZATION = {"servicemonitor.yaml"}
 #: Secrets the operator creates (docs/deploy-kubernetes.md says how); never committed.
 EXTERNAL_SECRETS = {
     "tether-mqtt", "tether-broker-ca", "tether-postgres", "tether-fleet-signing-key",
-    "emqx-tls", "emqx-users", "emqx-cookie",
+    "emqx-tls", "emqx-users", "emqx-cookie", "emqx-dashboard",
 }  # fmt: skip
 #: Which settings object each container's process reads.
-CONTAINER_SETTINGS = {"cloud-worker": "cloud", "fleet": "fleet"}
+CONTAINER_SETTINGS = {"cloud-worker": "cloud", "controller": "fleet", "artifacts": "fleet"}
+#: The Secret with the fleet's private signing key.
+SIGNING_KEY_SECRET = "tether-fleet-signing-key"
 
 Doc = dict[str, Any]
 
@@ -196,15 +198,67 @@ def test_hpa_scales_the_workers_on_a_real_metric() -> None:
 def test_fleet_service_is_a_single_controller() -> None:
     fleet = by_kind("Deployment")["tether-fleet"]
     assert fleet["spec"]["replicas"] == 1 and fleet["spec"]["strategy"]["type"] == "Recreate"
-    container = containers("tether-fleet")["fleet"]
-    assert container["args"][:2] == ["fleet", "serve"]
-    port = {p["name"]: p["containerPort"] for p in container["ports"]}["artifacts"]
-    assert int(str(env_map(container)["TETHER_FLEET_HTTP_PORT"])) == port
-    assert container["readinessProbe"]["httpGet"]["path"] == "/healthz"
+    controller = containers("tether-fleet")["controller"]
+    assert controller["args"] == ["fleet", "controller"]
+    assert "ports" not in controller, "the key-holding controller listens on no port"
+    assert controller["livenessProbe"]["exec"]["command"][-1] == "--check-alive"
+    artifacts = containers("tether-fleet")["artifacts"]
+    assert artifacts["args"] == ["fleet", "artifacts"]  # granian, not `fleet serve`
+    port = {p["name"]: p["containerPort"] for p in artifacts["ports"]}["artifacts"]
+    assert int(str(env_map(artifacts)["TETHER_FLEET_HTTP_PORT"])) == port
+    assert artifacts["readinessProbe"]["httpGet"]["path"] == "/healthz"
+    (service,) = [
+        s for s in by_kind("Service").values() if s["metadata"]["name"] == "tether-artifacts"
+    ]
+    assert [p["targetPort"] for p in service["spec"]["ports"]] == ["artifacts"]
+
+
+def test_only_the_controller_gets_the_signing_key() -> None:
+    """The container that serves devices over HTTP never sees the private key: no mount of
+    its Secret, no variable naming it, the artifact store mounted read-only."""
+    spec = pod_templates()["tether-fleet"]["spec"]
+    key_volumes = {
+        v["name"]
+        for v in spec["volumes"]
+        if v.get("secret", {}).get("secretName") == SIGNING_KEY_SECRET
+    }
+    assert key_volumes
+    for name, container in containers("tether-fleet").items():
+        mounts = {m["name"] for m in container.get("volumeMounts", [])}
+        holds_key = bool(mounts & key_volumes) or "TETHER_FLEET_SIGNING_KEY" in env_map(container)
+        assert holds_key == (name == "controller"), name
+    artifacts = containers("tether-fleet")["artifacts"]
+    assert all(m.get("readOnly") for m in artifacts["volumeMounts"] if m["mountPath"] != "/tmp")
+    # no other workload anywhere mounts the key either
+    for workload, template in pod_templates().items():
+        if workload != "tether-fleet":
+            secrets = {
+                v.get("secret", {}).get("secretName") for v in template["spec"].get("volumes", [])
+            }
+            assert SIGNING_KEY_SECRET not in secrets, workload
+
+
+def test_emqx_dashboard_is_not_exposed_and_has_no_default_password() -> None:
+    for name, service in by_kind("Service").items():
+        ports = [p.get("targetPort") for p in service["spec"]["ports"]] + [
+            p["port"] for p in service["spec"]["ports"]
+        ]
+        assert "dashboard" not in ports and 18083 not in ports, name
+    (emqx,) = [c for c in containers("emqx").values() if c["name"] == "emqx"]
+    env = {e["name"]: e for e in emqx["env"]}
+    password = env["EMQX_DASHBOARD__DEFAULT_PASSWORD"]
+    assert "value" not in password
+    assert password["valueFrom"]["secretKeyRef"]["name"] == "emqx-dashboard"
+    assert "public" not in str(pod_templates()["emqx"])
 
 
 @pytest.mark.parametrize(
-    "workload,container", [("tether-cloud-worker", "cloud-worker"), ("tether-fleet", "fleet")]
+    "workload,container",
+    [
+        ("tether-cloud-worker", "cloud-worker"),
+        ("tether-fleet", "controller"),
+        ("tether-fleet", "artifacts"),
+    ],
 )
 def test_environment_is_known_to_the_settings(
     workload: str, container: str, monkeypatch: pytest.MonkeyPatch

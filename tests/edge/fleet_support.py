@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import tarfile
 import threading
 import time
@@ -22,6 +23,7 @@ from shared import topics
 from shared.fleet import RolloutEvent, RolloutOrder
 from shared.manifest import Manifest, sign_manifest
 from shared.mqtt import Message, MqttClient
+from shared.order_signing import sign_order
 
 DENSE_CONFIG = {
     "name": "dense",
@@ -176,6 +178,14 @@ def signed_order(
     )
 
 
+_SEQ = itertools.count(int(time.time() * 1_000_000))
+
+
+def next_seq() -> int:
+    """A sequence number larger than every one handed out before in this process."""
+    return next(_SEQ)
+
+
 def rollback_order(model: str, to: int | None, rollout_id: str) -> RolloutOrder:
     return RolloutOrder(
         rollout_id=rollout_id, action="rollback", model=model, rollback_to=to, issued_at=time.time()
@@ -183,10 +193,12 @@ def rollback_order(model: str, to: int | None, rollout_id: str) -> RolloutOrder:
 
 
 class Controller:
-    """The cloud side, as far as tests need it: publishes orders, collects events."""
+    """The cloud side, as far as tests need it: signs and publishes orders, collects events."""
 
-    def __init__(self, broker_url: str) -> None:
-        self.client = MqttClient(broker_url, f"controller-{uuid.uuid4().hex[:6]}")
+    def __init__(self, broker_url: str, key: Ed25519PrivateKey, client_id: str | None = None):
+        self.key = key
+        self.client = MqttClient(broker_url, client_id or f"tether-ctl-{uuid.uuid4().hex[:6]}")
+        self.sent: dict[str, bytes] = {}
         self.events: list[RolloutEvent] = []
         self.statuses: dict[str, dict[str, Any]] = {}
         self._changed = threading.Condition()
@@ -206,10 +218,24 @@ class Controller:
             self.statuses[message.topic.split("/")[1]] = orjson.loads(message.payload)
             self._changed.notify_all()
 
-    def send(self, device: str, order: RolloutOrder) -> None:
-        self.client.publish(
-            topics.device_rollout(device), orjson.dumps(order.dump()), retain=True
-        ).wait_for_publish(5)
+    def sign(self, device: str, order: RolloutOrder, expires_in_s: float = 3600.0) -> bytes:
+        """``order`` signed for ``device`` with a fresh sequence number, as the controller
+        sends it (cloud/rollout.py)."""
+        bound = order.model_copy(
+            update={"device": device, "seq": next_seq(), "expires_at": time.time() + expires_in_s}
+        )
+        return sign_order(bound, self.key)
+
+    def send(self, device: str, order: RolloutOrder) -> bytes:
+        """Sign ``order`` for ``device`` and publish it as its retained order."""
+        payload = self.sign(device, order)
+        self.send_raw(device, payload)
+        return payload
+
+    def send_raw(self, device: str, payload: bytes) -> None:
+        """Publish ``payload`` as ``device``'s retained order, as it is (forged, replayed...)."""
+        self.sent[device] = payload
+        self.client.publish(topics.device_rollout(device), payload, retain=True).wait_for_publish(5)
 
     def clear(self, device: str) -> None:
         self.client.publish(topics.device_rollout(device), b"", retain=True).wait_for_publish(5)

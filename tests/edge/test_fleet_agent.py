@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import uuid
@@ -53,8 +54,8 @@ def artifacts() -> Iterator[ArtifactServer]:
 
 
 @pytest.fixture
-def controller(broker: Broker) -> Iterator[Controller]:
-    instance = Controller(broker.url)
+def controller(broker: Broker, key: Ed25519PrivateKey) -> Iterator[Controller]:
+    instance = Controller(broker.url, key)
     yield instance
     instance.stop()
 
@@ -436,3 +437,38 @@ def test_ab_split_from_settings_through_the_http_app(tmp_path: Path) -> None:
             f'tether_request_duration_seconds_count{{model="dense",version="{version}"}}' in metrics
         )
     agent.close()
+
+
+def test_a_state_file_naming_paths_is_read_without_them(
+    tmp_path: Path, broker: Broker, key: Ed25519PrivateKey
+) -> None:
+    """A state file written before model names were checked (or by hand) may name
+    ``../outside`` or an absolute path with versions to discard and staging to clean:
+    recovery must act on none of them."""
+    outside = tmp_path / "outside" / "7"
+    outside.mkdir(parents=True)
+    (outside / "precious.txt").write_text("must survive")
+    (tmp_path / "outside" / ".staging-3").mkdir()
+    dev = Device(tmp_path, broker, [public_key_text(key)])
+    state_file = dev.settings.data_dir / "fleet" / "state.json"
+    state_file.parent.mkdir(parents=True, exist_ok=True)
+    entry = {"active": 1, "phase": "rolled_back", "discarded": [7], "pending": 3}
+    state_file.write_text(
+        json.dumps(
+            {
+                "models": {"../outside": entry, str(tmp_path / "outside"): entry},
+                "order_seq": 5,
+            }
+        )
+    )
+    dev.agent = dev.new_agent()
+    try:
+        dev.agent.start()
+        assert dev.agent.recovered
+        assert set(dev.agent.state.models) == set()
+        assert dev.agent.state.order_seq == 5
+        assert (outside / "precious.txt").read_text() == "must survive"
+        assert (tmp_path / "outside" / ".staging-3").is_dir()
+        assert dev.served() == ["1"]
+    finally:
+        dev.stop()

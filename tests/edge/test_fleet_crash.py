@@ -92,14 +92,14 @@ def test_sigkill_at_any_step_leaves_a_serving_device(
     device = f"crash-{uuid.uuid4().hex[:8]}"
     write_repository(tmp_path / "repository", {1: dense_model(seed=1)})
     public = public_key_text(key)
-    controller = Controller(broker.url)
+    controller = Controller(broker.url, key)
     artifact = pack(dense_model(seed=2), 2) + b"\0" * (1 << 20)  # tar padding: still valid
     order = signed_order(key, artifacts, artifact, version=2, health_window_s=0.5)
     model_dir = tmp_path / "repository" / "dense"
+    first = DeviceProcess(
+        tmp_path, broker, public, device, None if pause == "mid-download" else pause
+    )
     try:
-        first = DeviceProcess(
-            tmp_path, broker, public, device, None if pause == "mid-download" else pause
-        )
         first.wait_for("serving", 1)
         if pause == "mid-download":
             artifacts.delay_s = 0.05
@@ -128,6 +128,8 @@ def test_sigkill_at_any_step_leaves_a_serving_device(
     finally:
         artifacts.delay_s = 0.0
         controller.stop()
+        if first.process.poll() is None:  # a failure before the kill: never leave it running
+            first.kill()
 
     state = StateStore(tmp_path / "data" / "fleet" / "state.json").load().models["dense"]
     assert (state.active, state.previous, state.phase, state.pending) == (2, 1, "committed", None)
@@ -153,7 +155,7 @@ def test_fleet_agent_command_pins_versions_in_the_control_file(
     )
     code = "from edge.fleet_cli import fleet_agent_command; fleet_agent_command()"
     process = subprocess.Popen([sys.executable, "-c", code, "--config", str(config)], cwd=ROOT)
-    controller = Controller(broker.url)
+    controller = Controller(broker.url, key)
     try:
         controller.wait(lambda: controller.statuses.get("cli-dev", {}).get("online") is True)
         assert controller.statuses["cli-dev"]["labels"] == {"site": "lab"}

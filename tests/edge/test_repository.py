@@ -12,7 +12,7 @@ import pytest
 from edge.control_file import ControlFile
 from edge.model_config import VersionPolicy
 from edge.repository import ModelRepository
-from shared.errors import ModelNotFound, ModelNotReady, Unavailable
+from shared.errors import InvalidInput, ModelNotFound, ModelNotReady, Unavailable
 from tests.onnx_models import dense_model, write_model
 
 
@@ -114,6 +114,50 @@ def test_unknown_and_unsafe_names(tmp_path: Path) -> None:
             repo.load(name)
     with pytest.raises(Exception, match="invalid model name"):
         repo.load("../etc")
+
+
+def test_invalid_names_are_never_recorded(tmp_path: Path) -> None:
+    """Through the real HTTP app: the repository load/unload routes refuse names that are
+    not model names (400) and models that are not on disk (404) before anything reaches
+    the control file every worker re-reads; a hand-written bad entry there is ignored."""
+    from edge.agent import build_app
+    from edge.settings import load_settings
+
+    write_model(tmp_path / "repo", "m", dense_model())
+    control = ControlFile(tmp_path / "run" / "repository.json")
+    control.reset(["m"])
+    settings = load_settings(
+        None,
+        repository=tmp_path / "repo",
+        data_dir=tmp_path / "data",
+        runtime={"backend": "onnxruntime", "providers": ["CPUExecutionProvider"]},
+    )
+    app = build_app(settings, control=control)
+    client = app.test_client()
+    before = control.path.read_bytes()
+    for name, status in [
+        (".staging-1", 400),
+        ("-m", 400),
+        ("a b", 400),
+        ("m:1", 400),
+        ("..%2F..%2Fetc", 404),  # a slash never reaches the route
+        ("ghost", 404),
+    ]:
+        for action in ("load", "unload"):
+            response = client.post(f"/v2/repository/models/{name}/{action}")
+            assert response.status_code == status, (name, action, response.get_json())
+            assert "error" in response.get_json()
+    assert control.path.read_bytes() == before
+    assert client.post("/v2/repository/models/m/load").status_code == 200
+    assert set(control.read()) == {"m"}
+    # Entries under invalid names (written by hand, or by an older version) are not read.
+    data = json.loads(control.path.read_text())
+    data["../x"] = {"action": "unload", "generation": 9}
+    control.path.write_text(json.dumps(data))
+    assert set(control.read()) == {"m"}
+    with pytest.raises(InvalidInput):
+        control.record("../x", "load")
+    app.extensions["tether.agent"].close()
 
 
 def test_pinned_versions_and_ab_split(tmp_path: Path) -> None:

@@ -252,9 +252,9 @@ class E2EFleet:
         self.server = ArtifactServer(self.store).start()
         self.registry = Registry(db, self.store, self.server.url)
         self.run = uuid.uuid4().hex[:6]
-        self.mqtt = MqttClient(broker_url, f"e2e-fleet-{self.run}")
+        self.mqtt = MqttClient(broker_url, f"tether-e2e-fleet-{self.run}")
         self.mqtt.start()
-        self.controller = RolloutController(db, self.mqtt, tick_s=0.05)
+        self.controller = RolloutController(db, self.mqtt, signing_key=self.key, tick_s=0.05)
         self.controller.start()
         self.devices: list[E2EDevice] = []
 

@@ -169,7 +169,7 @@ def test_fleet_agent_beside_the_server_judges_by_the_workers_figures(
         shadow_rates=rates,
     )
     artifacts = ArtifactServer().start()
-    controller = Controller(broker.url)
+    controller = Controller(broker.url, key)
     try:
         agent.start()
         # The version serving now was shadow-sampled in its own rollout: measure it.

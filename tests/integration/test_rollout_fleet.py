@@ -170,6 +170,13 @@ def test_version_failing_its_self_test_stops_at_the_canary(fleet: E2EFleet) -> N
     assert "wave 1" in reason and "self-test" in reason, reason
     ordered = _ordered(fleet, rid)
     assert len(ordered) == 1  # only the canary ever heard of the bad version
+    # The controller does not wait for a device that failed by itself; its confirmation of
+    # the rollback order comes on its own time.
+    wait_for(
+        lambda: fleet.db.device_history(rid, ordered[0])[-1][0] == "rolled_back",
+        30,
+        "the canary to confirm the rollback",
+    )
     history = fleet.db.device_history(rid, ordered[0])
     steps = [step for step, _, _ in history]
     assert "failed" in steps and steps[-1] == "rolled_back", history
@@ -293,6 +300,13 @@ def test_bad_manifests_and_artifacts_are_refused_with_the_reason(fleet: E2EFleet
         assert "wave 1" in reason and wanted in reason, (group_name, reason)
         ordered = _ordered(fleet, rid)
         assert len(ordered) == 1, (group_name, ordered)
+        wait_for(  # not waited for by the controller (it refused): confirms on its own time
+            lambda rid=rid, device=ordered[0]: (
+                fleet.db.device_history(rid, device)[-1][0] == "rolled_back"
+            ),
+            30,
+            f"{group_name}: the canary to confirm the rollback",
+        )
         history = fleet.db.device_history(rid, ordered[0])
         assert any(s == step and wanted in r for s, r, _ in history), (group_name, history)
         assert history[-1][0] == "rolled_back", (group_name, history)

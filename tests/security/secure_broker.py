@@ -140,6 +140,34 @@ class SecureBroker:
             identity = Identity(identity, password or self.identities[identity].password)
         return f"mqtts://{identity.name}:{identity.password}@127.0.0.1:{self.password_port}"
 
+    def password_probe(self, identity: str, client_id: str | None = None) -> Probe:
+        """A (not yet connected) probe logged in as ``identity`` with its password."""
+        return Probe(
+            self.password_port,
+            self.pki.ca_file,
+            username=identity,
+            password=self.identities[identity].password,
+            client_id=client_id,
+        )
+
+    def certificate_probe(self, common_name: str, client_id: str | None = None) -> Probe:
+        """A (not yet connected) probe with a fleet certificate for ``common_name``."""
+        return Probe(
+            self.cert_port,
+            self.pki.ca_file,
+            cert=self.pki.client_cert(common_name),
+            client_id=client_id,
+        )
+
+    def clear_retained(self, identity: str, topic: str) -> None:
+        """Clear a retained message (as ``identity``, who may write ``topic``), so that a
+        test leaves no retained status or order for the next one to receive."""
+        probe = self.password_probe(identity).connect()
+        try:
+            probe.publish(topic, b"", retain=True)
+        finally:
+            probe.close()
+
     def start(self) -> SecureBroker:
         config = self.workdir / "mosquitto.conf"
         config.write_text(self.config_text())
@@ -190,7 +218,7 @@ class Probe:
     ) -> None:
         self.client = paho.Client(
             CallbackAPIVersion.VERSION2,
-            client_id=client_id or f"probe-{uuid.uuid4().hex[:8]}",
+            client_id=client_id or f"tether-probe-{uuid.uuid4().hex[:8]}",
             protocol=paho.MQTTv5,
         )
         if username is not None:
@@ -206,16 +234,21 @@ class Probe:
         self._connack: queue.Queue[ReasonCode] = queue.Queue()
         self._acks: dict[int, queue.Queue[list[int]]] = {}
         self._lock = threading.Lock()
+        #: Every disconnect, with its reason (a session taken over: 0x8E).
+        self.disconnects: queue.Queue[ReasonCode] = queue.Queue()
+        self.session_present = False
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_subscribe = self._on_subscribe
         self.client.on_publish = self._on_publish
         self.client.on_message = lambda _c, _u, msg: self.messages.put(msg)
 
-    def _on_connect(self, _c: Any, _u: Any, _f: Any, rc: ReasonCode, _p: Any) -> None:
+    def _on_connect(self, _c: Any, _u: Any, flags: Any, rc: ReasonCode, _p: Any) -> None:
+        self.session_present = bool(getattr(flags, "session_present", False))
         self._connack.put(rc)
 
     def _on_disconnect(self, _c: Any, _u: Any, _f: Any, rc: ReasonCode, _p: Any) -> None:
+        self.disconnects.put(rc)
         self._connack.put(
             rc if rc.is_failure else ReasonCode(PacketTypes.CONNACK, "Unspecified error")
         )
@@ -230,10 +263,22 @@ class Probe:
     def _on_publish(self, _c: Any, _u: Any, mid: int, rc: ReasonCode, _p: Any) -> None:
         self._ack_queue(mid).put([rc.value])
 
-    def connect(self, timeout_s: float = 5.0) -> Probe:
-        """Connect, or raise :class:`Refused` (bad credentials, no or foreign certificate)."""
+    def connect(
+        self, timeout_s: float = 5.0, *, clean_start: bool = True, session_expiry_s: int = 0
+    ) -> Probe:
+        """Connect, or raise :class:`Refused` (bad credentials, no or foreign certificate,
+        a client id the broker does not allow). ``clean_start=False`` with a session expiry
+        resumes (or starts) a persistent session."""
+        properties = Properties(PacketTypes.CONNECT)
+        properties.SessionExpiryInterval = session_expiry_s
         try:
-            self.client.connect("127.0.0.1", self.port, keepalive=10)
+            self.client.connect(
+                "127.0.0.1",
+                self.port,
+                keepalive=10,
+                clean_start=clean_start,
+                properties=properties,
+            )
         except (OSError, ssl.SSLError) as exc:
             raise Refused(f"{type(exc).__name__}: {exc}") from exc
         self.client.loop_start()
@@ -246,6 +291,10 @@ class Probe:
             self.close()
             raise Refused(f"CONNACK {rc.value:#x} {rc}")
         return self
+
+    @property
+    def connected(self) -> bool:
+        return self.disconnects.empty() and self.client.is_connected()
 
     def subscribe(self, topic_filter: str, timeout_s: float = 5.0) -> int:
         """SUBSCRIBE at QoS 1; returns the SUBACK reason code (0x87 when denied)."""

@@ -66,8 +66,13 @@ def test_reprovisioning_replaces_the_line(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["cloud", "Fleet", "cloud-worker", "fleet-controller", "a/b", "+", "#", "", "-x", "é"]
-)
+    "name",
+    [
+        "cloud", "Fleet", "cloud-worker", "fleet-controller", "a/b", "+", "#", "", "-x", "é",
+        # the namespace of the client ids clients choose (shared/client_ids.py)
+        "tether-bridge-cam-17", "Tether-x",
+    ],
+)  # fmt: skip
 def test_device_names_that_would_alias_other_topics_are_refused(name: str) -> None:
     with pytest.raises(InvalidInput):
         check_identity(name)

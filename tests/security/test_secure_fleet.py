@@ -5,9 +5,10 @@ provisioned identities, and the cloud worker trusts the topic's device, never th
 from __future__ import annotations
 
 import queue
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +22,13 @@ from edge.settings import MqttTlsSettings, RuntimeSettings, load_settings
 from shared import topics
 from shared.codec import build_request
 from shared.envelopes import InferRequestEnvelope, decode_envelope, frame
+from shared.errors import TetherError
 from shared.fleet import EVENTS_FILTER, RolloutEvent, RolloutOrder
-from shared.manifest import public_key_text
-from shared.mqtt import Message, MqttClient
+from shared.manifest import generate_key, public_key_text
+from shared.mqtt import Message, MqttClient, TlsConfig
+from shared.order_signing import sign_order
 from shared.protocol import InferenceRequest
+from tests.edge.fleet_support import next_seq
 from tests.onnx_models import dense_model, write_model
 from tests.security.secure_broker import Pki, SecureBroker
 
@@ -46,7 +50,7 @@ def worker(
 ) -> Iterator[CloudWorker]:
     settings = CloudSettings(
         mqtt_url=secure_broker.url("cloud-worker"),
-        worker_id=f"cw-{uuid.uuid4().hex[:6]}",
+        worker_id=f"tether-cw-{uuid.uuid4().hex[:6]}",
         repository=repository,
         models=["dense"],
         share_group=f"sec-{uuid.uuid4().hex[:6]}",
@@ -60,18 +64,44 @@ def worker(
     instance.stop(drain=False, timeout_s=2.0)
 
 
-def client(broker: SecureBroker, identity: str) -> MqttClient:
-    mqtt = MqttClient(broker.url(identity), f"{identity}-{uuid.uuid4().hex[:6]}")
+def client(broker: SecureBroker, identity: str, tls: TlsConfig | None = None) -> MqttClient:
+    mqtt = MqttClient(broker.url(identity), f"tether-{identity}-{uuid.uuid4().hex[:6]}", tls=tls)
     mqtt.start(wait_s=5.0)
     return mqtt
 
 
+@pytest.fixture(scope="module", autouse=True)
+def no_retained_leftovers(secure_broker: SecureBroker, pki: Pki) -> Iterator[None]:
+    """Clear the retained statuses and orders this module's fleets leave on the session's
+    broker, so later tests that subscribe to ``#`` see only their own messages."""
+    yield
+    tls = TlsConfig(ca_file=str(pki.ca_file))
+    for identity, topic in (
+        ("dev-a", topics.device_status("dev-a")),
+        ("dev-b", topics.device_status("dev-b")),
+        ("fleet-controller", topics.device_rollout("dev-a")),
+        ("fleet-controller", topics.device_rollout("dev-b")),
+    ):
+        mqtt = client(secure_broker, identity, tls)
+        try:
+            mqtt.publish(topic, b"", retain=True).wait_for_publish(5)
+        finally:
+            mqtt.stop()
+
+
 def collect(mqtt: MqttClient, topic_filter: str) -> queue.Queue[Message]:
-    """Subscribe and wait until the broker applied it (a probe to our own topic comes back)."""
+    """Subscribe and wait until the broker granted it (its SUBACK came back)."""
     got: queue.Queue[Message] = queue.Queue()
     mqtt.subscribe(topic_filter, got.put, qos=1)
-    time.sleep(0.3)
+    assert mqtt.wait_subscribed(topic_filter, 10.0), f"the broker never granted {topic_filter}"
     return got
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+    until = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < until, f"{what} within {timeout_s}s"
+        time.sleep(0.02)
 
 
 def test_hybrid_round_trip_for_a_provisioned_device(
@@ -153,13 +183,47 @@ def test_the_worker_trusts_the_topics_device_not_the_payloads(
             response_topic=topics.cloud_replies("dev-b", b.client_id),
             correlation_data=b"c2",
         ).wait_for_publish(5)
-        time.sleep(0.5)
+        dropped = worker.metrics.failures.labels("unknown", "foreign_reply_topic")
+        wait_until(lambda: dropped._value.get() == 1, 10.0, "the worker dropped the request")
+        time.sleep(0.3)  # a reply, had one been sent at the drop, would be here by now
         assert b_replies.empty() and a_replies.empty()
-        dropped = worker.metrics.failures.labels("unknown", "foreign_reply_topic")._value.get()
-        assert dropped == 1
     finally:
         a.stop()
         b.stop()
+
+
+def test_a_device_publishing_from_many_threads_keeps_its_tls_connection(
+    secure_broker: SecureBroker,
+) -> None:
+    """The uplink publishes from every request thread, the cloud worker from every worker
+    thread. Over TLS only paho's network thread may touch the connection: when publishes
+    wrote to the socket from the caller's thread (paho's single-threaded mode), two threads
+    used one TLS session at once, the broker dropped the connection, and a test here saw
+    "not connected" when it published."""
+    a = client(secure_broker, "dev-a")
+    lost: list[bool] = []
+    a.add_connection_listener(lambda up: lost.append(up) if not up else None)
+    got = collect(a, "tether/dev-a/sensors/+/data")
+    errors: list[str] = []
+
+    def publish(sensor: int) -> None:
+        for _ in range(150):
+            try:
+                a.publish(f"tether/dev-a/sensors/race{sensor}/data", b"x" * 20_000)
+            except TetherError as exc:
+                errors.append(exc.message)
+                return
+
+    try:
+        threads = [threading.Thread(target=publish, args=(i,)) for i in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        wait_until(lambda: got.qsize() == 600 or bool(lost), 30.0, "600 messages back")
+        assert (lost, errors) == ([], []), secure_broker.log()
+    finally:
+        a.stop()
 
 
 def test_a_rollout_reaches_its_device_and_its_events_reach_the_controller(
@@ -177,12 +241,14 @@ def test_a_rollout_reaches_its_device_and_its_events_reach_the_controller(
             model="dense",
             rollback_to=1,
             issued_at=time.time(),
+            device="dev-a",
+            seq=next_seq(),
+            expires_at=time.time() + 60,
         )
-        controller.publish(
-            topics.device_rollout("dev-a"), frame(order.dump()), retain=True
-        ).wait_for_publish(5)
+        payload = sign_order(order, generate_key())
+        controller.publish(topics.device_rollout("dev-a"), payload, retain=True).wait_for_publish(5)
         received = RolloutOrder.parse(orders_a.get(timeout=5).payload)
-        assert received.rollout_id == order.rollout_id
+        assert received.rollout_id == order.rollout_id and received.signature
         event = RolloutEvent(
             rollout_id=order.rollout_id,
             device="dev-b",  # informational: the controller trusts the topic
@@ -196,7 +262,7 @@ def test_a_rollout_reaches_its_device_and_its_events_reach_the_controller(
         assert message.topic == "tether/dev-a/rollout/events"
         assert RolloutEvent.parse(message.payload).step == "rolled_back"
         # a device's forged order for another device never arrives
-        b.publish(topics.device_rollout("dev-a"), frame(order.dump())).wait_for_publish(5)
+        b.publish(topics.device_rollout("dev-a"), payload).wait_for_publish(5)
         time.sleep(0.3)
         assert orders_a.empty() and snooped.empty()
         # clear the retained order
@@ -243,5 +309,7 @@ def test_a_full_rollout_works_for_provisioned_identities(
         )
         assert fleet.wait_final(rollout, timeout_s=30) == "completed"
         assert device.served() == [2]
+        # It acted on signed orders only: the last one it accepted is recorded.
+        assert device.agent.state.order_seq is not None
     finally:
         fleet.close()

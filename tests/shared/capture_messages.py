@@ -174,7 +174,7 @@ def capture_fleet(broker: Broker, recorder: Recorder, found: dict[str, Message],
     registry = Registry(db, store, server.url)
     cloud = MqttClient(broker.url, "fixture-controller")
     cloud.start()
-    controller = RolloutController(db, cloud, tick_s=0.05)
+    controller = RolloutController(db, cloud, signing_key=key, tick_s=0.05)
     controller.start()
     repo = write_repository(tmp / "device" / "repository", {1: dense_model(seed=1)})
     settings = load_settings(

@@ -127,7 +127,7 @@ def controller(url: str, db_url: str, version_dir: str, run: str, count: str) ->
     while len(db.list_devices(selector)) < int(count) and time.monotonic() < deadline:
         time.sleep(0.05)
     signed = Registry(db, store, server.url).publish(Path(version_dir), key)
-    policy = RolloutPolicy(waves=["1", "100%"], window_s=0.2, device_timeout_s=30)
+    policy = RolloutPolicy(waves=["1", "100%"], window_s=0.2, device_timeout_s=5)
     rollout, _ = start_rollout(db, signed.manifest.model, signed.manifest.version, selector, policy)
     while db.rollout(rollout.id).state not in ("completed", "rolled_back"):
         if time.monotonic() > deadline + 60:

@@ -410,10 +410,13 @@ def test_devices_at_1_0_follow_a_controller_at_1_1(
     assert final["models"] == {name: {"digits": 3} for name in names}
 
 
-def test_devices_at_1_1_follow_a_controller_at_1_0(
+def test_devices_of_today_report_to_a_controller_at_1_0_and_refuse_its_unsigned_orders(
     tmp_path: Path, mixed_broker: Broker, legacy_tree: Path
 ) -> None:
-    """The 1.0 release's registry and controller roll a version out to today's devices."""
+    """The 1.0 release's controller reads today's statuses (it starts a rollout to them and
+    waits on their events), but today's devices refuse its orders: 1.0 orders are unsigned,
+    and since order schema 1.2 a device acts only on signed ones (a security rule, not a
+    schema one). Upgrade the controller before the devices."""
     from concurrent.futures import ThreadPoolExecutor
 
     from tests.fleet_sim import SimDevice
@@ -455,5 +458,7 @@ def test_devices_at_1_1_follow_a_controller_at_1_0(
         for device in fleet:
             device.stop()
         executor.shutdown(wait=False)
-    assert final["state"] == "completed", final
-    assert all(device.models == {"digits": 2} for device in fleet)
+    assert final["state"] == "rolled_back", final  # its canary never answered
+    assert all(device.models == {"digits": 1} for device in fleet)
+    refusals = [why for device in fleet for why in device.gate.refused]
+    assert refusals and all("unsigned order" in why for why in refusals)

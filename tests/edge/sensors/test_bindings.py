@@ -16,9 +16,10 @@ from shared import topics
 
 
 def test_default_binding_is_the_devices_sensor_topics_to_digits(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setenv("TETHER_DEVICE_ID", "jetson-7")
+    monkeypatch.setenv("TETHER_DATA_DIR", str(tmp_path))
     settings = load_settings()
     (binding,) = build_bindings(settings.sensors.bindings, settings.device_id)
     assert binding.topic_filter == topics.sensor_data_filter("jetson-7")
@@ -32,7 +33,9 @@ def test_default_binding_is_the_devices_sensor_topics_to_digits(
         "jetson-7", "cam1", "errors"
     )
     assert binding_for([binding], "tether/other/sensors/cam1/data") is None
-    assert client_id_of(settings) == "tether-bridge-jetson-7"
+    # A fixed id per device, ending in the device's own secret (shared/client_ids.py).
+    assert client_id_of(settings).startswith("tether-bridge-jetson-7-")
+    assert client_id_of(settings) == client_id_of(settings)
     assert settings.sensors.broker_url is None and settings.sensors.qos == 1
 
 
