@@ -68,8 +68,10 @@ class BatchingSettings(BatchPolicy):
 
 
 class AdmissionSettings(Section):
-    """Per-device bounds on a worker's requests in flight (queued or running), so one
-    device cannot take the queue and threads every device shares (429 past them)."""
+    """Per-device bounds on a worker's requests in flight, queued or running (429 past them).
+
+    One device then cannot take the queue and threads that every device shares.
+    """
 
     max_requests_per_device: int = Field(
         32, ge=1, description="Requests one device may have in flight on one worker."

@@ -274,7 +274,7 @@ def test_a_32_mib_json_request_for_64_floats_is_refused_before_allocation(
     assert len(body) >= BODY_BYTES
     peak, raised = peak_of(lambda: decode_request(body, None, None, SIXTY_FOUR_FLOATS))
     assert isinstance(raised, InvalidInput) and message in raised.message
-    # decoding it whole took ~13x the body (~420 MB); now at most a 1 MiB piece of text
+    # decoding it whole took ~13x the body (~420 MB); now a 64 KiB piece of text at a time
     assert peak < 3 * 1024 * 1024, peak
 
 
