@@ -135,8 +135,13 @@ def test_formats_provenance_errors_and_metrics(
         # the bridge carries on after the bad ones
         sensor.publish(data_topic("a"), json.dumps({"id": "after", "data": ROW.tolist()}).encode())
         assert any(b["reading_id"] == "after" for _, b in inbox.wait(8))
-        stats = bridge.stats()
-        assert stats["messages_in"] == 8 and stats["results_out"] == {"result": 4, "error": 4}
+        # results count once the broker's PUBACK is processed, which can follow the delivery
+        # the subscriber just saw: wait for the count rather than read it at once
+        deadline = time.monotonic() + 10
+        while (stats := bridge.stats())["results_out"] != {"result": 4, "error": 4}:
+            assert time.monotonic() < deadline, stats
+            time.sleep(0.05)
+        assert stats["messages_in"] == 8
         assert stats["outbox"]["results"] == 0 and stats["drops"] == {}
         with urllib.request.urlopen(f"http://127.0.0.1:{bridge.metrics_port}/metrics") as resp:
             text = resp.read().decode()
