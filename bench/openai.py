@@ -67,16 +67,17 @@ def post(url: str, body: dict[str, object]) -> bytes:
         return bytes(response.read())
 
 
-def stream_once(base: str, max_tokens: int) -> tuple[float, float]:
-    """One streamed chat: (time to first token s, completion tokens/s after it)."""
-    body = {
-        "model": "smollm2-135m",
-        "messages": PROMPT,
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
+_counter = iter(range(1_000_000))
+#: Streams that failed, per server (llama_cpp.server may refuse concurrent ones).
+FAILED: dict[str, int] = {}
+
+
+def stream_once(base: str, max_tokens: int) -> tuple[float, float, int, float]:
+    """One streamed greedy chat with a prompt no earlier request had (so no server answers
+    from a cached prompt): (start, time to first token s, content chunks, end)."""
+    messages = [{"role": "user", "content": f"{PROMPT[0]['content']} (story {next(_counter)})"}]
+    body = {"model": "smollm2-135m", "messages": messages, "max_tokens": max_tokens}
+    body |= {"temperature": 0, "stream": True}
     request = urllib.request.Request(
         base + "/v1/chat/completions",
         data=json.dumps(body).encode(),
@@ -84,41 +85,53 @@ def stream_once(base: str, max_tokens: int) -> tuple[float, float]:
     )
     started = time.perf_counter()
     first: float | None = None
-    tokens = 0
+    pieces = 0
     with urllib.request.urlopen(request, timeout=600) as response:
         for raw in response:
             line = raw.strip()
             if not line.startswith(b"data: ") or line == b"data: [DONE]":
                 continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-            choices = chunk.get("choices") or []
-            if choices and choices[0].get("delta", {}).get("content") and first is None:
-                first = time.perf_counter()
-    ended = time.perf_counter()
-    assert first is not None
-    return first - started, (tokens - 1) / max(ended - first, 1e-9)
+            choices = json.loads(line[6:]).get("choices") or []
+            if choices and choices[0].get("delta", {}).get("content"):
+                pieces += 1  # llama.cpp sends one piece per token, and so does Tether
+                if first is None:
+                    first = time.perf_counter()
+    if first is None:
+        raise RuntimeError("the stream carried no text")
+    return started, first - started, pieces, time.perf_counter()
 
 
-def concurrent(streams: int, run: Callable[[], tuple[float, float]]) -> tuple[float, float]:
-    """Median TTFT and summed tokens/s of ``streams`` simultaneous streams."""
-    results: list[tuple[float, float]] = []
-    threads = [threading.Thread(target=lambda: results.append(run())) for _ in range(streams)]
+def concurrent(streams: int, max_tokens: int, base: str) -> tuple[float, float]:
+    """``streams`` simultaneous streams: median TTFT, and tokens/s over all of them
+    (tokens of every stream over the wall time from the first start to the last end)."""
+    results: list[tuple[float, float, int, float]] = []
+    failures: list[str] = []
+
+    def one() -> None:
+        try:
+            results.append(stream_once(base, max_tokens))
+        except (OSError, RuntimeError) as exc:
+            failures.append(str(exc))
+
+    threads = [threading.Thread(target=one) for _ in range(streams)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    return statistics.median(r[0] for r in results), sum(r[1] for r in results)
+    if failures:
+        FAILED[base] = FAILED.get(base, 0) + len(failures)
+        print(f"{len(failures)} of {streams} streams to {base} failed: {failures[0]}")
+    if not results:
+        return float("nan"), 0.0
+    wall = max(r[3] for r in results) - min(r[0] for r in results)
+    return statistics.median(r[1] for r in results), sum(r[2] for r in results) / wall
 
 
 def measure_generation(base: str, max_tokens: int, repeats: int) -> dict[int, tuple[float, float]]:
     stream_once(base, 4)  # warm
     out = {}
     for streams in (1, 4):
-        rounds = [
-            concurrent(streams, lambda: stream_once(base, max_tokens)) for _ in range(repeats)
-        ]
+        rounds = [concurrent(streams, max_tokens, base) for _ in range(repeats)]
         out[streams] = (
             statistics.median(r[0] for r in rounds),
             statistics.median(r[1] for r in rounds),

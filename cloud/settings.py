@@ -67,6 +67,23 @@ class BatchingSettings(BatchPolicy):
         )
 
 
+class AdmissionSettings(Section):
+    """Per-device bounds on a worker's requests in flight, queued or running (429 past them).
+
+    One device then cannot take the queue and threads that every device shares.
+    """
+
+    max_requests_per_device: int = Field(
+        32, ge=1, description="Requests one device may have in flight on one worker."
+    )
+    max_bytes_per_device: int = Field(
+        64 * 1024 * 1024,
+        ge=1,
+        description="Payload bytes one device may have in flight on one worker (a single "
+        "request larger than this is still taken when the device has nothing in flight).",
+    )
+
+
 class CloudSettings(BaseSettings):
     """Everything a cloud inference worker is configured with."""
 
@@ -102,6 +119,7 @@ class CloudSettings(BaseSettings):
     max_tensor_elements: int = Field(
         16 * 1024 * 1024, ge=1, description="Largest element count of one input tensor."
     )
+    admission: AdmissionSettings = Field(default_factory=AdmissionSettings)
     metrics_host: str = Field("127.0.0.1", description="Address of the Prometheus endpoint.")
     metrics_port: int = Field(
         9100, ge=0, le=65535, description="Port of the Prometheus endpoint; 0 turns it off."

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 from paho.mqtt.client import MQTTMessageInfo
 
+from cloud.admission import Admitted, DeviceAdmission
 from cloud.batcher import Batch, DynamicBatcher, Queued
 from cloud.dedupe import Arrival, Key, ReplyAddress, ReplyCache
 from cloud.metrics import CloudMetrics, MetricsServer
@@ -70,6 +71,8 @@ class CloudRequest:
     tail: memoryview
     runtime: Runtime
     address: ReplyAddress | None
+    #: What it counts against its device's limits until answered (cloud/admission.py).
+    admitted: Admitted
 
     @property
     def request_id(self) -> str:
@@ -98,6 +101,7 @@ class CloudWorker:
             self._batch_policy, settings.queue_limit
         )
         self.replies = ReplyCache(settings.dedupe_ttl_s, settings.dedupe_max_entries)
+        self.admission = DeviceAdmission(settings.admission)
         self.client = MqttClient(settings.mqtt_url, settings.worker_id)
         self._metrics_server: MetricsServer | None = None
         self._threads: list[threading.Thread] = []
@@ -246,10 +250,11 @@ class CloudWorker:
         deadline = _deadline(envelope, message, arrived)
         try:
             runtime = self.repository.get(model, envelope.version)
+            admitted = self.admission.admit(device, len(message.payload))  # 429 past its share
         except TetherError as exc:
             self._fail_unqueued(key, model, envelope.request_id, address, exc)
             return
-        request = CloudRequest(key, device, envelope, tail, runtime, address)
+        request = CloudRequest(key, device, envelope, tail, runtime, address, admitted)
         job = Queued(request, model, _batch_key(runtime, envelope), _rows(envelope), arrived)
         job.deadline = deadline
         self.metrics.inflight.inc()
@@ -259,7 +264,7 @@ class CloudWorker:
         try:
             self.batcher.put(job)
         except TetherError as exc:
-            self.metrics.inflight.dec()
+            self._done(request)
             self._fail_unqueued(key, model, envelope.request_id, address, exc)
 
     def _fail_unqueued(
@@ -362,7 +367,7 @@ class CloudWorker:
         log.info("dropped %s of %s: its deadline passed", request.request_id, request.device)
         self.metrics.failures.labels(job.model, "expired").inc()
         self.replies.finish(request.key, None, None)
-        self.metrics.inflight.dec()
+        self._done(request)
 
     def _run(self, batch: Batch[CloudRequest]) -> None:
         """Decode and validate each request, run the valid ones in one call, reply to each."""
@@ -372,8 +377,8 @@ class CloudWorker:
         for job in batch.jobs:
             self.metrics.queue_time.labels(model).observe(batch.formed - job.arrived)
             try:
-                decoded = decode_request_parts(
-                    job.item.envelope.request, job.item.tail, self.limits
+                decoded = decode_request_parts(  # checked against the model first
+                    job.item.envelope.request, job.item.tail, self.limits, runtime
                 )
                 _validate(runtime, decoded)
             except TetherError as exc:
@@ -522,12 +527,17 @@ class CloudWorker:
         else:
             for target in self.replies.finish(request.key, payload, request.address):
                 self._send(target, payload, deadline)
-        self.metrics.inflight.dec()
+        self._done(request)
 
     def _answer(self, job: Queued[CloudRequest], payload: bytes) -> None:
         for target in self.replies.finish(job.item.key, payload, job.item.address):
             self._send(target, payload, job.deadline)
+        self._done(job.item)
+
+    def _done(self, request: CloudRequest) -> None:
+        """The request no longer occupies this worker (answered, failed or dropped)."""
         self.metrics.inflight.dec()
+        self.admission.release(request.admitted)
 
     # ------------------------------------------------------------------ models
 

@@ -15,10 +15,11 @@ import numpy as np
 
 from edge.metrics import EdgeMetrics
 from edge.repository import ModelRepository
-from edge.runtimes import Prediction, Runtime, TensorSpec
+from edge.runtimes import Prediction, Runtime
 from shared.codec import DecodedRequest
 from shared.datatypes import FLOAT_DATATYPES
 from shared.errors import InternalError, InvalidInput, TetherError
+from shared.signature import check_inputs
 
 log = logging.getLogger(__name__)
 
@@ -224,53 +225,13 @@ def _batch_size(inputs: Mapping[str, np.ndarray]) -> int:
 def validate_inputs(
     runtime: Runtime, inputs: Mapping[str, np.ndarray], datatypes: Mapping[str, str]
 ) -> None:
-    """Check names, datatypes, shapes, batch size and finiteness against the model."""
-    specs = runtime.inputs
-    if len(inputs) != len(specs):
-        _wrong_inputs(runtime, inputs)
-    for spec in specs:
-        array = inputs.get(spec.name)
-        if array is None:
-            _wrong_inputs(runtime, inputs)
-            return
-        datatype = datatypes.get(spec.name)
-        if datatype != spec.datatype:
-            raise InvalidInput(
-                f"input {spec.name!r} of model {runtime.name!r} must be {spec.datatype}, "
-                f"got {datatype}"
-            )
-        _check_shape(runtime, spec, array)
+    """Check names, datatypes, shapes, batch size and finiteness against the model (the
+    codec checked what the request declared before decoding; this checks what it holds)."""
+    check_inputs(runtime, datatypes, {name: array.shape for name, array in inputs.items()})
+    for spec in runtime.inputs:
+        array = inputs[spec.name]
         if spec.datatype in FLOAT_DATATYPES and not np.isfinite(array).all():
             raise InvalidInput(
                 f"input {spec.name!r} contains NaN or infinite values, which model "
                 f"{runtime.name!r} cannot take"
             )
-
-
-def _wrong_inputs(runtime: Runtime, inputs: Mapping[str, np.ndarray]) -> None:
-    expected = ", ".join(spec.name for spec in runtime.inputs)
-    given = ", ".join(inputs) or "none"
-    raise InvalidInput(f"model {runtime.name!r} takes inputs [{expected}], request gave [{given}]")
-
-
-def _check_shape(runtime: Runtime, spec: TensorSpec, array: np.ndarray) -> None:
-    shape = array.shape
-    expected = spec.shape
-    ok = len(shape) == len(expected)
-    if ok:
-        for want, got in zip(expected, shape):  # noqa: B905 - lengths checked above
-            if want >= 0 and want != got:
-                ok = False
-                break
-    if not ok:
-        raise InvalidInput(
-            f"input {spec.name!r} of model {runtime.name!r} must have shape "
-            f"{list(spec.shape)}, got {list(shape)}"
-        )
-    if runtime.max_batch_size and shape and shape[0] > runtime.max_batch_size:
-        raise InvalidInput(
-            f"batch of {shape[0]} is over model {runtime.name!r}'s max_batch_size "
-            f"{runtime.max_batch_size}"
-        )
-    if shape and shape[0] == 0:
-        raise InvalidInput(f"input {spec.name!r} has an empty batch")

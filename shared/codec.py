@@ -26,7 +26,14 @@ import orjson
 
 from shared.datatypes import from_numpy_dtype, to_numpy_dtype
 from shared.errors import InvalidInput, PayloadTooLarge, Unsupported
-from shared.protocol import PROTOCOL_SCHEMA, InferenceRequest, RequestInput
+from shared.json_request import (
+    DeclaredInput,
+    DeclaredRequest,
+    json_tensor,
+    read_request,
+)
+from shared.protocol import PROTOCOL_SCHEMA, InferenceRequest
+from shared.signature import ModelSignature, check_inputs, takes_bytes
 
 HEADER_LENGTH_HEADER = "Inference-Header-Content-Length"
 BINARY_CONTENT_TYPE = "application/octet-stream"
@@ -41,6 +48,9 @@ class TensorLimits:
 
     max_elements: int = 16 * 1024 * 1024
     max_inputs: int = 64
+    #: JSON objects a request may hold (inputs, outputs, parameters), unless the model takes
+    #: BYTES (whose strings may hold braces): each becomes Python objects when decoded.
+    max_objects: int = 4096
 
 
 @dataclass(frozen=True)
@@ -69,8 +79,10 @@ class DecodedRequest:
 # --------------------------------------------------------------------------- decoding
 
 
-def split_body(body: bytes, header_length: int | None) -> tuple[bytes, memoryview]:
-    """Split a body into its JSON header and the binary tail."""
+def split_body(
+    body: bytes | memoryview, header_length: int | None
+) -> tuple[bytes | memoryview, memoryview]:
+    """Split a body into its JSON header and the binary tail (views, not copies)."""
     if header_length is None:
         return body, memoryview(b"")
     if header_length < 0 or header_length > len(body):
@@ -78,37 +90,82 @@ def split_body(body: bytes, header_length: int | None) -> tuple[bytes, memoryvie
             f"{HEADER_LENGTH_HEADER} is {header_length} but the body has {len(body)} bytes"
         )
     view = memoryview(body)
-    return bytes(view[:header_length]), view[header_length:]
+    return view[:header_length], view[header_length:]
 
 
 def decode_request(
-    body: bytes, header_length: int | None = None, limits: TensorLimits | None = None
+    body: bytes | memoryview,
+    header_length: int | None = None,
+    limits: TensorLimits | None = None,
+    model: ModelSignature | None = None,
 ) -> DecodedRequest:
-    """Decode an inference request body (JSON, or JSON header + binary tensors)."""
+    """Decode an inference request body (JSON, or JSON header + binary tensors).
+
+    With ``model``, what the request declares (input names, datatypes, shapes, batch) is
+    checked against it before any tensor data is read, and ``BYTES`` data is taken only
+    when the model has a ``BYTES`` input, so a request the model cannot take costs next to
+    nothing to refuse. Binary tensors are views of ``body``, never copies.
+    """
+    limits = limits or TensorLimits()
     header, tail = split_body(body, header_length)
-    return decode_request_parts(InferenceRequest.parse(header), tail, limits)
+    request = read_request(
+        header,
+        max_objects=None if model is None or takes_bytes(model) else limits.max_objects,
+    )
+    return _decode(request, tail, limits, model)
 
 
 def decode_request_parts(
-    request: InferenceRequest, tail: memoryview | bytes, limits: TensorLimits | None = None
+    request: InferenceRequest,
+    tail: memoryview | bytes,
+    limits: TensorLimits | None = None,
+    model: ModelSignature | None = None,
 ) -> DecodedRequest:
-    """Decode a parsed request header plus the binary data that followed it."""
-    limits = limits or TensorLimits()
-    tail = memoryview(tail)
+    """Decode a parsed request header plus the binary data that followed it (MQTT
+    envelopes, sensor readings); ``model`` as in :func:`decode_request`."""
+    declared = DeclaredRequest(
+        inputs=[
+            DeclaredInput(i.name, i.shape, i.datatype, dict(i.parameters or {}), i.data)
+            for i in request.inputs
+        ],
+        id=request.id,
+        parameters=dict(request.parameters or {}),
+        outputs=None
+        if request.outputs is None
+        else [(o.name, dict(o.parameters or {})) for o in request.outputs],
+    )
+    return _decode(declared, memoryview(tail), limits or TensorLimits(), model)
+
+
+def _decode(
+    request: DeclaredRequest,
+    tail: memoryview,
+    limits: TensorLimits,
+    model: ModelSignature | None,
+) -> DecodedRequest:
     if len(request.inputs) > limits.max_inputs:
         raise InvalidInput(f"too many inputs: {len(request.inputs)} > {limits.max_inputs}")
+    counts: dict[str, int] = {}
+    for spec in request.inputs:
+        if spec.name in counts:
+            raise InvalidInput(f"input {spec.name!r} appears twice")
+        counts[spec.name] = _element_count(spec.name, spec.shape, limits)
+        to_numpy_dtype(spec.datatype)  # unknown datatypes first, whatever the model
+        if "shared_memory_region" in spec.parameters:
+            raise Unsupported("the shared-memory extension is not supported; send tensor data")
+    if model is not None:
+        check_inputs(
+            model,
+            {spec.name: spec.datatype for spec in request.inputs},
+            {spec.name: spec.shape for spec in request.inputs},
+        )
     inputs: dict[str, np.ndarray] = {}
     datatypes: dict[str, str] = {}
     offset = 0
     for spec in request.inputs:
-        if spec.name in inputs:
-            raise InvalidInput(f"input {spec.name!r} appears twice")
-        count = _element_count(spec.name, spec.shape, limits)
+        count = counts[spec.name]
         dtype = to_numpy_dtype(spec.datatype)
-        params = spec.parameters or {}
-        if "shared_memory_region" in params:
-            raise Unsupported("the shared-memory extension is not supported; send tensor data")
-        size = params.get("binary_data_size")
+        size = spec.parameters.get("binary_data_size")
         if size is not None:
             if not isinstance(size, int) or isinstance(size, bool) or size < 0:
                 raise InvalidInput(f"input {spec.name!r}: binary_data_size must be an integer")
@@ -119,11 +176,11 @@ def decode_request_parts(
                 )
             chunk = tail[offset : offset + size]
             offset += size
-            array = _from_binary(spec, dtype, count, chunk)
+            array = _from_binary(spec.name, spec.shape, spec.datatype, dtype, count, chunk)
         else:
             if spec.data is None:
                 raise InvalidInput(f"input {spec.name!r} has neither data nor binary_data_size")
-            array = _from_json(spec, dtype, count)
+            array = json_tensor(spec, dtype, count)
         inputs[spec.name] = array.reshape(spec.shape)
         datatypes[spec.name] = spec.datatype
     if offset != len(tail):
@@ -131,16 +188,16 @@ def decode_request_parts(
     outputs = None
     if request.outputs is not None:
         outputs = [
-            OutputRequest(o.name, _binary_flag((o.parameters or {}).get("binary_data")))
-            for o in request.outputs
+            OutputRequest(name, _binary_flag(params.get("binary_data")))
+            for name, params in request.outputs
         ]
-        if any("classification" in (o.parameters or {}) for o in request.outputs):
+        if any("classification" in params for _name, params in request.outputs):
             raise Unsupported("the classification extension is not supported")
     return DecodedRequest(
         inputs=inputs,
         datatypes=datatypes,
         id=request.id,
-        parameters=dict(request.parameters or {}),
+        parameters=request.parameters,
         outputs=outputs,
     )
 
@@ -175,52 +232,22 @@ def _element_count(name: str, shape: Sequence[int], limits: TensorLimits) -> int
     return count
 
 
-def _from_json(spec: RequestInput, dtype: np.dtype, count: int) -> np.ndarray:
-    data = spec.data
-    if not isinstance(data, list):
-        data = [data]
-    try:
-        if spec.datatype == "BYTES":
-            flat = np.asarray(data, dtype=object).ravel()
-            array = np.empty(flat.shape, dtype=object)
-            for i, item in enumerate(flat):
-                if isinstance(item, str):
-                    array[i] = item.encode()
-                else:
-                    raise InvalidInput(f"input {spec.name!r}: BYTES data must be strings")
-        else:
-            array = np.asarray(data, dtype=dtype)
-            if dtype.kind in "iub" and count and np.asarray(data).dtype.kind == "f":
-                raise InvalidInput(
-                    f"input {spec.name!r}: {spec.datatype} data must be "
-                    f"{'booleans' if dtype.kind == 'b' else 'integers'}, got numbers with "
-                    "fractions"
-                )
-    except (ValueError, TypeError, OverflowError) as exc:
-        raise InvalidInput(
-            f"input {spec.name!r}: data does not fit datatype {spec.datatype}: {exc}"
-        ) from None
-    if array.size != count:
-        raise InvalidInput(
-            f"input {spec.name!r}: shape {spec.shape} needs {count} elements, data has {array.size}"
-        )
-    return array.ravel()
-
-
-def _from_binary(spec: RequestInput, dtype: np.dtype, count: int, chunk: memoryview) -> np.ndarray:
-    if spec.datatype == "BYTES":
-        items = deserialize_bytes(chunk)
-        if len(items) != count:
+def _from_binary(
+    name: str, shape: Sequence[int], datatype: str, dtype: np.dtype, count: int, chunk: memoryview
+) -> np.ndarray:
+    if datatype == "BYTES":
+        found = count_bytes_elements(chunk)
+        if found != count:
             raise InvalidInput(
-                f"input {spec.name!r}: shape {spec.shape} needs {count} elements, binary "
-                f"data has {len(items)}"
+                f"input {name!r}: shape {list(shape)} needs {count} elements, binary data has "
+                f"{found}"
             )
-        return items
+        return deserialize_bytes(chunk)
     expected = count * dtype.itemsize
     if len(chunk) != expected:
         raise InvalidInput(
-            f"input {spec.name!r}: shape {spec.shape} of {spec.datatype} needs {expected} "
-            f"bytes, binary_data_size is {len(chunk)}"
+            f"input {name!r}: shape {list(shape)} of {datatype} needs {expected} bytes, "
+            f"binary_data_size is {len(chunk)}"
         )
     return np.frombuffer(chunk, dtype=dtype.newbyteorder("<")).astype(dtype, copy=False)
 
@@ -233,6 +260,22 @@ def serialize_bytes(array: np.ndarray) -> bytes:
         parts.append(struct.pack("<I", len(raw)))
         parts.append(raw)
     return b"".join(parts)
+
+
+def count_bytes_elements(buffer: memoryview | bytes) -> int:
+    """How many length-prefixed elements ``buffer`` holds (:class:`InvalidInput` if the
+    prefixes do not tile it), found without making them."""
+    view = memoryview(buffer)
+    found = offset = 0
+    while offset < len(view):
+        if offset + 4 > len(view):
+            raise InvalidInput("BYTES data ends inside an element's length prefix")
+        (length,) = struct.unpack_from("<I", view, offset)
+        offset += 4 + length
+        if offset > len(view):
+            raise InvalidInput("BYTES element length runs past the data")
+        found += 1
+    return found
 
 
 def deserialize_bytes(buffer: memoryview | bytes) -> np.ndarray:
@@ -385,7 +428,7 @@ def join_parts(header: dict[str, Any], blobs: Sequence[bytes]) -> tuple[bytes, i
     return encoded + b"".join(blobs), len(encoded)
 
 
-def decode_response(body: bytes, header_length: int | None = None) -> dict[str, Any]:
+def decode_response(body: bytes | memoryview, header_length: int | None = None) -> dict[str, Any]:
     """Decode a response body into its JSON header with outputs' ``data`` as numpy arrays."""
     header, tail = split_body(body, header_length)
     try:
@@ -411,15 +454,16 @@ def decode_response_parts(parsed: Any, tail: memoryview | bytes) -> dict[str, An
             raise InvalidInput("response output lacks datatype or shape") from None
         dtype = to_numpy_dtype(datatype)
         size = (out.get("parameters") or {}).get("binary_data_size")
-        spec = RequestInput(name=str(out.get("name")), shape=shape, datatype=datatype)
-        count = _element_count(spec.name, shape, TensorLimits())
+        name = str(out.get("name"))
+        count = _element_count(name, shape, TensorLimits())
         if size is not None:
             if not isinstance(size, int) or size < 0 or offset + size > len(tail):
                 raise InvalidInput("response binary_data_size runs past the body")
-            array = _from_binary(spec, dtype, count, tail[offset : offset + size])
+            array = _from_binary(name, shape, datatype, dtype, count, tail[offset : offset + size])
             offset += size
         else:
-            spec.data = out.get("data")
-            array = _from_json(spec, dtype, count)
+            array = json_tensor(
+                DeclaredInput(name, shape, datatype, data=out.get("data")), dtype, count
+            )
         out["data"] = array.reshape(shape)
     return parsed

@@ -26,7 +26,10 @@ def infer_body(
     started = time.perf_counter()
     runtime = plane.resolve_for_request(model, version)  # unknown model: 404 whatever the body
     try:
-        decoded = decode_request(read_body(environ, max_body_bytes), header_length(environ), limits)
+        # checked against the model's inputs before any tensor is built (shared/codec.py)
+        decoded = decode_request(
+            read_body(environ, max_body_bytes), header_length(environ), limits, runtime
+        )
     except TetherError as exc:
         plane.count_failure(model, exc)
         raise

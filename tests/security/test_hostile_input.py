@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import json
 import struct
+import urllib.error
+import urllib.request
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -44,6 +47,8 @@ from shared.envelopes import (
 from shared.errors import InvalidInput, TetherError
 from shared.fleet import FLEET_TYPES
 from shared.protocol import HTTP_MESSAGE_TYPES, InferenceRequest, VersionedModel
+from tests.agent_process import AgentProcess
+from tests.onnx_models import dense_model, write_model
 
 MANY = settings(
     max_examples=10_000,
@@ -408,3 +413,91 @@ def test_empty_tensors_with_impossible_shapes_are_refused(shape: list[int]) -> N
     with pytest.raises(TetherError) as caught:
         decode_request(body.encode())
     assert caught.value.status in (400, 413)
+
+
+# ---------------------------------------------------------------------- a real agent's memory
+
+HOSTILE_BYTES = 32 * 1024 * 1024
+
+
+def peak_rss_mb(agent: AgentProcess) -> int:
+    """The highest resident memory (VmHWM) any of the agent's processes has had, in MiB."""
+    peaks = []
+    for pid in agent.pids():
+        with open(f"/proc/{pid}/status") as status:
+            peaks += [int(line.split()[1]) // 1024 for line in status if line.startswith("VmHWM")]
+    return max(peaks)
+
+
+def post(agent: AgentProcess, body: bytes, headers: dict[str, str]) -> tuple[int, Any]:
+    request = urllib.request.Request(
+        agent.url + "/v2/models/sixty-four/infer", data=body, method="POST", headers=headers
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, orjson.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, orjson.loads(exc.read())
+
+
+def test_32_mib_requests_for_64_floats_cost_a_real_agent_only_their_body(
+    tmp_path: Path,
+) -> None:
+    """A model that takes 64 floats; three 32 MiB requests it cannot take. Each used to be
+    decoded whole before the model was asked (~8x the body, +254 MB peak RSS for the first);
+    now what the request declares is checked first and nothing is built from the data."""
+    repository = tmp_path / "repository"
+    write_model(repository, "sixty-four", dense_model(64, 10), config={"max_batch_size": 1})
+    agent = AgentProcess(tmp_path / "agent", repository=repository, args=["--workers", "1"])
+    agent.start()
+    try:
+        before = peak_rss_mb(agent)
+        rows = HOSTILE_BYTES // (12 * 64) + 1  # "0.123456789," is 12 bytes
+        numbers = (b"0.123456789," * (rows * 64))[:-1]
+        json_type = {"Content-Type": "application/json"}
+        lying = b'{"inputs":[{"name":"x","datatype":"FP32","shape":[1,64],"data":[%s]}]}' % numbers
+        assert post(agent, lying, json_type) == (
+            400,
+            {"error": "input 'x': shape [1, 64] needs 64 elements, data has more"},
+        )
+        honest = b'{"inputs":[{"name":"x","datatype":"FP32","shape":[%d,64],"data":[%s]}]}' % (
+            rows,
+            numbers,
+        )
+        assert post(agent, honest, json_type) == (
+            400,
+            {"error": f"batch of {rows} is over model 'sixty-four''s max_batch_size 1"},
+        )
+        del numbers, lying, honest
+        header = orjson.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": "x",
+                        "datatype": "BYTES",
+                        "shape": [HOSTILE_BYTES // 4],
+                        "parameters": {"binary_data_size": HOSTILE_BYTES},
+                    }
+                ]
+            }
+        )
+        status, answer = post(
+            agent,
+            header + bytes(HOSTILE_BYTES),
+            {"Inference-Header-Content-Length": str(len(header))},
+        )
+        assert (status, answer) == (
+            400,
+            {"error": "input 'x' of model 'sixty-four' must be FP32, got BYTES"},
+        )
+        grown = peak_rss_mb(agent) - before
+        # receiving a body costs about twice its size (the server's buffer and the bytes);
+        # decoding it would have cost several times more
+        assert grown < 4 * HOSTILE_BYTES // (1024 * 1024), f"peak RSS grew {grown} MiB"
+        good = orjson.dumps(
+            {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 64], "data": [0.5] * 64}]}
+        )
+        status, answer = post(agent, good, json_type)
+        assert status == 200 and answer["outputs"][0]["shape"] == [1, 10]
+    finally:
+        agent.stop()

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import gc
+import json
+import re
 import struct
+import tracemalloc
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import orjson
 import pytest
 
 from shared.codec import (
+    DecodedRequest,
     OutputRequest,
     TensorLimits,
     decode_request,
@@ -19,7 +26,13 @@ from shared.codec import (
     serialize_bytes,
 )
 from shared.datatypes import V2_TO_NUMPY
-from shared.errors import InvalidInput, PayloadTooLarge, SchemaVersionError, Unsupported
+from shared.errors import (
+    InvalidInput,
+    PayloadTooLarge,
+    SchemaVersionError,
+    TetherError,
+    Unsupported,
+)
 
 NUMERIC = [name for name in V2_TO_NUMPY if name != "BYTES"]
 
@@ -179,3 +192,199 @@ def test_schema_version_rule_on_requests() -> None:
     assert decode_request(_body(inputs, schema_version="1.7", future_field=True)).inputs
     with pytest.raises(SchemaVersionError, match=r"speaks 1\.x"):
         decode_request(_body(inputs, schema_version="2.0"))
+
+
+# ---------------------------------------------------------------------- memory, checked first
+
+
+@dataclass(frozen=True)
+class Spec:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Signature:
+    """A model signature as the codec sees one (a runtime in the product)."""
+
+    inputs: tuple[Spec, ...]
+    max_batch_size: int = 0
+    name: str = "digits"
+
+
+SIXTY_FOUR_FLOATS = Signature((Spec("x", "FP32", (1, 64)),))
+BODY_BYTES = 32 * 1024 * 1024
+#: Rows of 64 numbers of 12 bytes each ("0.123456789,") that make a 32 MiB body.
+ROWS = BODY_BYTES // (12 * 64) + 1
+
+
+def peak_of(call: Callable[[], object]) -> tuple[int, BaseException | None]:
+    """Peak bytes Python and numpy allocated during ``call``, and what it raised."""
+    gc.collect()
+    tracemalloc.start()
+    raised: BaseException | None = None
+    try:
+        call()
+    except TetherError as exc:
+        raised = exc
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return peak, raised
+
+
+def json_numbers(shape: list[int], count: int, *, datatype: str = "FP32") -> bytes:
+    """A JSON request declaring ``shape`` whose data holds ``count`` numbers."""
+    data = (b"0.123456789," * count)[:-1]
+    return b'{"inputs":[{"name":"x","datatype":"%s","shape":%s,"data":[%s]}]}' % (
+        datatype.encode(),
+        orjson.dumps(shape),
+        data,
+    )
+
+
+def binary_request(shape: list[int], size: int, datatype: str = "FP32") -> tuple[bytes, int]:
+    header = orjson.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "x",
+                    "datatype": datatype,
+                    "shape": shape,
+                    "parameters": {"binary_data_size": size},
+                }
+            ]
+        }
+    )
+    return header + bytes(size), len(header)
+
+
+@pytest.mark.parametrize(
+    ("declared", "message"),
+    [
+        ([1, 64], "needs 64 elements, data has more"),  # the shape it claims is the model's
+        ([ROWS, 64], "must have shape [1, 64]"),  # the shape it carries
+    ],
+)
+def test_a_32_mib_json_request_for_64_floats_is_refused_before_allocation(
+    declared: list[int], message: str
+) -> None:
+    body = json_numbers(declared, ROWS * 64)
+    assert len(body) >= BODY_BYTES
+    peak, raised = peak_of(lambda: decode_request(body, None, None, SIXTY_FOUR_FLOATS))
+    assert isinstance(raised, InvalidInput) and message in raised.message
+    # decoding it whole took ~13x the body (~420 MB); now a 64 KiB piece of text at a time
+    assert peak < 3 * 1024 * 1024, peak
+
+
+@pytest.mark.parametrize(
+    ("declared", "datatype", "message"),
+    [
+        ([1, 64], "FP32", "needs 256 bytes"),
+        ([BODY_BYTES // 256, 64], "FP32", "must have shape [1, 64]"),
+        ([BODY_BYTES // 4], "BYTES", "must be FP32"),
+    ],
+)
+def test_a_32_mib_binary_request_for_64_floats_is_refused_before_allocation(
+    declared: list[int], datatype: str, message: str
+) -> None:
+    body, length = binary_request(declared, BODY_BYTES, datatype)
+    peak, raised = peak_of(lambda: decode_request(body, length, None, SIXTY_FOUR_FLOATS))
+    assert isinstance(raised, InvalidInput) and message in raised.message
+    assert peak < 64 * 1024, peak  # nothing of the 32 MiB was copied or made into objects
+
+
+def test_json_the_model_accepts_decodes_within_twice_its_size() -> None:
+    model = Signature((Spec("x", "FP32", (-1, 64)),))
+    rows = 4096
+    values = np.random.default_rng(0).random((rows, 64), dtype=np.float32)
+    for data in (values.ravel(), values):  # flat and nested
+        body = orjson.dumps(
+            {"inputs": [{"name": "x", "datatype": "FP32", "shape": [rows, 64], "data": data}]},
+            option=orjson.OPT_SERIALIZE_NUMPY,
+        )
+        decoded: list[DecodedRequest] = []
+        peak, raised = peak_of(lambda: decoded.append(decode_request(body, None, None, model)))  # noqa: B023
+        assert raised is None
+        np.testing.assert_array_equal(decoded[0].inputs["x"], values)
+        assert peak <= 2 * len(body), peak / len(body)
+
+
+def test_many_tiny_inputs_cannot_make_the_header_costly() -> None:
+    one = b'{"name":"x","datatype":"FP32","shape":[1]},'
+    body = b'{"inputs":[' + one * 400_000 + b'{"name":"x","datatype":"FP32","shape":[1]}]}'
+    peak, raised = peak_of(lambda: decode_request(body, None, None, SIXTY_FOUR_FLOATS))
+    assert isinstance(raised, PayloadTooLarge)
+    assert raised.message == "the request holds 400002 JSON objects, over the limit of 4096"
+    assert peak < 64 * 1024, peak  # counted, not decoded: no objects per input
+
+
+@pytest.mark.parametrize(
+    ("datatype", "data", "expected"),
+    [
+        ("FP16", [0.5, -1.25, 3.0], np.array([0.5, -1.25, 3.0], np.float16)),
+        ("FP64", [1e300, -2.5e-300, 0.1], np.array([1e300, -2.5e-300, 0.1])),
+        ("INT32", [-(2**31), 2**31 - 1, 7], np.array([-(2**31), 2**31 - 1, 7], np.int32)),
+        ("INT64", [2**63 - 1, -(2**63), 1], np.array([2**63 - 1, -(2**63), 1], np.int64)),
+        ("UINT64", [2**64 - 1, 0, 5], np.array([2**64 - 1, 0, 5], np.uint64)),
+        ("UINT8", [255, 0, 17], np.array([255, 0, 17], np.uint8)),
+        ("BOOL", [True, False, True], np.array([True, False, True])),
+    ],
+)
+def test_large_json_data_decodes_exactly(
+    datatype: str, data: list[object], expected: np.ndarray
+) -> None:
+    repeat = 3000  # well past the size where numbers are parsed straight from the text
+    body = orjson.dumps(
+        {
+            "inputs": [
+                {"name": "x", "datatype": datatype, "shape": [repeat, 3], "data": [data] * repeat}
+            ]
+        }
+    )
+    decoded = decode_request(body).inputs["x"]
+    assert decoded.dtype == expected.dtype
+    np.testing.assert_array_equal(decoded, np.tile(expected, (repeat, 1)))
+
+
+@pytest.mark.parametrize(
+    ("datatype", "shape", "data", "message"),
+    [
+        ("UINT8", [3000], [300] * 3000, "does not fit datatype UINT8"),
+        ("INT32", [3000], [1.5] * 3000, "integers, got numbers with fractions"),
+        ("INT64", [3000], [2**64] * 3000, "does not fit datatype INT64"),
+        ("FP32", [1000, 3], [[1, 2, 3, 4]] * 750, "send it flat, or nested exactly"),
+        ("FP32", [3000], [[1.0]] * 3000, "send it flat, or nested exactly"),
+        ("FP32", [3000], [1.0] * 2999, "needs 3000 elements, data has 2999"),
+        ("FP32", [3000], ["one"] * 3000, "does not fit datatype FP32"),
+        ("FP32", [1000, 3], [[1.0, "two", 3.0]] * 1000, "does not fit shape"),
+        ("BOOL", [3000], [True] * 3001, "needs 3000 elements"),
+    ],
+)
+def test_large_json_data_that_does_not_fit_is_refused(
+    datatype: str, shape: list[int], data: list[object], message: str
+) -> None:
+    body = json.dumps(  # the standard library: integers past 64 bits too
+        {"inputs": [{"name": "x", "datatype": datatype, "shape": shape, "data": data}]}
+    ).encode()
+    with pytest.raises(InvalidInput, match=re.escape(message)):
+        decode_request(body)
+
+
+def test_bytes_go_only_to_models_that_take_bytes() -> None:
+    def strings(text: str, count: int = 200_000) -> bytes:
+        return orjson.dumps(
+            {
+                "inputs": [
+                    {"name": "x", "datatype": "BYTES", "shape": [count], "data": [text] * count}
+                ]
+            }
+        )
+
+    body = strings("text")
+    peak, raised = peak_of(lambda: decode_request(body, None, None, SIXTY_FOUR_FLOATS))
+    assert isinstance(raised, InvalidInput) and "must be FP32, got BYTES" in raised.message
+    assert peak < 64 * 1024, peak  # not one string was made
+    texts = Signature((Spec("x", "BYTES", (-1,)),))  # braces in its strings are no objects
+    assert list(decode_request(strings("{a}"), None, None, texts).inputs["x"][:2]) == [b"{a}"] * 2
