@@ -64,6 +64,10 @@ class Operation:
     body: dict[str, Any] | None = None
     headers: tuple[dict[str, Any], ...] = ()
     extra_ok: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: The component schema of this operation's error bodies (V2's or OpenAI's shape).
+    error_schema: str = "ErrorResponse"
+    #: The Flask rule when it is not the path with ``{x}`` written ``<x>``.
+    rule: str | None = None
 
     @property
     def operation_id(self) -> str:
@@ -134,6 +138,154 @@ _INFER_OK = {
 
 _MODEL_ERRORS = (400, 404, 500, 503)
 
+# ---------------------------------------------------------------- the OpenAI-compatible /v1
+_OPENAI_ERROR = {
+    "type": "object",
+    "description": "OpenAI's error object.",
+    "properties": {
+        "error": {
+            "type": "object",
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": ["string", "null"]},
+            },
+            "required": ["message", "type", "param", "code"],
+        }
+    },
+    "required": ["error"],
+}
+_USAGE = {
+    "type": "object",
+    "properties": {
+        "prompt_tokens": {"type": "integer", "minimum": 0},
+        "completion_tokens": {"type": "integer", "minimum": 0},
+        "total_tokens": {"type": "integer", "minimum": 0},
+    },
+    "required": ["prompt_tokens", "total_tokens"],
+}
+_OPENAI_MODEL = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "string"},
+        "object": {"const": "model"},
+        "created": {"type": "integer"},
+        "owned_by": {"type": "string"},
+    },
+    "required": ["id", "object", "created", "owned_by"],
+}
+_MODEL_LIST = {
+    "type": "object",
+    "properties": {
+        "object": {"const": "list"},
+        "data": {"type": "array", "items": _ref("OpenAIModel")},
+    },
+    "required": ["object", "data"],
+}
+_PROVENANCE = {
+    "served_by": {"type": ["string", "null"], "description": "`edge` or `cloud`."},
+    "route": {"type": ["string", "null"], "description": "The route that served it."},
+}
+
+
+def _completion_object(kind: str, choice: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "properties": {
+            "id": {"type": "string"},
+            "object": {"const": kind},
+            "created": {"type": "integer"},
+            "model": {"type": "string"},
+            "choices": {"type": "array", "items": choice},
+            "usage": _ref("OpenAIUsage"),
+            **_PROVENANCE,
+        },
+        "required": ["id", "object", "created", "model", "choices"],
+    }
+
+
+_CHAT_COMPLETION = _completion_object(
+    "chat.completion",
+    {
+        "type": "object",
+        "properties": {
+            "index": {"type": "integer"},
+            "message": {
+                "type": "object",
+                "properties": {"role": {"const": "assistant"}, "content": {"type": "string"}},
+                "required": ["role", "content"],
+            },
+            "finish_reason": {"type": ["string", "null"]},
+        },
+        "required": ["index", "message", "finish_reason"],
+    },
+)
+_TEXT_COMPLETION = _completion_object(
+    "text_completion",
+    {
+        "type": "object",
+        "properties": {
+            "index": {"type": "integer"},
+            "text": {"type": "string"},
+            "finish_reason": {"type": ["string", "null"]},
+        },
+        "required": ["index", "text", "finish_reason"],
+    },
+)
+_EMBEDDINGS = {
+    "type": "object",
+    "properties": {
+        "object": {"const": "list"},
+        "model": {"type": "string"},
+        "data": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "object": {"const": "embedding"},
+                    "index": {"type": "integer"},
+                    "embedding": {
+                        "description": "Floats, or base64 of little-endian float32.",
+                        "oneOf": [{"type": "array", "items": {"type": "number"}},
+                                  {"type": "string"}],
+                    },
+                },
+                "required": ["object", "index", "embedding"],
+            },
+        },
+        "usage": _ref("OpenAIUsage"),
+        **_PROVENANCE,
+    },
+    "required": ["object", "model", "data", "usage"],
+}  # fmt: skip
+_SSE = {
+    "text/event-stream": {
+        "schema": {
+            "type": "string",
+            "description": "With `stream: true`: `data: {chunk}` events, then `data: [DONE]`.",
+        }
+    }
+}
+
+
+def _openai_ok(schema_name: str, streams: bool) -> dict[str, Any]:
+    ok = _json(_ref(schema_name))
+    if streams:
+        ok["content"] = {**ok["content"], **_SSE}
+    ok["headers"] = {
+        "X-Tether-Served-By": {"description": "`edge` or `cloud`.", "schema": {"type": "string"}},
+        "X-Tether-Route": {"description": "The route that served it.", "schema": {"type": "string"}},
+    }
+    return ok
+
+
+def _openai_body(schema_name: str) -> dict[str, Any]:
+    return {"required": True, "content": {JSON_CONTENT_TYPE: {"schema": _ref(schema_name)}}}
+
+
+_OPENAI_ERRORS = (400, 404, 413, 500, 503, 504)
+
 #: Every operation of the edge API. Keep in step with edge/http/routes.py (a test checks).
 OPERATIONS: tuple[Operation, ...] = (
     Operation("server_metadata", "get", "/v2", "Server metadata", "health",
@@ -169,6 +321,20 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation("metrics", "get", "/metrics", "Prometheus metrics", "metrics",
               {"description": "Prometheus text exposition.",
                "content": {"text/plain": {"schema": {"type": "string"}}}}),
+    Operation("list_models", "get", "/v1/models", "OpenAI: the served text models",
+              "openai", _json(_ref("OpenAIModelList")), (), error_schema="OpenAIError"),
+    Operation("retrieve_model", "get", "/v1/models/{model}", "OpenAI: one model",
+              "openai", _json(_ref("OpenAIModel")), (404,), error_schema="OpenAIError",
+              rule="/v1/models/<path:model>"),
+    Operation("chat_completions", "post", "/v1/chat/completions",
+              "OpenAI: chat completion", "openai", _openai_ok("OpenAIChatCompletion", True),
+              _OPENAI_ERRORS, _openai_body("ChatCompletionRequest"), error_schema="OpenAIError"),
+    Operation("completions", "post", "/v1/completions", "OpenAI: text completion",
+              "openai", _openai_ok("OpenAITextCompletion", True), _OPENAI_ERRORS,
+              _openai_body("CompletionRequest"), error_schema="OpenAIError"),
+    Operation("embeddings", "post", "/v1/embeddings", "OpenAI: embeddings", "openai",
+              _openai_ok("OpenAIEmbeddingList", False), _OPENAI_ERRORS,
+              _openai_body("EmbeddingRequest"), error_schema="OpenAIError"),
 )  # fmt: skip
 
 
@@ -195,7 +361,7 @@ def _operation(op: Operation) -> dict[str, Any]:
         statuses |= {401}
     statuses |= {429}  # every endpoint not exempt may be rate limited
     for status in sorted(statuses):
-        entry = _json(_ref("ErrorResponse"), ERRORS[status])
+        entry = _json(_ref(op.error_schema), ERRORS[status])
         if status == 429:
             entry["headers"] = {
                 "Retry-After": {"description": "Seconds to wait.", "schema": {"type": "integer"}}
@@ -223,6 +389,8 @@ def _operation(op: Operation) -> dict[str, Any]:
 
 
 def _schemas() -> dict[str, Any]:
+    from edge.openai.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+
     models = (
         InferenceRequest,
         InferenceResponse,
@@ -230,9 +398,23 @@ def _schemas() -> dict[str, Any]:
         ServerMetadata,
         ModelMetadata,
         RepositoryIndexEntry,
+        ChatCompletionRequest,
+        CompletionRequest,
+        EmbeddingRequest,
     )
     _keys, top = models_json_schema([(m, "validation") for m in models], ref_template=_REF)
     schemas: dict[str, Any] = top.get("$defs", {})
+    schemas.update(
+        {
+            "OpenAIError": _OPENAI_ERROR,
+            "OpenAIUsage": _USAGE,
+            "OpenAIModel": _OPENAI_MODEL,
+            "OpenAIModelList": _MODEL_LIST,
+            "OpenAIChatCompletion": _CHAT_COMPLETION,
+            "OpenAITextCompletion": _TEXT_COMPLETION,
+            "OpenAIEmbeddingList": _EMBEDDINGS,
+        }
+    )
     return schemas
 
 
@@ -247,7 +429,8 @@ def _document() -> dict[str, Any]:
             "title": "Tether edge API",
             "version": __version__,
             "description": "The Open Inference Protocol (KServe V2) over HTTP, with Triton's "
-            "binary tensor extension, as a Tether edge agent serves it.",
+            "binary tensor extension, and the OpenAI-compatible API under `/v1`, as a "
+            "Tether edge agent serves them.",
         },
         "servers": [{"url": "/"}],
         "security": [{SECURITY_SCHEME: []}],
@@ -272,4 +455,7 @@ def openapi_document() -> dict[str, Any]:
 
 def documented_routes() -> set[tuple[str, str]]:
     """``(METHOD, flask-style rule)`` of every documented operation, to compare with the app."""
-    return {(op.method.upper(), op.path.replace("{", "<").replace("}", ">")) for op in OPERATIONS}
+    return {
+        (op.method.upper(), op.rule or op.path.replace("{", "<").replace("}", ">"))
+        for op in OPERATIONS
+    }

@@ -14,9 +14,11 @@ RATE_BUCKETS = (1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 200.0, 400.0, 800.0)
 
 
 class TextMetrics:
-    """The text-serving metrics, registered in ``registry`` (the agent's)."""
+    """The text-serving metrics, registered in ``registry`` (the agent's; a new one when
+    none is given)."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry = registry if registry is not None else CollectorRegistry()
         self.time_to_first_token = Histogram(
             "tether_llm_time_to_first_token_seconds",
             "Time from a generation request's arrival to its first token, by model and "
