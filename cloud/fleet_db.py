@@ -110,6 +110,11 @@ class RolloutPolicy:
     rate_per_minute: float | None = None
     rate_growth: float = 1.0
     growth_every: int = 0
+    #: The health gate judges a wave only on evidence: at least this many requests over
+    #: its committed devices' reports, and (when shadow agreement is checked and sampled)
+    #: this many shadow samples; fewer fail the wave, never pass it.
+    min_requests: int = 1
+    min_shadow_samples: int = 1
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, sort_keys=True)

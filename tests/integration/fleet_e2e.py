@@ -127,6 +127,7 @@ class E2EDevice:
         trusted_keys: list[str],
         labels: dict[str, str],
         teacher: Teacher,
+        fleet: dict[str, object] | None = None,
     ) -> None:
         self.name = name
         repo = root / "repository"
@@ -147,6 +148,7 @@ class E2EDevice:
                 # Latency on a shared 2-core box running 200 devices is noise; the p99
                 # checks are covered with controlled figures in tests/cloud/test_rollout.py.
                 "max_p99_ratio": 1000.0,
+                **(fleet or {}),
             },
         )
         self.repository = ModelRepository(
