@@ -193,10 +193,10 @@ def test_version_disagreeing_with_the_teacher_stops_at_the_canary(fleet: E2EFlee
     fleet.measure_baseline()
     before = fleet.versions()
     started = time.monotonic()
-    with fleet.traffic() as traffic:
-        # However slow the first shadow samples are on a loaded machine, the canary holds
-        # its window until it has them (min_shadow_samples): the gate judges on evidence.
-        rid = fleet.start(version, policy(shadow_sample_rate=1.0))
+    with fleet.traffic() as traffic, fleet.evidence(min_shadow_samples=1):
+        # However slow the first shadow samples are on a loaded machine, the canary's
+        # window lasts until it has them, and the gate judges on them (docs/rollouts.md).
+        rid = fleet.start(version, policy(shadow_sample_rate=1.0, min_shadow_samples=1))
         assert fleet.wait_final(rid, 60) == "rolled_back"
     _report(fleet.db.dialect.name, "bad canary (shadow agreement)", time.monotonic() - started)
 
@@ -274,9 +274,8 @@ def test_bad_manifests_and_artifacts_are_refused_with_the_reason(fleet: E2EFleet
     # controller database would hold it.
     version = fleet.next_version()
     fleet.publish(student(), version)
-    with fleet.traffic():  # the health gate judges on requests answered
-        good = fleet.start(version, policy(waves=["100%"]), group="g4")
-        assert fleet.wait_final(good, 60) == "completed"
+    good = fleet.start(version, policy(waves=["100%"]), group="g4")
+    assert fleet.wait_final(good, 60) == "completed"
     group = fleet.group("g4")
     old, _ = fleet.db.create_rollout(
         f"{MODEL}-v1-replay-{uuid.uuid4().hex[:6]}",
@@ -349,8 +348,7 @@ def test_agent_killed_during_the_switch_comes_back_serving_a_complete_version(
             "dense",
             2,
             fleet.sel(kind="crash"),
-            # No traffic: this test is about the switch, not the health gate.
-            policy(waves=["100%"], window_s=0.5, device_timeout_s=60.0, min_requests=0),
+            policy(waves=["100%"], window_s=0.5, device_timeout_s=60.0),
         )
         for process in first.values():
             process.wait_for("step", "switching")

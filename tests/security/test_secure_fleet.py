@@ -292,7 +292,6 @@ def test_a_full_rollout_works_for_provisioned_identities(
         [public_key_text(fleet.key)],
         {"run": fleet.run},
         teacher,
-        {"min_requests": 0},  # no traffic in this test
     )
     try:
         fleet.devices.append(device)
@@ -306,9 +305,7 @@ def test_a_full_rollout_works_for_provisioned_identities(
         wait_for(selectable, 15, "dev-a's status with its labels")
         fleet.publish(student(), 2)
         rollout = fleet.start(
-            2,
-            policy(waves=["100%"], window_s=0.3, shadow_sample_rate=0.0, min_requests=0),
-            run=fleet.run,
+            2, policy(waves=["100%"], window_s=0.3, shadow_sample_rate=0.0), run=fleet.run
         )
         assert fleet.wait_final(rollout, timeout_s=30) == "completed"
         assert device.served() == [2]
