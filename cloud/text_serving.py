@@ -14,8 +14,8 @@ routes handle it). A thread runs one generation from start to end, so at most
 of which the model's config gives ``parameters.slots`` (further generations wait for one).
 
 A generation is answered with ordered :class:`~shared.envelopes.TextChunkEnvelope` messages:
-chunk 0 when it starts (once the request is known to fit the model), one chunk per piece of
-text, and a ``final`` chunk with the finish reason and the usage. A request that cannot
+chunk 0 when it starts (its first token is ready), one chunk per piece of text, and a
+``final`` chunk with the finish reason and the usage. A request that cannot
 start is answered with one :class:`~shared.envelopes.ErrorEnvelope` (cached like a V2 error,
 so a retry gets it again); a failure midway ends the stream with an ``ErrorEnvelope``.
 Embeddings are one :class:`~shared.envelopes.EmbedResponseEnvelope`, cached for retries.
@@ -23,11 +23,12 @@ Embeddings are one :class:`~shared.envelopes.EmbedResponseEnvelope`, cached for 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,6 +40,7 @@ from edge.repository import ModelRepository
 from edge.runtimes.base import Runtime
 from edge.runtimes.generation import (
     GenerationEnd,
+    GenerationEvent,
     GenerationRequest,
     TextDelta,
     TextEmbedder,
@@ -179,13 +181,27 @@ class TextServing:
         runtime = job.runtime
         assert isinstance(runtime, TextGenerator) and envelope.generation is not None
         started = time.monotonic()
-        queue_ms = round((started - job.arrived) * 1000.0, 3)
         self.metrics.queue_time.labels(envelope.model).observe(started - job.arrived)
+        events: Iterator[GenerationEvent] = iter(())
         try:
             request = GenerationRequest.from_wire(envelope.generation.model_dump())
             events = runtime.generate(request)  # a request the model cannot take raises here
+            # The stream starts with the first token: the wait for a llama.cpp context and
+            # the prompt are inside the device's deadline for the start (a cloud that is
+            # too busy to start in time is one the device can still answer for).
+            first = next(events)
+        except StopIteration:
+            self._fail_before_start(job, InternalError(f"{envelope.model!r} generated nothing"))
+            return
         except TetherError as exc:
+            self._close(events)
             self._fail_before_start(job, exc)
+            return
+        except Exception as exc:
+            log.exception("model %s failed", envelope.model)
+            self._close(events)
+            error = InternalError(f"model {envelope.model!r} failed: {type(exc).__name__}")
+            self._fail_before_start(job, error)
             return
         seq = 0
         start = TextChunkEnvelope(
@@ -193,17 +209,17 @@ class TextServing:
             seq=seq,
             worker=self.worker_id,
             model_version=runtime.version,
-            queue_ms=queue_ms,
+            queue_ms=round((started - job.arrived) * 1000.0, 3),
         )
         try:
             self._chunk(job, start)
-            for event in events:
+            for event in itertools.chain([first], events):
                 seq += 1
                 if isinstance(event, TextDelta):
-                    self._chunk(
-                        job,
-                        TextChunkEnvelope(request_id=envelope.request_id, seq=seq, text=event.text),
+                    text = TextChunkEnvelope(
+                        request_id=envelope.request_id, seq=seq, text=event.text
                     )
+                    self._chunk(job, text)
                     continue
                 self._finish(job, runtime, event, seq, started)
                 return
@@ -220,9 +236,14 @@ class TextServing:
                 job, InternalError(f"model {envelope.model!r} failed: {type(exc).__name__}")
             )
         finally:
-            close = getattr(events, "close", None)
-            if close is not None:
-                close()
+            self._close(events)
+
+    @staticmethod
+    def _close(events: Iterator[GenerationEvent]) -> None:
+        """Stop a generation (frees its llama.cpp context)."""
+        close = getattr(events, "close", None)
+        if close is not None:
+            close()
 
     def _finish(
         self, job: TextJob, runtime: Runtime, end: GenerationEnd, seq: int, started: float

@@ -153,7 +153,8 @@ class UplinkText:
                         return
                 ready = chunks.add(self._next_chunk(exchange, chunks, timeout_s))
         except GeneratorExit:
-            result = "cancelled"
+            if result != "ok":  # closed before its end (a client that went away)
+                result = "cancelled"
             raise
         finally:
             self.uplink.unlisten(exchange.correlation)
