@@ -55,7 +55,7 @@ up: install models
 
 ## test: ruff, mypy and the whole pytest suite (the checks run beside the tests)
 test: install
-	$(MAKE) --no-print-directory -j2 checks pytest
+	$(MAKE) --no-print-directory -j3 lint typecheck pytest
 
 checks: lint typecheck
 
