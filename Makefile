@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 TORCH ?= torch==2.13.0
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install install-broker install-postgres up test lint typecheck pytest models schemas proto docs bench clean
+.PHONY: install install-broker install-postgres up test checks lint typecheck pytest models schemas proto docs bench clean
 
 ## install: create .venv, install Tether with its dev extra, build the models when missing
 ## (quick when nothing changed)
@@ -53,8 +53,11 @@ models: $(STAMP)
 up: install models
 	$(BIN)/tether up
 
-## test: ruff, mypy and the whole pytest suite
-test: install lint typecheck pytest
+## test: ruff, mypy and the whole pytest suite (the checks run beside the tests)
+test: install
+	$(MAKE) --no-print-directory -j3 lint typecheck pytest
+
+checks: lint typecheck
 
 lint:
 	$(BIN)/ruff check .
@@ -64,8 +67,11 @@ lint:
 typecheck:
 	$(BIN)/mypy
 
+# The suite runs in TEST_WORKERS processes (pytest-xdist), a test file per process at a time:
+# most tests wait on brokers, processes and deadlines, so three share two cores well.
+TEST_WORKERS ?= 3
 pytest:
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 ## schemas: regenerate the committed JSON Schema files under shared/schemas
 schemas: install

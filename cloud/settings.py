@@ -108,6 +108,26 @@ class CloudSettings(BaseSettings):
         default_factory=lambda: list(DEFAULT_MODELS),
         description="Models to load and serve (a JSON list or comma-separated in the env).",
     )
+    text_repository: Path | None = Field(
+        None,
+        description="Where the text models are (default: the model repository); "
+        "`tether models build` puts them in models/text-repository.",
+    )
+    text_models: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Language and embedding models to load and serve to /v1 cloud routes "
+        "(docs/openai.md; a JSON list or comma-separated in the env).",
+    )
+    text_threads: int = Field(
+        4,
+        ge=1,
+        le=256,
+        description="Text requests served at once (each generation also needs a llama.cpp "
+        "context of its model: parameters.slots).",
+    )
+    text_queue_limit: int = Field(
+        32, ge=1, description="Text requests waiting for a thread before answering 503."
+    )
     share_group: str = Field(
         CLOUD_SHARE_GROUP, description="The shared-subscription group all workers join."
     )
@@ -140,7 +160,7 @@ class CloudSettings(BaseSettings):
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
     data_dir: Path = Field(Path(".tether-cloud"), description="Engine caches and other state.")
 
-    @field_validator("models", mode="before")
+    @field_validator("models", "text_models", mode="before")
     @classmethod
     def _split_models(cls, value: Any) -> Any:
         if isinstance(value, str):

@@ -16,6 +16,10 @@ broker authorised, never from the payload (a ``device`` field there is ignored),
 reply goes only to a response topic inside that device's own reply namespace
 (``tether/<device>/cloud/replies/<client>``), so one device cannot make the worker
 publish into another's.
+
+Text requests (``/v1`` cloud routes: chat, completions, embeddings) come on the same topics
+as a ``text_request`` envelope; the handler checks them the same way and hands them to
+:class:`~cloud.text_serving.TextServing`, which streams the answer back in ordered chunks.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from cloud.batcher import Batch, DynamicBatcher, Queued
 from cloud.dedupe import Arrival, Key, ReplyAddress, ReplyCache
 from cloud.metrics import CloudMetrics, MetricsServer
 from cloud.settings import BatchPolicy, CloudSettings
+from cloud.text_serving import TextJob, TextServing
 from edge.dataplane import validate_inputs
 from edge.repository import ModelRepository
 from edge.runtimes import Prediction, Runtime
@@ -45,6 +50,7 @@ from shared.envelopes import (
     ErrorEnvelope,
     InferRequestEnvelope,
     InferResponseEnvelope,
+    TextRequestEnvelope,
     decode_envelope,
     frame,
     request_id_of,
@@ -103,6 +109,24 @@ class CloudWorker:
         self.replies = ReplyCache(settings.dedupe_ttl_s, settings.dedupe_max_entries)
         self.admission = DeviceAdmission(settings.admission)
         self.client = MqttClient(settings.mqtt_url, settings.worker_id)
+        text_repository = self.repository
+        if settings.text_repository is not None:
+            text_repository = ModelRepository(
+                settings.text_repository,
+                settings.runtime_options(),
+                backend=settings.runtime.backend,
+            )
+        self.text = TextServing(
+            settings.worker_id,
+            text_repository,
+            threads=settings.text_threads,
+            queue_limit=settings.text_queue_limit,
+            metrics=self.metrics,
+            replies=self.replies,
+            send=self._send,
+            release=self.admission.release,
+            log_requests=settings.log_requests,
+        )
         self._metrics_server: MetricsServer | None = None
         self._threads: list[threading.Thread] = []
         self._policies: dict[str, BatchPolicy] = {}
@@ -126,6 +150,8 @@ class CloudWorker:
             return
         for name in self.settings.models:
             self.repository.load(name)
+        for name in self.settings.text_models:
+            self.text.repository.load(name)
         self._publish_readiness()
         for name in self.settings.models:
             self._policies[name] = self._capped_policy(name)
@@ -138,6 +164,7 @@ class CloudWorker:
             thread = threading.Thread(target=self._serve, name=f"cloud-worker-{index}", daemon=True)
             thread.start()
             self._threads.append(thread)
+        self.text.start()
         self._started = True
         try:
             self.client.start(wait_s=self.settings.connect_timeout_s)
@@ -184,6 +211,7 @@ class CloudWorker:
                 self._fail(job.item, Unavailable("the cloud worker is stopping"), job.deadline)
         for thread in self._threads:
             thread.join(timeout=max(0.0, until - time.monotonic()))
+        self.text.stop(until if drain else time.monotonic())
         if any(thread.is_alive() for thread in self._threads):
             log.warning("drain: work still running after %.1fs; leaving it", limit)
         self._wait_published(max(0.5, until - time.monotonic()))
@@ -228,7 +256,7 @@ class CloudWorker:
         try:
             device, model = topics.parse_cloud_request(message.topic)
             envelope, tail = decode_envelope(message.payload)
-            if not isinstance(envelope, InferRequestEnvelope):
+            if not isinstance(envelope, InferRequestEnvelope | TextRequestEnvelope):
                 raise InvalidInput(f"expected an infer_request envelope, got {envelope.kind!r}")
             if envelope.model != model:
                 raise InvalidInput(
@@ -248,6 +276,11 @@ class CloudWorker:
                 self._send(address, cached, None)
             return
         deadline = _deadline(envelope, message, arrived)
+        if isinstance(envelope, TextRequestEnvelope):
+            self._accept_text(
+                key, device, envelope, address, len(message.payload), arrived, deadline
+            )
+            return
         try:
             runtime = self.repository.get(model, envelope.version)
             admitted = self.admission.admit(device, len(message.payload))  # 429 past its share
@@ -267,6 +300,32 @@ class CloudWorker:
             self._done(request)
             self._fail_unqueued(key, model, envelope.request_id, address, exc)
 
+    def _accept_text(
+        self,
+        key: Key,
+        device: str,
+        envelope: TextRequestEnvelope,
+        address: ReplyAddress | None,
+        size: int,
+        arrived: float,
+        deadline: float | None,
+    ) -> None:
+        """Queue a text request for :class:`TextServing` (or answer why it cannot be)."""
+        try:
+            runtime = self.text.runtime(envelope)
+            admitted = self.admission.admit(device, size)
+        except TetherError as exc:
+            self._fail_unqueued(key, envelope.model, envelope.request_id, address, exc)
+            return
+        self.metrics.inflight.inc()
+        job = TextJob(key, device, envelope, runtime, address, admitted, arrived, deadline)
+        try:
+            self.text.put(job)
+        except TetherError as exc:
+            self.metrics.inflight.dec()
+            self.admission.release(admitted)
+            self._fail_unqueued(key, envelope.model, envelope.request_id, address, exc)
+
     def _fail_unqueued(
         self,
         key: Key,
@@ -284,11 +343,11 @@ class CloudWorker:
         for target in self.replies.finish(key, payload, address):
             self._send(target, payload, None)
 
-    def _send(self, address: ReplyAddress | None, payload: bytes, deadline: float | None) -> None:
+    def _send(self, address: ReplyAddress | None, payload: bytes, deadline: float | None) -> bool:
         """Publish a reply (at the request's QoS), expiring with the request's deadline;
-        never raises."""
+        never raises; False when it could not be handed to the broker connection."""
         if address is None:
-            return
+            return False
         topic, correlation, qos = address
         expiry = None if deadline is None else max(1.0, deadline - time.monotonic())
         try:
@@ -298,10 +357,11 @@ class CloudWorker:
         except (MqttError, ValueError) as exc:
             log.warning("could not reply on %s: %s", topic, exc)
             self.metrics.failures.labels(UNKNOWN_MODEL, "reply_failed").inc()
-            return
+            return False
         with self._lock:
             self._unanswered = [i for i in self._unanswered if not i.is_published()]
             self._unanswered.append(info)
+        return True
 
     def _wait_published(self, timeout_s: float) -> None:
         until = time.monotonic() + timeout_s
@@ -566,10 +626,15 @@ class CloudWorker:
         Model names come from request topics, which any device can make up; labelling
         metrics with them would let one device grow the worker's label sets without bound.
         """
-        return name if name in self.repository.served() else UNKNOWN_MODEL
+        if name in self.repository.served() or name in self.text.repository.served():
+            return name
+        return UNKNOWN_MODEL
 
     def _publish_readiness(self) -> None:
-        for name, versions in self.repository.served().items():
+        served = dict(self.repository.served())
+        if self.text.repository is not self.repository:
+            served.update(self.text.repository.served())
+        for name, versions in served.items():
             for version, runtime in versions.items():
                 self.metrics.model_ready.labels(name, version, runtime.provider).set(
                     1 if runtime.ready else 0
@@ -595,7 +660,9 @@ def reply_address(message: Message) -> ReplyAddress | None:
     return ReplyAddress(message.response_topic, message.correlation_data, min(message.qos, 1))
 
 
-def _deadline(envelope: InferRequestEnvelope, message: Message, arrived: float) -> float | None:
+def _deadline(
+    envelope: InferRequestEnvelope | TextRequestEnvelope, message: Message, arrived: float
+) -> float | None:
     """The monotonic deadline: the envelope's (Unix time), or the MQTT expiry if sooner."""
     candidates: list[float] = []
     if envelope.deadline is not None:

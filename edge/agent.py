@@ -80,8 +80,12 @@ class EdgeAgent:
         self.shadow = install_worker_health(self)
 
     def _cloud_text(self) -> CloudText | None:
-        """The uplink's text client (cloud language and embedding models), when connected."""
-        return None
+        """The uplink's text client (cloud language and embedding models), when there is one."""
+        if self.uplink is None:
+            return None
+        from edge.text_uplink import UplinkText
+
+        return UplinkText(self.uplink)
 
     def start(self) -> None:
         """Load the start-up models; a model that fails is reported, the rest still serve.

@@ -25,7 +25,8 @@ Once connected, the uplink measures the broker in the background
 ``tether status``, and a broker that stalls QoS 1 answers gets a warning in the log.
 
 :class:`CloudRuntime` puts the uplink behind the runtime interface, so the router chooses
-between a local model and the cloud as between two runtimes.
+between a local model and the cloud as between two runtimes. Text requests (``/v1`` cloud
+routes) share this connection through :meth:`Uplink.listen` (edge/text_uplink.py).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, InvalidStateError
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -136,6 +137,9 @@ class Uplink:
         self.client.add_connection_listener(self._on_connection)
         self.client.subscribe(self.reply_topic, self._on_reply, qos=0)
         self._pending: dict[bytes, Future[Message]] = {}
+        #: Exchanges of many replies (text streams): correlation -> who takes each reply
+        #: (or the error that ended the connection).
+        self._listeners: dict[bytes, Callable[[Message | TetherError], None]] = {}
         self._lock = threading.Lock()
         self._started = False
 
@@ -217,19 +221,19 @@ class Uplink:
         try:
             self.breaker.acquire()
         except Unavailable:
-            self._count(model, "rejected")
+            self.count(model, "rejected")
             raise
         try:
             reply = self._send(model, version, inputs, datatypes, outputs, deadline, trace_id)
         except TetherError as exc:
-            self._settle(exc)
-            self._count(model, _outcome(exc))
+            self.settle(exc)
+            self.count(model, outcome(exc))
             raise
         except BaseException:
             self.breaker.release()
             raise
         self.breaker.success()
-        self._count(model, "ok")
+        self.count(model, "ok")
         if self.metrics is not None:
             self.metrics.cloud_round_trip.labels(model).observe(reply.round_trip_ms / 1000.0)
         return reply
@@ -268,10 +272,7 @@ class Uplink:
         correlation = request_id.encode()
         future: Future[Message] = Future()
         with self._lock:
-            if len(self._pending) >= self.settings.max_pending:
-                raise TooManyRequests(
-                    f"{len(self._pending)} cloud requests already in flight", retry_after=1.0
-                )
+            self._check_room()
             self._pending[correlation] = future
         attempts = 0
         try:
@@ -316,14 +317,48 @@ class Uplink:
             with self._lock:
                 self._pending.pop(correlation, None)
 
-    def _settle(self, exc: TetherError) -> None:
+    def _check_room(self) -> None:
+        """Refuse a request past ``max_pending`` in flight (call with the lock held)."""
+        in_flight = len(self._pending) + len(self._listeners)
+        if in_flight >= self.settings.max_pending:
+            raise TooManyRequests(f"{in_flight} cloud requests already in flight", retry_after=1.0)
+
+    def listen(self, correlation: bytes, handler: Callable[[Message | TetherError], None]) -> None:
+        """Send every reply with ``correlation`` to ``handler`` (network thread; quick) until
+        :meth:`unlisten`; a lost connection is handed over as a :class:`CloudUnreachable`."""
+        with self._lock:
+            self._check_room()
+            self._listeners[correlation] = handler
+
+    def unlisten(self, correlation: bytes) -> None:
+        with self._lock:
+            self._listeners.pop(correlation, None)
+
+    def publish_request(
+        self, model: str, payload: bytes, correlation: bytes, expiry_s: float
+    ) -> None:
+        """Publish one request for ``model`` (QoS 0, answered on this connection's reply topic);
+        a broker that cannot be reached is :class:`CloudUnreachable` at once."""
+        try:
+            self.client.publish(
+                topics.cloud_request(self.device_id, model),
+                payload,
+                qos=0,
+                response_topic=self.reply_topic,
+                correlation_data=correlation,
+                expiry_s=expiry_s,
+            )
+        except MqttError as exc:
+            raise CloudUnreachable(f"the cloud is unreachable: {exc.message}") from None
+
+    def settle(self, exc: TetherError) -> None:
         """Tell the breaker what a failed request says about the cloud's health."""
         if isinstance(exc, CloudUnreachable | TooManyRequests) or exc.status < 500:
             self.breaker.release()  # broker down (already fast) or the caller's own fault
         else:
             self.breaker.failure()
 
-    def _count(self, model: str, outcome: str) -> None:
+    def count(self, model: str, outcome: str) -> None:
         if self.metrics is not None:
             self.metrics.cloud_requests.labels(model, outcome).inc()
 
@@ -334,6 +369,10 @@ class Uplink:
         correlation = message.correlation_data
         with self._lock:
             future = self._pending.get(correlation) if correlation else None
+            listener = self._listeners.get(correlation) if correlation else None
+        if listener is not None:
+            listener(message)
+            return
         if future is None:
             log.debug("reply on %s matches no pending request (late or duplicate)", message.topic)
             return
@@ -347,6 +386,9 @@ class Uplink:
     def _fail_pending(self, exc: TetherError) -> None:
         with self._lock:
             pending = list(self._pending.values())
+            listeners = list(self._listeners.values())
+        for listener in listeners:
+            listener(exc)
         for future in pending:
             with contextlib.suppress(InvalidStateError):
                 future.set_exception(exc)
@@ -358,7 +400,7 @@ class CloudUnreachable(Unavailable):
     reason = "cloud_unreachable"
 
 
-def _outcome(exc: TetherError) -> str:
+def outcome(exc: TetherError) -> str:
     if isinstance(exc, CloudUnreachable):
         return "unreachable"
     if isinstance(exc, DeadlineExceeded):

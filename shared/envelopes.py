@@ -9,6 +9,11 @@ as in the HTTP binary extension. On the wire:
 
 The inference request and response travel unchanged inside (``request`` / ``response``
 hold the Open Inference Protocol header; tensors marked ``binary_data_size`` follow).
+Text requests (chat, completion, embeddings: ``docs/openai.md``) travel on the same request
+topic as a :class:`TextRequestEnvelope`; a generation comes back as ordered
+:class:`TextChunkEnvelope` messages (``seq`` 0, 1, 2, ...; the last one ``final`` with the
+finish reason and usage), embeddings as one :class:`EmbedResponseEnvelope` whose binary
+tail holds the vectors.
 Every envelope carries ``schema_version``; readers accept any minor version of their
 major, ignore unknown fields, and answer an unknown major with an :class:`ErrorEnvelope`.
 """
@@ -26,6 +31,8 @@ from shared.protocol import InferenceRequest, VersionedModel
 from shared.versioning import SchemaVersion
 
 ENVELOPE_SCHEMA = SchemaVersion(1, 1)
+#: The text envelopes' own version (they were added at 1.0, after the tensor ones).
+TEXT_SCHEMA = SchemaVersion(1, 0)
 _LENGTH = struct.Struct(">I")
 MAX_HEADER_BYTES = 16 * 1024 * 1024
 
@@ -76,6 +83,86 @@ class ErrorEnvelope(Envelope):
         return cls(request_id=request_id, status=exc.status, reason=exc.reason, error=exc.message)
 
 
+class TextMessage(VersionedModel):
+    """One message of a chat conversation."""
+
+    SCHEMA: ClassVar[SchemaVersion] = TEXT_SCHEMA
+    role: str = Field(max_length=64)
+    content: str
+
+
+class GenerationParams(VersionedModel):
+    """What to generate and how (chat ``messages`` or a plain ``prompt``)."""
+
+    SCHEMA: ClassVar[SchemaVersion] = TEXT_SCHEMA
+    messages: list[TextMessage] | None = None
+    prompt: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, ge=0.0, le=1.0)
+    seed: int | None = None
+    stop: list[str] = Field(default_factory=list, max_length=16)
+
+
+class TextRequestEnvelope(Envelope):
+    """Edge -> cloud: generate text (``generation``) or embed ``texts`` with ``model``,
+    starting before ``deadline`` (Unix seconds)."""
+
+    SCHEMA: ClassVar[SchemaVersion] = TEXT_SCHEMA
+    kind: Literal["text_request"] = "text_request"
+    model: str
+    task: Literal["generate", "embed"]
+    deadline: float | None = Field(None, description="Unix time after which nobody waits.")
+    sent_at: float | None = None
+    trace_id: str | None = Field(None, description="Request id for logs along the whole path.")
+    agent_version: str | None = None
+    generation: GenerationParams | None = Field(None, description="task generate: what to write.")
+    texts: list[str] | None = Field(None, description="task embed: the texts, in order.")
+
+
+class TextUsage(VersionedModel):
+    """Tokens read and written by one generation."""
+
+    SCHEMA: ClassVar[SchemaVersion] = TEXT_SCHEMA
+    prompt_tokens: int = Field(ge=0)
+    completion_tokens: int = Field(ge=0)
+
+
+class TextChunkEnvelope(Envelope):
+    """Cloud -> edge: one piece of a generation, in order by ``seq`` (from 0, no gaps).
+
+    Chunk 0 is sent when the generation starts; the ``final`` chunk carries the finish
+    reason and usage and ends the stream. A failure after chunk 0 ends the stream with an
+    :class:`ErrorEnvelope` instead.
+    """
+
+    SCHEMA: ClassVar[SchemaVersion] = TEXT_SCHEMA
+    kind: Literal["text_chunk"] = "text_chunk"
+    seq: int = Field(ge=0)
+    text: str = ""
+    final: bool = False
+    finish_reason: Literal["stop", "length"] | None = None
+    usage: TextUsage | None = None
+    worker: str | None = None
+    model_version: str | None = None
+    queue_ms: float | None = None
+
+
+class EmbedResponseEnvelope(Envelope):
+    """Cloud -> edge: ``count`` embeddings of ``dimension`` floats, in the binary tail as
+    little-endian float32, row-major (one row per text, in the request's order)."""
+
+    SCHEMA: ClassVar[SchemaVersion] = TEXT_SCHEMA
+    kind: Literal["embed_response"] = "embed_response"
+    count: int = Field(ge=0)
+    dimension: int = Field(ge=0)
+    prompt_tokens: int = Field(ge=0)
+    worker: str | None = None
+    model_version: str | None = None
+    queue_ms: float | None = None
+    compute_ms: float | None = None
+
+
 def frame(header: dict[str, Any], blobs: list[bytes] | None = None) -> bytes:
     """Header (+ binary tail) -> one MQTT payload."""
     encoded = orjson.dumps(header, option=orjson.OPT_SERIALIZE_NUMPY)
@@ -110,6 +197,9 @@ _KINDS: dict[str, type[Envelope]] = {
     "infer_request": InferRequestEnvelope,
     "infer_response": InferResponseEnvelope,
     "error": ErrorEnvelope,
+    "text_request": TextRequestEnvelope,
+    "text_chunk": TextChunkEnvelope,
+    "embed_response": EmbedResponseEnvelope,
 }
 
 
@@ -138,4 +228,7 @@ ENVELOPE_TYPES: tuple[type[Envelope], ...] = (
     InferRequestEnvelope,
     InferResponseEnvelope,
     ErrorEnvelope,
+    TextRequestEnvelope,
+    TextChunkEnvelope,
+    EmbedResponseEnvelope,
 )

@@ -275,7 +275,10 @@ def _openai_ok(schema_name: str, streams: bool) -> dict[str, Any]:
         ok["content"] = {**ok["content"], **_SSE}
     ok["headers"] = {
         "X-Tether-Served-By": {"description": "`edge` or `cloud`.", "schema": {"type": "string"}},
-        "X-Tether-Route": {"description": "The route that served it.", "schema": {"type": "string"}},
+        "X-Tether-Route": {
+            "description": "The route that served it.",
+            "schema": {"type": "string"},
+        },
     }
     return ok
 

@@ -28,6 +28,8 @@ _CODES = {
     "deadline": "timeout",
     "unavailable": "service_unavailable",
     "not_ready": "model_not_ready",
+    "stream_broken": "stream_broken",
+    "cloud_unreachable": "service_unavailable",
 }
 
 

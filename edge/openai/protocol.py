@@ -199,9 +199,14 @@ def usage_body(usage: Usage) -> dict[str, int]:
 def provenance(parameters: dict[str, Any]) -> dict[str, Any]:
     """The extra fields every answer carries: where it was served and by which route."""
     extra = {"served_by": parameters.get("served_by", "edge"), "route": parameters.get("route")}
-    if "cloud_error" in parameters:
-        extra["cloud_error"] = parameters["cloud_error"]
+    for key in OPTIONAL_PROVENANCE:
+        if key in parameters:
+            extra[key] = parameters[key]
     return extra
+
+
+#: Provenance sent when known: why the cloud was not used, and which cloud worker answered.
+OPTIONAL_PROVENANCE = ("cloud_error", "cloud_worker")
 
 
 def chat_completion(

@@ -197,6 +197,28 @@ def test_tether_up_from_anywhere_on_a_stock_broker(
             assert data["parameters"]["served_by"] == served_by, data
             assert data["outputs"][0]["data"][0] == "Egyptian cat"
 
+        # Text (docs/openai.md): a short chat on the device, a long one streamed from the
+        # cloud (the size rule), and embeddings from the cloud's mpnet-base.
+        import openai
+
+        client = openai.OpenAI(base_url=f"{edge}/v1", api_key="none", max_retries=0, timeout=60)
+        short = client.chat.completions.create(
+            model="assistant", messages=[{"role": "user", "content": "Hi"}], max_tokens=2
+        )
+        assert (short.model_extra["served_by"], short.model_extra["route"]) == ("edge", "local")
+        long = [{"role": "user", "content": "Summarise: " + "the fox jumps. " * 12}]
+        chunks = list(
+            client.chat.completions.create(
+                model="assistant", messages=long, max_tokens=2, temperature=0, stream=True
+            )
+        )
+        assert {(c.model_extra["served_by"], c.model_extra["route"]) for c in chunks} == {
+            ("cloud", "size")
+        }
+        assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+        vectors = client.embeddings.create(model="mpnet-base", input=["a lighthouse"])
+        assert len(vectors.data[0].embedding) == 768
+
         # A sensor reading on the sensor topic gets its result (docs/sensors.md).
         result = sensor_result(broker, device)
         assert result["kind"] == "result" and result["sensor"] == "s1", result

@@ -1,0 +1,243 @@
+"""Text routes through the cloud: a real ``tether edge``, a real cloud worker and Mosquitto,
+driven by the official ``openai`` client.
+
+The cloud worker (in this process) serves ``smollm2-135m`` and ``mpnet-base`` from
+``models/text-repository``; the agent serves ``smollm2-135m`` itself and routes to the
+cloud by mode and by the size rule. Cloud text is compared with llama.cpp run directly on
+the same file; a broker killed mid-stream must end the stream with an error event in time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import openai
+import pytest
+
+from cloud.settings import CloudSettings
+from cloud.worker import CloudWorker
+from tests.agent_process import AgentProcess
+from tests.broker import Broker
+from tests.openai.conftest import TEXT_REPOSITORY, TOKEN, http, linked_repository, text_model_dir
+
+#: Small, so the suite stays quick on a loaded 2-core machine; enough to compare texts.
+MAX_TOKENS = 8
+SEED = 7
+SHORT = [{"role": "user", "content": "Name three colours."}]
+#: Over the demo size rule's 64 prompt tokens: the cloud answers.
+LONG = [{"role": "user", "content": "Summarise: " + "the fox jumps. " * 12}]
+#: The cloud routes' deadline: to start a stream, and between two of its chunks. Generous,
+#: because prompts are slow on a loaded 2-core machine; a lost broker is noticed at once.
+CLOUD_TIMEOUT_S = 15.0
+
+ROUTES = f"""
+[uplink]
+timeout_s = {CLOUD_TIMEOUT_S}
+attempt_timeout_s = 2.0
+connect_wait_s = 5.0
+
+[routes.assistant]
+mode = "local"
+local_model = "smollm2-135m"
+cloud_model = "smollm2-135m"
+max_local_prompt_tokens = 64
+
+[routes.smollm2-cloud]
+mode = "cloud"
+task = "chat"
+cloud_model = "smollm2-135m"
+
+[routes.assistant-cloud-first]
+mode = "cloud-first"
+local_model = "smollm2-135m"
+cloud_model = "smollm2-135m"
+
+[routes.mpnet-base]
+mode = "cloud"
+task = "embedding"
+"""
+
+
+@dataclass
+class Stack:
+    broker: Broker
+    worker: CloudWorker
+    agent: AgentProcess
+    client: Any
+
+
+def cloud_worker(broker: Broker, name: str) -> CloudWorker:
+    text_model_dir("mpnet-base")
+    settings = CloudSettings(
+        mqtt_url=broker.url,
+        worker_id=f"tether-test-{name}",
+        repository=TEXT_REPOSITORY,
+        models=[],
+        text_models=["smollm2-135m", "mpnet-base"],
+        text_threads=2,
+        metrics_port=0,
+        drain_timeout_s=2.0,
+    )
+    worker = CloudWorker(settings)
+    worker.start()
+    return worker
+
+
+def start_stack(base: Path, broker: Broker) -> Stack:
+    worker = cloud_worker(broker, base.name)
+    config = base / "edge.toml"
+    config.write_text(ROUTES)
+    agent = AgentProcess(
+        base / "data",
+        repository=linked_repository(base / "repository", ["smollm2-135m"]),
+        config=config,
+        env={"TETHER_API_TOKENS": TOKEN, "TETHER_MQTT_URL": broker.url},
+    )
+    try:
+        agent.start(ready_timeout_s=120)
+    except BaseException:
+        worker.stop(drain=False)
+        raise
+    client = openai.OpenAI(base_url=agent.url + "/v1", api_key=TOKEN, max_retries=0, timeout=60)
+    return Stack(broker, worker, agent, client)
+
+
+def stop_stack(stack: Stack) -> None:
+    stack.agent.stop()
+    stack.worker.stop(drain=False, timeout_s=2.0)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, broker: Broker) -> Iterator[Stack]:
+    started = start_stack(tmp_path_factory.mktemp("cloud-text"), broker)
+    try:
+        yield started
+    finally:
+        stop_stack(started)
+
+
+@pytest.fixture(scope="module")
+def engine() -> Any:
+    """llama.cpp itself, on the same file and context as the cloud worker."""
+    from llama_cpp import Llama
+
+    path = text_model_dir("smollm2-135m") / "1" / "model.gguf"
+    return Llama(model_path=str(path), n_ctx=2048, verbose=False)
+
+
+def direct(engine: Any, messages: list[dict[str, str]], max_tokens: int) -> dict[str, Any]:
+    engine.reset()
+    answer: dict[str, Any] = engine.create_chat_completion(
+        messages=messages, max_tokens=max_tokens, temperature=0, seed=SEED
+    )
+    return answer
+
+
+def test_a_short_chat_is_served_on_the_device(stack: Stack) -> None:
+    answer = stack.client.chat.completions.create(
+        model="assistant", messages=SHORT, max_tokens=2, temperature=0
+    )
+    assert (answer.model_extra["served_by"], answer.model_extra["route"]) == ("edge", "local")
+
+
+def test_a_long_chat_streams_from_the_cloud_with_the_engines_text(
+    stack: Stack, engine: Any
+) -> None:
+    expected = direct(engine, LONG, MAX_TOKENS)
+    stream = stack.client.chat.completions.create(
+        model="assistant",
+        messages=LONG,
+        max_tokens=MAX_TOKENS,
+        temperature=0,
+        seed=SEED,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert {(c.model_extra["served_by"], c.model_extra["route"]) for c in chunks} == {
+        ("cloud", "size")
+    }
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == expected["choices"][0]["message"]["content"]
+    assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 1
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] == expected["choices"][0]["finish_reason"]
+    usage = chunks[-1].usage
+    assert usage.prompt_tokens == expected["usage"]["prompt_tokens"]
+    assert usage.completion_tokens == expected["usage"]["completion_tokens"]
+
+
+def test_cloud_chat_greedy_with_a_seed_gives_the_engines_text(stack: Stack, engine: Any) -> None:
+    expected = direct(engine, SHORT, MAX_TOKENS)
+    answer = stack.client.chat.completions.create(
+        model="smollm2-cloud", messages=SHORT, max_tokens=MAX_TOKENS, temperature=0, seed=SEED
+    )
+    assert answer.choices[0].message.content == expected["choices"][0]["message"]["content"]
+    assert answer.usage.prompt_tokens == expected["usage"]["prompt_tokens"]
+    assert answer.usage.completion_tokens == expected["usage"]["completion_tokens"]
+    assert answer.model_extra["served_by"] == "cloud"
+    assert answer.model_extra["cloud_worker"] == stack.worker.worker_id
+
+
+def test_cloud_errors_keep_their_status_and_code(stack: Stack) -> None:
+    huge = [{"role": "user", "content": "word " * 3000}]  # over the 2048-token context
+    with pytest.raises(openai.BadRequestError) as caught:
+        stack.client.chat.completions.create(model="smollm2-cloud", messages=huge, max_tokens=2)
+    assert caught.value.code == "context_length_exceeded"
+
+
+def test_embeddings_from_the_cloud(stack: Stack) -> None:
+    texts = [f"sentence {i} about the {['sea', 'sky'][i % 2]}" for i in range(5)]
+    status, headers, body = http(
+        stack.agent.url + "/v1/embeddings",
+        {"model": "mpnet-base", "input": texts, "encoding_format": "base64"},
+    )
+    assert status == 200, body
+    assert headers["X-Tether-Served-By"] == "cloud"
+    answer = stack.client.embeddings.create(model="mpnet-base", input=texts)
+    got = np.array([d.embedding for d in answer.data], dtype=np.float32)
+    runtime = stack.worker.text.repository.get("mpnet-base")
+    reference, tokens = runtime.embed(texts)  # type: ignore[attr-defined]
+    assert got.shape == (5, 768)
+    np.testing.assert_allclose(got, reference, atol=1e-6)
+    assert answer.usage.prompt_tokens == tokens
+
+
+def test_killing_the_broker_mid_stream_ends_it_with_an_error_then_cloud_first_is_local(
+    tmp_path: Path, fresh_broker: Broker
+) -> None:
+    stack = start_stack(tmp_path, fresh_broker)
+    try:
+        stream = stack.client.chat.completions.create(
+            model="smollm2-cloud",
+            messages=[{"role": "user", "content": "Write a long story about a lighthouse."}],
+            max_tokens=400,
+            temperature=0,
+            stream=True,
+        )
+        pieces: list[str] = []
+        with pytest.raises(openai.APIError) as caught:
+            for chunk in stream:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    pieces.append(chunk.choices[0].delta.content)
+                    if len(pieces) == 2:
+                        fresh_broker.kill()
+                        killed = time.monotonic()
+        assert len(pieces) >= 2  # the stream had started
+        assert time.monotonic() - killed < CLOUD_TIMEOUT_S
+        assert caught.value.code == "stream_broken"
+        assert "broke" in caught.value.message
+        answer = stack.client.chat.completions.create(
+            model="assistant-cloud-first", messages=SHORT, max_tokens=2, temperature=0
+        )
+        assert (answer.model_extra["served_by"], answer.model_extra["route"]) == (
+            "edge",
+            "degraded",
+        )
+    finally:
+        stop_stack(stack)
