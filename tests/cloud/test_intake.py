@@ -56,9 +56,11 @@ class Fleet(FleetHarness):
 
 
 @pytest.fixture(params=BACKENDS)
-def fleet(request: pytest.FixtureRequest, broker: Broker, tmp_path: Path) -> Iterator[Fleet]:
+def fleet(request: pytest.FixtureRequest, fresh_broker: Broker, tmp_path: Path) -> Iterator[Fleet]:
+    """A broker of the test's own: no other test's retained statuses reach the controller,
+    so every drop it counts is one of this test's."""
     db = open_db(request.param, tmp_path)
-    harness = Fleet(broker.url, db, tmp_path)
+    harness = Fleet(fresh_broker.url, db, tmp_path)
     try:
         yield harness
     finally:
