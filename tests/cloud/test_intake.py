@@ -126,7 +126,7 @@ def test_a_hostile_status_costs_only_itself_and_not_after_a_restart(fleet: Fleet
     bad = f"bad{fleet.run}"
     good = [f"g{fleet.run}-{i:02d}" for i in range(GOOD)]
     rid = rollout_of(fleet, good)
-    # 1,020 levels: under orjson's limit, over every recursive encoder's; 12 KB.
+    # 1,020 levels: under orjson's limit, over every recursive encoder's; 6 KB.
     hostile = with_raw(status(bad, labels={"run": fleet.run}), "health", nested(1020))
     fleet.send(f"tether/{bad}/status", hostile, retain=True)
     for i, device in enumerate(good):
