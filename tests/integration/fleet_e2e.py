@@ -25,6 +25,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -375,8 +376,9 @@ class E2EFleet:
 
     def close(self) -> None:
         self.controller.stop()
-        for device in self.devices:
-            device.stop()
+        # each goodbye waits a moment for its offline status to leave; 200 in parallel
+        with ThreadPoolExecutor(max_workers=32) as pool:
+            list(pool.map(lambda device: device.stop(), self.devices))
         self.mqtt.stop()
         self.server.stop()
 
