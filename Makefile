@@ -71,7 +71,7 @@ typecheck:
 # most tests wait on brokers, processes and deadlines, so three share two cores well.
 TEST_WORKERS ?= 3
 pytest:
-	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25
 
 ## schemas: regenerate the committed JSON Schema files under shared/schemas
 schemas: install

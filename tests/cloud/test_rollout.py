@@ -175,7 +175,7 @@ def test_a_silent_device_times_out_and_counts_against_the_gate(
         "digits",
         2,
         fleet.sel(),
-        policy(waves=["100%"], max_failure=max_failure, device_timeout_s=0.5),
+        policy(waves=["100%"], max_failure=max_failure, device_timeout_s=2.0),
     )
     assert fleet.wait_state(rollout.id, {"completed", "rolled_back"}) == outcome
     silent = fleet.db.rollout_devices(rollout.id)
