@@ -19,6 +19,8 @@ chunk 0 when it starts (its first token is ready), one chunk per piece of text, 
 start is answered with one :class:`~shared.envelopes.ErrorEnvelope` (cached like a V2 error,
 so a retry gets it again); a failure midway ends the stream with an ``ErrorEnvelope``.
 Embeddings are one :class:`~shared.envelopes.EmbedResponseEnvelope`, cached for retries.
+A :class:`~shared.envelopes.TextCancelEnvelope` from the same device stops a generation
+(queued, or at its next token), freeing its thread and llama.cpp context.
 """
 
 from __future__ import annotations
@@ -113,6 +115,10 @@ class TextServing:
         self.log_requests = log_requests
         self._queue: queue.Queue[TextJob | None] = queue.Queue(maxsize=queue_limit)
         self._threads: list[threading.Thread] = []
+        #: Requests queued or running, and those of them their device cancelled.
+        self._active: set[Key] = set()
+        self._cancelled: set[Key] = set()
+        self._lock = threading.Lock()
 
     def start(self) -> None:
         for index in range(self.threads):
@@ -147,12 +153,30 @@ class TextServing:
 
     def put(self, job: TextJob) -> None:
         """Queue ``job``; a full queue is 503 (transient: a retry runs afresh)."""
+        with self._lock:
+            self._active.add(job.key)
         try:
             self._queue.put_nowait(job)
         except queue.Full:
+            self._forget(job.key)
             raise Unavailable(
                 f"the cloud worker has {self._queue.maxsize} text requests waiting"
             ) from None
+
+    def cancel(self, key: Key) -> None:
+        """Stop the generation ``key`` (queued or running) at its next token; unknown or
+        finished ones are ignored."""
+        with self._lock:
+            if key in self._active:
+                self._cancelled.add(key)
+
+    def _forget(self, key: Key) -> None:
+        with self._lock:
+            self._active.discard(key)
+            self._cancelled.discard(key)
+
+    def _is_cancelled(self, key: Key) -> bool:
+        return key in self._cancelled
 
     # ------------------------------------------------------------------ threads
 
@@ -162,7 +186,9 @@ class TextServing:
             if job is None:
                 return
             try:
-                if job.deadline is not None and time.monotonic() > job.deadline:
+                if self._is_cancelled(job.key):
+                    self._stop_cancelled(job)
+                elif job.deadline is not None and time.monotonic() > job.deadline:
                     log.info("dropped %s of %s: its deadline passed", job.key[1], job.device)
                     self.metrics.failures.labels(job.envelope.model, "expired").inc()
                     self.replies.finish(job.key, None, None)
@@ -173,6 +199,7 @@ class TextServing:
             except Exception:  # a bug must not take a thread down
                 log.exception("text request %s failed", job.key[1])
             finally:
+                self._forget(job.key)
                 self.metrics.inflight.dec()
                 self._release(job.admitted)
 
@@ -214,6 +241,9 @@ class TextServing:
         try:
             self._chunk(job, start)
             for event in itertools.chain([first], events):
+                if self._is_cancelled(job.key):
+                    self._stop_cancelled(job)
+                    return
                 seq += 1
                 if isinstance(event, TextDelta):
                     text = TextChunkEnvelope(
@@ -237,6 +267,11 @@ class TextServing:
             )
         finally:
             self._close(events)
+
+    def _stop_cancelled(self, job: TextJob) -> None:
+        log.info("generation %s cancelled by device %s", job.envelope.request_id, job.device)
+        self.metrics.failures.labels(job.envelope.model, "cancelled").inc()
+        self.replies.finish(job.key, None, None)
 
     @staticmethod
     def _close(events: Iterator[GenerationEvent]) -> None:

@@ -50,6 +50,7 @@ from shared.envelopes import (
     ErrorEnvelope,
     InferRequestEnvelope,
     InferResponseEnvelope,
+    TextCancelEnvelope,
     TextRequestEnvelope,
     decode_envelope,
     frame,
@@ -256,7 +257,9 @@ class CloudWorker:
         try:
             device, model = topics.parse_cloud_request(message.topic)
             envelope, tail = decode_envelope(message.payload)
-            if not isinstance(envelope, InferRequestEnvelope | TextRequestEnvelope):
+            if not isinstance(
+                envelope, InferRequestEnvelope | TextRequestEnvelope | TextCancelEnvelope
+            ):
                 raise InvalidInput(f"expected an infer_request envelope, got {envelope.kind!r}")
             if envelope.model != model:
                 raise InvalidInput(
@@ -269,6 +272,9 @@ class CloudWorker:
             self._send(address, _error_payload(request_id, exc), None)
             return
         key = (device, envelope.request_id)
+        if isinstance(envelope, TextCancelEnvelope):
+            self.text.cancel(key)  # the device's own request only: the key holds its id
+            return
         action, cached = self.replies.arrive(key, address)
         if action is not Arrival.NEW:
             self.metrics.duplicates.labels(action.value).inc()

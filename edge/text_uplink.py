@@ -13,7 +13,9 @@ reply) raises before any text, and the router can answer on the device instead. 
 that, :class:`ChunkReassembler` puts chunks in ``seq`` order, drops duplicates and holds
 early ones; the stream ends with the ``final`` chunk's usage and finish reason, or with an
 error: the cloud's error reply, the broker connection lost, a gap that is not filled, or
-no chunk for the route's timeout. It is never restarted, so no text is sent twice.
+no chunk for the route's timeout. It is never restarted, so no text is sent twice. A stream
+left before its end (its client went away, or it broke) sends a
+:class:`~shared.envelopes.TextCancelEnvelope`, so the cloud stops generating.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import logging
 import queue
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,6 +43,7 @@ from shared.envelopes import (
     Envelope,
     ErrorEnvelope,
     GenerationParams,
+    TextCancelEnvelope,
     TextChunkEnvelope,
     TextRequestEnvelope,
     decode_envelope,
@@ -128,7 +131,18 @@ class UplinkText:
             self.uplink.unlisten(exchange.correlation)
             self.uplink.count(model, "error")
             raise InternalError(f"the cloud answered a generation with a {first.kind!r}")
-        return _Stream(self._stream(exchange, first, timeout), self.uplink, exchange.correlation)
+        return _Stream(self._stream(exchange, first, timeout), lambda: self._cancel(exchange))
+
+    def _cancel(self, exchange: _Exchange) -> None:
+        """Stop listening, and ask the cloud to stop the generation (best effort)."""
+        self.uplink.unlisten(exchange.correlation)
+        cancel = TextCancelEnvelope(request_id=exchange.correlation.decode(), model=exchange.model)
+        try:
+            self.uplink.publish_request(
+                exchange.model, frame(cancel.dump()), exchange.correlation, 10.0
+            )
+        except TetherError as exc:  # the broker is away: the cloud cannot send either
+            log.debug("could not cancel a cloud generation: %s", exc.message)
 
     def _stream(
         self, exchange: _Exchange, first: TextChunkEnvelope, timeout_s: float
@@ -281,23 +295,38 @@ class UplinkText:
 
 
 class _Stream(Iterator[GenerationEvent]):
-    """A cloud generation's events; closing it stops listening even if it never ran."""
+    """A cloud generation's events. A stream left before its end (closed early, or broken:
+    a stall, a gap) stops listening and asks the cloud to stop generating."""
 
-    def __init__(
-        self, events: Iterator[GenerationEvent], uplink: Uplink, correlation: bytes
-    ) -> None:
+    def __init__(self, events: Iterator[GenerationEvent], abandon: Callable[[], None]) -> None:
         self._events = events
-        self._uplink = uplink
-        self._correlation = correlation
+        self._abandon = abandon
+        self._open = True
 
     def __next__(self) -> GenerationEvent:
-        return next(self._events)
+        try:
+            event = next(self._events)
+        except StopIteration:
+            self._end(abandoned=False)
+            raise
+        except BaseException:
+            self._end(abandoned=True)
+            raise
+        if isinstance(event, GenerationEnd):
+            self._end(abandoned=False)
+        return event
 
     def close(self) -> None:
         close = getattr(self._events, "close", None)
         if close is not None:
             close()
-        self._uplink.unlisten(self._correlation)
+        self._end(abandoned=True)
+
+    def _end(self, abandoned: bool) -> None:
+        if self._open:
+            self._open = False
+            if abandoned:
+                self._abandon()
 
 
 def _late(model: str, attempts: int) -> DeadlineExceeded:

@@ -120,6 +120,15 @@ class TextRequestEnvelope(Envelope):
     texts: list[str] | None = Field(None, description="task embed: the texts, in order.")
 
 
+class TextCancelEnvelope(Envelope):
+    """Edge -> cloud: stop the generation ``request_id`` (its client went away, or the device
+    gave up on the stream); nothing is answered."""
+
+    SCHEMA: ClassVar[SchemaVersion] = TEXT_SCHEMA
+    kind: Literal["text_cancel"] = "text_cancel"
+    model: str
+
+
 class TextUsage(VersionedModel):
     """Tokens read and written by one generation."""
 
@@ -199,6 +208,7 @@ _KINDS: dict[str, type[Envelope]] = {
     "error": ErrorEnvelope,
     "text_request": TextRequestEnvelope,
     "text_chunk": TextChunkEnvelope,
+    "text_cancel": TextCancelEnvelope,
     "embed_response": EmbedResponseEnvelope,
 }
 
@@ -230,5 +240,6 @@ ENVELOPE_TYPES: tuple[type[Envelope], ...] = (
     ErrorEnvelope,
     TextRequestEnvelope,
     TextChunkEnvelope,
+    TextCancelEnvelope,
     EmbedResponseEnvelope,
 )

@@ -21,6 +21,10 @@ import pytest
 
 from cloud.settings import CloudSettings
 from cloud.worker import CloudWorker
+from edge.runtimes.generation import ChatMessage, GenerationRequest, TextDelta
+from edge.settings import UplinkSettings
+from edge.text_uplink import UplinkText
+from edge.uplink import Uplink
 from tests.agent_process import AgentProcess
 from tests.broker import Broker
 from tests.openai.conftest import TEXT_REPOSITORY, TOKEN, http, linked_repository, text_model_dir
@@ -241,3 +245,31 @@ def test_killing_the_broker_mid_stream_ends_it_with_an_error_then_cloud_first_is
         )
     finally:
         stop_stack(stack)
+
+
+def test_a_stream_left_early_stops_the_clouds_generation(stack: Stack) -> None:
+    uplink = Uplink(stack.broker.url, "text-cancel", UplinkSettings(timeout_s=CLOUD_TIMEOUT_S))
+    uplink.start()
+    try:
+        events = UplinkText(uplink).generate(
+            "smollm2-135m",
+            GenerationRequest(
+                messages=(ChatMessage("user", "Tell a long story."),), max_tokens=400
+            ),
+            None,
+        )
+        assert isinstance(next(events), TextDelta)
+        events.close()  # type: ignore[attr-defined]  # the client went away
+
+        def cancelled() -> float:
+            sample = stack.worker.metrics.registry.get_sample_value(
+                "tether_cloud_failures_total", {"model": "smollm2-135m", "reason": "cancelled"}
+            )
+            return sample or 0.0
+
+        deadline = time.monotonic() + CLOUD_TIMEOUT_S
+        while cancelled() < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert cancelled() == 1  # stopped long before its 400 tokens
+    finally:
+        uplink.close()
