@@ -23,7 +23,7 @@ from typing import Any
 
 import click
 
-from cloud.fleet_db import FleetDB, RolloutPolicy
+from cloud.fleet_db import HARDWARE_KEY, FleetDB, RolloutPolicy
 from cloud.fleet_settings import FleetSettings, load_fleet_settings
 from cloud.provision import provision_command
 from shared.client_ids import random_client_id
@@ -339,10 +339,15 @@ def status_command(ctx: click.Context, recent: int) -> None:
 
 @fleet_group.command("devices")
 @click.option("--select", "select", default="", help="Label selector k=v,k2=v2.")
+@click.option("--hardware", help="Only devices that report this hardware.")
+@click.option("--group", help="Only the devices of this group of the fleet settings, now.")
 @click.pass_context
-def devices_command(ctx: click.Context, select: str) -> None:
-    """List the devices that reported to the fleet."""
-    for d in _db(_settings(ctx)).list_devices(parse_labels(select)):
+def devices_command(
+    ctx: click.Context, select: str, hardware: str | None, group: str | None
+) -> None:
+    """List the devices that reported to the fleet (those a rollout would select)."""
+    settings = _settings(ctx)
+    for d in _db(settings).list_devices(device_selector(settings, select, hardware, group)):
         models = ", ".join(f"{m}:{s.get('active')}" for m, s in sorted(d.models.items()))
         labels = ",".join(f"{k}={v}" for k, v in sorted(d.labels.items()))
         state = "online" if d.online else "offline"
@@ -354,10 +359,46 @@ def rollout_group() -> None:
     """Start and steer staged rollouts (the controller in `tether fleet serve` acts)."""
 
 
+def device_selector(
+    settings: FleetSettings, select: str, hardware: str | None, group: str | None
+) -> dict[str, str]:
+    """The selector of ``--select``, ``--hardware`` and ``--group`` together (every part
+    must match); a label or hardware given twice with different values is refused."""
+    selector: dict[str, str] = {}
+    if group is not None:
+        spec = settings.groups.get(group)
+        if spec is None:
+            known = ", ".join(sorted(settings.groups)) or "none defined (TETHER_FLEET_GROUPS)"
+            raise click.BadParameter(f"no device group {group!r}; groups: {known}", param_hint="--group")
+        selector.update(spec.labels)
+        if spec.hardware is not None:
+            selector[HARDWARE_KEY] = spec.hardware
+    for key, value in parse_labels(select).items():
+        if selector.get(key, value) != value:
+            raise click.BadParameter(
+                f"label {key} is {selector[key]!r} in group {group!r}", param_hint="--select"
+            )
+        selector[key] = value
+    if hardware is not None:
+        if selector.get(HARDWARE_KEY, hardware) != hardware:
+            raise click.BadParameter(
+                f"group {group!r} selects hardware {selector[HARDWARE_KEY]!r}",
+                param_hint="--hardware",
+            )
+        selector[HARDWARE_KEY] = hardware
+    return selector
+
+
 @rollout_group.command("start")
 @click.argument("model")
 @click.argument("version", type=int)
 @click.option("--select", "select", default="", help="Label selector k=v,k2=v2 (default all).")
+@click.option("--hardware", help="Only devices that report this hardware (cpu, cuda...).")
+@click.option(
+    "--group",
+    help="A device group named in the fleet settings (TETHER_FLEET_GROUPS): its labels and "
+    "hardware, matched against the devices when the rollout starts.",
+)
 @click.option("--waves", default="1,10%,50%,100%", show_default=True)
 @click.option("--window", default="60s", show_default=True, help="Health window per wave.")
 @click.option("--max-failure", default="5%", show_default=True, help="Failed/silent devices.")
@@ -416,6 +457,8 @@ def rollout_start_command(
     model: str,
     version: int,
     select: str,
+    hardware: str | None,
+    group: str | None,
     waves: str,
     window: str,
     max_failure: str,
@@ -454,8 +497,10 @@ def rollout_start_command(
             rate_growth=rate_growth,
             growth_every=growth_every,
         )
-        db = _db(_settings(ctx))
-        rollout, created = start_rollout(db, model, version, parse_labels(select), policy)
+        settings = _settings(ctx)
+        selector = device_selector(settings, select, hardware, group)
+        db = _db(settings)
+        rollout, created = start_rollout(db, model, version, selector, policy)
         click.echo(("started " if created else "already exists: ") + rollout.id)
         _echo(summarize(db, rollout.id))
     except TetherError as exc:

@@ -38,8 +38,17 @@ ACTIVE_STATES = ("running", "paused", "aborting", "rolling_back")
 ORDERED, TIMEOUT = "ordered", "timeout"
 #: A device of the rollout that stayed offline until the rollout's deadline (``--until``).
 MISSED = "missed"
+#: The selector key that matches a device's reported hardware (``--hardware``), not a label.
+HARDWARE_KEY = "@hardware"
 
 _PREFIX = re.compile(r"^[a-z][a-z0-9_]{0,30}$")
+#: Devices named in one ``IN (...)`` list (SQLite allows 32,766 parameters; stay far below).
+CHUNK = 500
+
+
+def _chunks(items: Sequence[Any], size: int = CHUNK) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
 
 
 class Cursor(Protocol):
@@ -84,7 +93,12 @@ class DeviceRecord:
         return int(value) if value is not None else None
 
     def matches(self, selector: dict[str, str]) -> bool:
-        return all(self.labels.get(k) == v for k, v in selector.items())
+        """Every ``label=value`` of ``selector`` holds, and its :data:`HARDWARE_KEY`, if any,
+        is the hardware the device reports."""
+        return all(
+            (self.hardware if k == HARDWARE_KEY else self.labels.get(k)) == v
+            for k, v in selector.items()
+        )
 
 
 @dataclass
@@ -247,6 +261,13 @@ class FleetDB:
         with self._lock:
             return self._exec(sql, params).fetchall()
 
+    def _exec_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        """Run one statement for many parameter rows (psycopg pipelines them)."""
+        if not rows:
+            return
+        with self._lock:
+            self._conn.cursor().executemany(self.dialect.sql(sql), [tuple(r) for r in rows])
+
     def create_schema(self) -> None:
         """Create the tables if they do not exist (safe to run on every start)."""
         t = self._t
@@ -310,32 +331,44 @@ class FleetDB:
 
     def upsert_device(self, device: str, status: DeviceStatus, seen_at: float) -> None:
         """Record a device's status; a last will (``online`` false, nothing else) keeps the rest."""
-        will_only = not status.online and not status.models and not status.labels
-        if will_only:
-            self._exec(
-                f"""INSERT INTO {self._t("devices")} VALUES (?, 0, '', '', '{{}}', '{{}}', '{{}}', ?)
-                ON CONFLICT (device) DO UPDATE SET online = 0, last_seen = excluded.last_seen""",
-                (device, seen_at),
-            )
-            return
-        models = {name: state.model_dump() for name, state in status.models.items()}
-        self._exec(
-            f"""INSERT INTO {self._t("devices")} VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+        self.upsert_devices([(device, status, seen_at)])
+
+    def upsert_devices(self, statuses: Sequence[tuple[str, DeviceStatus, float]]) -> None:
+        """Record ``(device, status, seen_at)`` in order, a run of the same kind (will or
+        full status) at a time, so a device's later report still wins."""
+        will_sql = f"""INSERT INTO {self._t("devices")} VALUES (?, 0, '', '', '{{}}', '{{}}', '{{}}', ?)
+            ON CONFLICT (device) DO UPDATE SET online = 0, last_seen = excluded.last_seen"""
+        full_sql = f"""INSERT INTO {self._t("devices")} VALUES (?, ?, ?, ?, ?, ?, ?, ?)
             ON CONFLICT (device) DO UPDATE SET online = excluded.online,
               agent_version = excluded.agent_version, hardware = excluded.hardware,
               labels = excluded.labels, models = excluded.models, health = excluded.health,
-              last_seen = excluded.last_seen""",
-            (
-                device,
-                int(status.online),
-                status.agent_version,
-                status.hardware,
-                json.dumps(status.labels, sort_keys=True),
-                json.dumps(models, sort_keys=True),
-                json.dumps(status.health, sort_keys=True, default=str),
-                seen_at,
-            ),
-        )
+              last_seen = excluded.last_seen"""
+        run: list[tuple[Any, ...]] = []
+        run_sql = ""
+        with self.transaction():
+            for device, status, seen_at in statuses:
+                will_only = not status.online and not status.models and not status.labels
+                sql = will_sql if will_only else full_sql
+                if sql != run_sql:
+                    self._exec_many(run_sql, run)
+                    run, run_sql = [], sql
+                if will_only:
+                    run.append((device, seen_at))
+                    continue
+                models = {name: state.model_dump() for name, state in status.models.items()}
+                run.append(
+                    (
+                        device,
+                        int(status.online),
+                        status.agent_version,
+                        status.hardware,
+                        json.dumps(status.labels, sort_keys=True),
+                        json.dumps(models, sort_keys=True),
+                        json.dumps(status.health, sort_keys=True, default=str),
+                        seen_at,
+                    )
+                )
+            self._exec_many(run_sql, run)
 
     def get_device(self, device: str) -> DeviceRecord | None:
         rows = self._rows(f"SELECT * FROM {self._t('devices')} WHERE device = ?", (device,))
@@ -343,9 +376,16 @@ class FleetDB:
 
     def online_devices(self, devices: Sequence[str]) -> set[str]:
         """Which of ``devices`` are online now (their latest status, not their will)."""
-        wanted = set(devices)
-        rows = self._rows(f"SELECT device FROM {self._t('devices')} WHERE online = 1")
-        return {str(row[0]) for row in rows if row[0] in wanted}
+        online: set[str] = set()
+        with self._lock:
+            for chunk in _chunks(sorted(set(devices))):
+                rows = self._rows(
+                    f"SELECT device FROM {self._t('devices')} WHERE online = 1 "
+                    f"AND device IN ({', '.join('?' * len(chunk))})",
+                    chunk,
+                )
+                online.update(str(row[0]) for row in rows)
+        return online
 
     def list_devices(self, selector: dict[str, str] | None = None) -> list[DeviceRecord]:
         """Devices whose labels contain every ``key=value`` of ``selector``, by id."""
@@ -430,13 +470,12 @@ class FleetDB:
                     now,
                 ),
             )
-            for device, wave, previous in devices:
-                self._exec(
-                    f"""INSERT INTO {self._t("rollout_devices")}
-                    (rollout_id, device, wave, previous_version, step, reason, updated_at)
-                    VALUES (?, ?, ?, ?, NULL, '', ?)""",
-                    (rollout_id, device, wave, previous, now),
-                )
+            self._exec_many(
+                f"""INSERT INTO {self._t("rollout_devices")}
+                (rollout_id, device, wave, previous_version, step, reason, updated_at)
+                VALUES (?, ?, ?, ?, NULL, '', ?)""",
+                [(rollout_id, device, wave, previous, now) for device, wave, previous in devices],
+            )
             return self.rollout(rollout_id), True
 
     def find_rollout(
@@ -529,14 +568,27 @@ class FleetDB:
 
     # ------------------------------------------------------------------ rollout devices
 
-    def rollout_devices(self, rollout_id: str) -> list[RolloutDevice]:
+    def rollout_devices(self, rollout_id: str, *, health: bool = True) -> list[RolloutDevice]:
+        """A rollout's devices by wave and id; ``health=False`` skips reading (and parsing)
+        their health reports, which the controller needs only when it judges a wave."""
+        column = "health" if health else "NULL"
         rows = self._rows(
-            f"""SELECT rollout_id, device, wave, previous_version, step, reason, health,
+            f"""SELECT rollout_id, device, wave, previous_version, step, reason, {column},
             ordered_at, active_at, rollback_at, updated_at FROM {self._t("rollout_devices")}
             WHERE rollout_id = ? ORDER BY wave, device""",
             (rollout_id,),
         )
         return [_rollout_device(row) for row in rows]
+
+    def committed_health(self, rollout_id: str, max_wave: int) -> list[HealthReport]:
+        """Health reports of the ordered devices of waves up to ``max_wave`` that committed."""
+        rows = self._rows(
+            f"""SELECT health FROM {self._t("rollout_devices")} WHERE rollout_id = ?
+            AND wave <= ? AND ordered_at IS NOT NULL AND step = 'committed'
+            AND health IS NOT NULL ORDER BY wave, device""",
+            (rollout_id, max_wave),
+        )
+        return [HealthReport.model_validate_json(row[0]) for row in rows if row[0]]
 
     def mark_devices(
         self,
@@ -564,14 +616,14 @@ class FleetDB:
             guard = f" AND (step IS NULL OR step NOT IN ({', '.join('?' * len(unless_steps))}))"
         changed = 0
         with self.transaction():
-            for device in devices:
+            for chunk in _chunks(list(dict.fromkeys(devices))):
                 params: list[Any] = [now] if step is None else [step, reason, now]
                 if column:
                     params.append(now)
-                params += [rollout_id, device, *unless_steps]
+                params += [rollout_id, *chunk, *unless_steps]
                 changed += self._exec(
                     f"""UPDATE {self._t("rollout_devices")} SET {sets}{stamp}
-                    WHERE rollout_id = ? AND device = ?{guard}""",
+                    WHERE rollout_id = ? AND device IN ({", ".join("?" * len(chunk))}){guard}""",
                     params,
                 ).rowcount
         return changed
@@ -588,13 +640,29 @@ class FleetDB:
         """
         ignored = 0
         with self.transaction():
+            # Which (rollout, device) pairs exist: rows are never deleted, so the answer
+            # holds for the whole transaction.
+            wanted: dict[str, set[str]] = {}
+            for device, event, _at in events:
+                wanted.setdefault(event.rollout_id, set()).add(device)
+            known: set[tuple[str, str]] = set()
+            for rollout_id, names in wanted.items():
+                for chunk in _chunks(sorted(names)):
+                    rows = self._rows(
+                        f"""SELECT device FROM {self._t("rollout_devices")} WHERE rollout_id = ?
+                        AND device IN ({", ".join("?" * len(chunk))})""",
+                        [rollout_id, *chunk],
+                    )
+                    known.update((rollout_id, str(row[0])) for row in rows)
+            updates: list[tuple[Any, ...]] = []
+            history: list[tuple[Any, ...]] = []
             for device, event, received_at in events:
+                if (event.rollout_id, device) not in known:
+                    ignored += 1
+                    continue
                 health = event.health.model_dump_json(exclude_none=True) if event.health else None
                 active = received_at if event.step == "active" else None
-                updated = self._exec(
-                    f"""UPDATE {self._t("rollout_devices")} SET step = ?, reason = ?,
-                    health = COALESCE(?, health), active_at = COALESCE(active_at, ?),
-                    updated_at = ? WHERE rollout_id = ? AND device = ?""",
+                updates.append(
                     (
                         event.step,
                         event.reason,
@@ -603,15 +671,9 @@ class FleetDB:
                         received_at,
                         event.rollout_id,
                         device,
-                    ),
-                ).rowcount
-                if not updated:
-                    ignored += 1
-                    continue
-                self._exec(
-                    f"""INSERT INTO {self._t("rollout_events")}
-                    (rollout_id, device, version, step, reason, health, at)
-                    VALUES (?, ?, ?, ?, ?, ?, ?)""",
+                    )
+                )
+                history.append(
                     (
                         event.rollout_id,
                         device,
@@ -620,8 +682,21 @@ class FleetDB:
                         event.reason,
                         health,
                         event.at,
-                    ),
+                    )
                 )
+            # In arrival order: of several events of one device, the last one's step wins.
+            self._exec_many(
+                f"""UPDATE {self._t("rollout_devices")} SET step = ?, reason = ?,
+                health = COALESCE(?, health), active_at = COALESCE(active_at, ?),
+                updated_at = ? WHERE rollout_id = ? AND device = ?""",
+                updates,
+            )
+            self._exec_many(
+                f"""INSERT INTO {self._t("rollout_events")}
+                (rollout_id, device, version, step, reason, health, at)
+                VALUES (?, ?, ?, ?, ?, ?, ?)""",
+                history,
+            )
         return ignored
 
     # ------------------------------------------------------------------ intake drops

@@ -11,10 +11,20 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MQTT_URL_VARIABLE = "TETHER_MQTT_URL"
+
+
+class DeviceGroup(BaseModel):
+    """A named, dynamic group of devices: those whose labels and hardware match when a
+    rollout to the group starts (not a list of devices fixed in advance)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    labels: dict[str, str] = Field(default_factory=dict, description="Labels all must have.")
+    hardware: str | None = Field(None, description="The hardware the device reports.")
 
 
 class FleetSettings(BaseSettings):
@@ -61,6 +71,11 @@ class FleetSettings(BaseSettings):
         7 * 86400.0,
         gt=0,
         description="How long a signed rollout order stays valid; a device refuses it after.",
+    )
+    groups: dict[str, DeviceGroup] = Field(
+        default_factory=dict,
+        description='Named device groups for `rollout start --group`, as JSON: {"eu-gpu": '
+        '{"labels": {"region": "eu"}, "hardware": "cuda"}}.',
     )
     heartbeat_file: Path | None = Field(
         None,

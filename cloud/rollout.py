@@ -404,12 +404,14 @@ class RolloutController:
     def _store(self, batch: list[Report]) -> int:
         """Write reports (statuses, then events); how many events named a rollout their
         device is not in (ignored)."""
-        events = []
+        statuses, events = [], []
         for kind, device, parsed, at, _size in batch:
             if kind == "status":
-                self.db.upsert_device(device, parsed, at)
+                statuses.append((device, parsed, at))
             else:
                 events.append((device, parsed, at))
+        if statuses:
+            self.db.upsert_devices(statuses)
         return self.db.record_events(events) if events else 0
 
     def _dropped_on_store(self, report: Report, exc: BaseException) -> None:
@@ -477,7 +479,7 @@ class RolloutController:
 
     def _advance(self, rollout: RolloutRecord, now: float | None) -> None:
         policy = rollout.policy
-        devices = self.db.rollout_devices(rollout.id)
+        devices = self.db.rollout_devices(rollout.id, health=False)
         # Decisions are stamped with the time after the state they rest on was read: a
         # report received during a slow read is older than an order that follows it.
         now = self.clock() if now is None else now
@@ -490,7 +492,7 @@ class RolloutController:
         if pending and now < deadline:
             ordered_now, held = self._order_late(rollout, devices, pending, now)
             if ordered_now:
-                devices = self.db.rollout_devices(rollout.id)
+                devices = self.db.rollout_devices(rollout.id, health=False)
         wave = [d for d in devices if d.wave == rollout.wave and d.ordered_at is not None]
         silent = self._silent(wave, policy, now)
         if silent:
@@ -502,7 +504,7 @@ class RolloutController:
                 reason=f"no answer within {policy.device_timeout_s:g}s",
                 unless_steps=tuple(INSTALL_DONE),
             )
-            devices = self.db.rollout_devices(rollout.id)
+            devices = self.db.rollout_devices(rollout.id, health=False)
             wave = [d for d in devices if d.wave == rollout.wave and d.ordered_at is not None]
         ordered = [d for d in devices if d.wave <= rollout.wave and d.ordered_at is not None]
         failed = [d for d in ordered if d.step in FAILED_STEPS]
@@ -519,8 +521,7 @@ class RolloutController:
             return
         if held or not all(d.step in INSTALL_DONE for d in wave):
             return
-        reports = [d.health for d in ordered if d.step == "committed" and d.health is not None]
-        verdict = health_verdict(reports, policy)
+        verdict = health_verdict(self.db.committed_health(rollout.id, rollout.wave), policy)
         if verdict is not None:
             self._roll_back(rollout, f"wave {rollout.wave + 1}: {verdict}", now)
             return
@@ -650,7 +651,7 @@ class RolloutController:
     def _resend_unacknowledged(self, now: float) -> None:
         """On taking the lease: send again the orders no device has acknowledged yet."""
         for rollout in self.db.list_rollouts(active_only=True):
-            devices = self.db.rollout_devices(rollout.id)
+            devices = self.db.rollout_devices(rollout.id, health=False)
             if rollout.state == "running" and rollout.wave_started_at is not None:
                 silent = [d for d in devices if d.step == ORDERED and d.wave <= rollout.wave]
                 for wave in sorted({d.wave for d in silent}):
@@ -709,7 +710,7 @@ class RolloutController:
                 fence=self._term,
             ):
                 return
-            devices = [d for d in self.db.rollout_devices(rollout.id) if d.ordered_at is not None]
+            devices = [d for d in self.db.rollout_devices(rollout.id, health=False) if d.ordered_at is not None]
             waiting = [d.device for d in devices if d.step in MAY_HAVE_NEW]
             self.db.mark_devices(rollout.id, waiting, ROLLBACK_ORDERED, now, column="rollback_at")
             others = [d.device for d in devices if d.step not in MAY_HAVE_NEW]
@@ -731,7 +732,7 @@ class RolloutController:
             self._publish_order(d.device, order, now)
 
     def _finish_rollback(self, rollout: RolloutRecord, now: float) -> None:
-        devices = [d for d in self.db.rollout_devices(rollout.id) if d.rollback_at is not None]
+        devices = [d for d in self.db.rollout_devices(rollout.id, health=False) if d.rollback_at is not None]
         timeout = rollout.policy.device_timeout_s
         silent = [
             d.device
@@ -747,7 +748,7 @@ class RolloutController:
                 reason=f"rollback not confirmed within {timeout:g}s",
                 unless_steps=tuple(ROLLBACK_DONE),
             )
-            devices = [d for d in self.db.rollout_devices(rollout.id) if d.rollback_at is not None]
+            devices = [d for d in self.db.rollout_devices(rollout.id, health=False) if d.rollback_at is not None]
         if all(d.step in ROLLBACK_DONE for d in devices) and self.db.set_rollout_state(
             rollout.id, "rolled_back", now, only_from=("rolling_back",), fence=self._term
         ):

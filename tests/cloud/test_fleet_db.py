@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from cloud.fleet_db import FleetDB, sqlite_path
+from cloud.fleet_db import HARDWARE_KEY, FleetDB, sqlite_path
 from shared.errors import InvalidInput, NotFound
 from shared.fleet import DeviceStatus, HealthReport, ModelState, RolloutEvent
 from shared.manifest import Manifest, SignedManifest, generate_key, sign_manifest
@@ -185,3 +185,48 @@ def test_urls_and_prefixes_are_checked(tmp_path: Path) -> None:
         FleetDB("mysql://nope")
     with pytest.raises(InvalidInput):
         FleetDB(f"sqlite:///{tmp_path}/x.db", prefix="bad; DROP")
+
+
+def test_fleet_sized_batches_keep_every_device_and_the_order_of_its_reports(
+    db: FleetDB,
+) -> None:
+    """More devices than one statement names (1,200 > 500): every one is written once,
+    and of one device's reports in one batch the later one wins."""
+    names = [f"d{i:04d}" for i in range(1200)]
+    will = DeviceStatus.parse({"kind": "device_status", "online": False})
+    batch = [(name, status(site="a"), 1.0) for name in names]
+    # d0000 goes offline after its status; d0001 comes back after its will.
+    batch += [("d0000", will, 2.0), ("d0001", will, 2.0), ("d0001", status(site="b"), 3.0)]
+    db.upsert_devices(batch)
+    assert len(db.list_devices({"site": "a"})) == 1199  # the will keeps the labels
+    assert [d.device for d in db.list_devices({"site": "b"})] == ["d0001"]
+    assert db.online_devices(names) == set(names) - {"d0000"}
+
+    db.create_rollout("r1", "digits", 2, {}, policy(), [(n, 0, 1) for n in names], 1.0)
+    assert db.mark_devices("r1", names, "ordered", 2.0, column="ordered_at") == 1200
+
+    def event(step: str, at: float, rollout: str = "r1") -> RolloutEvent:
+        return RolloutEvent(rollout_id=rollout, model="digits", version=2, step=step, at=at)
+
+    events = [(n, event("active", 3.0), 3.0) for n in names]
+    events += [(n, event("committed", 4.0), 4.0) for n in names[:700]]
+    events += [("ghost", event("committed", 4.0), 4.0), (names[0], event("active", 4.0, "r9"), 4.0)]
+    assert db.record_events(events) == 2
+    rows = {r.device: r for r in db.rollout_devices("r1")}
+    assert sum(r.step == "committed" for r in rows.values()) == 700
+    assert rows[names[999]].step == "active" and rows[names[999]].active_at == 3.0
+    assert [s for s, _, _ in db.device_history("r1", names[0])] == ["active", "committed"]
+    # The guard spares the devices that finished: only the 500 still active time out.
+    assert db.mark_devices("r1", names, "timeout", 5.0, unless_steps=("committed",)) == 500
+    assert len(db.committed_health("r1", 0)) == 0  # committed, but no health reported
+
+
+def test_a_hardware_selector_matches_the_reported_hardware(db: FleetDB) -> None:
+    db.upsert_device("jetson", status(site="a"), 1.0)
+    other = status(site="a").model_copy(update={"hardware": "cpu"})
+    db.upsert_device("pc", other, 1.0)
+    assert [d.device for d in db.list_devices({HARDWARE_KEY: "sm_87"})] == ["jetson"]
+    assert [d.device for d in db.list_devices({"site": "a", HARDWARE_KEY: "cpu"})] == ["pc"]
+    # A label of that name is not the hardware.
+    db.upsert_device("liar", status(**{HARDWARE_KEY: "cpu"}), 1.0)
+    assert [d.device for d in db.list_devices({HARDWARE_KEY: "cpu"})] == ["pc"]

@@ -19,6 +19,7 @@ from cloud.artifacts import ArtifactServer, ArtifactStore, pack_version
 from cloud.fleet_db import FleetDB
 from cloud.registry import Registry
 from shared.errors import InvalidInput, SignatureError
+from shared.fleet import DeviceStatus
 from shared.manifest import (
     generate_key,
     key_id,
@@ -227,3 +228,57 @@ def test_the_development_key_is_refused_for_a_production_database(tmp_path: Path
         env={"TETHER_FLEET_SIGNING_KEY": str(data / "keys" / "dev-signing.pem")},
     )
     assert public.output.strip() == public_key_text(dev_key)
+
+
+def test_rollouts_to_a_named_group_or_hardware_select_devices_as_they_are_at_start(
+    tmp_path: Path,
+) -> None:
+    runner = CliRunner()
+    data = tmp_path / "data"
+    base = ["fleet", "--data-dir", str(data)]
+    groups = '{"eu-gpu": {"labels": {"region": "eu"}, "hardware": "cuda"}}'
+    env = {"TETHER_FLEET_SIGNING_KEY": str(tmp_path / "k.pem"), "TETHER_FLEET_GROUPS": groups}
+    assert runner.invoke(cli, [*base, "keygen", str(tmp_path / "k.pem")]).exit_code == 0
+    folder = make_version(tmp_path / "repo", "digits", 1)
+    assert runner.invoke(cli, [*base, "publish", str(folder)], env=env).exit_code == 0
+    db = FleetDB(f"sqlite:///{data}/fleet.db")
+
+    def report(device: str, hardware: str, **labels: str) -> None:
+        db.upsert_device(
+            device, DeviceStatus(online=True, hardware=hardware, labels=labels), time.time()
+        )
+
+    report("eu-1", "cuda", region="eu")
+    report("eu-2", "cpu", region="eu")
+    report("us-1", "cuda", region="us")
+    # Groups are selectors, not lists: a device relabelled before the start is in.
+    report("us-2", "cuda", region="us")
+    report("us-2", "cuda", region="eu")
+    result = runner.invoke(cli, [*base, "devices", "--group", "eu-gpu"], env=env)
+    assert [line.split("\t")[0] for line in result.output.splitlines()] == ["eu-1", "us-2"]
+    result = runner.invoke(cli, [*base, "devices", "--hardware", "cpu"], env=env)
+    assert [line.split("\t")[0] for line in result.output.splitlines()] == ["eu-2"]
+
+    result = runner.invoke(
+        cli, [*base, "rollout", "start", "digits", "1", "--group", "nope"], env=env
+    )
+    assert result.exit_code != 0 and "no device group 'nope'" in result.output
+    result = runner.invoke(
+        cli,
+        [*base, "rollout", "start", "digits", "1", "--group", "eu-gpu", "--hardware", "cpu"],
+        env=env,
+    )
+    assert result.exit_code != 0 and "selects hardware 'cuda'" in result.output
+    result = runner.invoke(
+        cli, [*base, "rollout", "start", "digits", "1", "--group", "eu-gpu"], env=env
+    )
+    assert result.exit_code == 0, result.output
+    (rollout,) = db.list_rollouts()
+    assert sorted(d.device for d in db.rollout_devices(rollout.id)) == ["eu-1", "us-2"]
+    result = runner.invoke(
+        cli, [*base, "rollout", "start", "digits", "1", "--hardware", "cpu"], env=env
+    )
+    assert result.exit_code == 0, result.output
+    (other,) = [r for r in db.list_rollouts() if r.id != rollout.id]
+    assert [d.device for d in db.rollout_devices(other.id)] == ["eu-2"]
+    db.close()
