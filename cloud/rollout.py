@@ -110,6 +110,9 @@ INBOX_MAX_REPORTS = 100_000
 INBOX_MAX_BYTES = 64 * 1024 * 1024
 #: Reports stored in one transaction.
 BATCH_REPORTS = 1000
+#: A rollout is re-read and judged at least this often even when no report arrived since
+#: its last judgement (timeouts and the ``--until`` deadline depend on the clock alone).
+REJUDGE_S = 1.0
 #: Why a device report was dropped: the ``reason`` label of the drop counter.
 DROP_INVALID, DROP_INBOX_FULL = "invalid", "inbox_full"
 DROP_STORE_FAILED, DROP_UNKNOWN_ROLLOUT = "store_failed", "unknown_rollout"
@@ -271,6 +274,10 @@ class RolloutController:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._manifests: dict[tuple[str, int], SignedManifest] = {}
+        #: Batches of reports stored so far: a rollout whose record, and the reports
+        #: stored, are as at its last judgement need not be re-read (see :meth:`tick`).
+        self._stored = 0
+        self._judged: dict[str, tuple[tuple[Any, ...], float]] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -397,6 +404,7 @@ class RolloutController:
                         unknown += self._store([report])
                 except Exception as single:
                     self._dropped_on_store(report, single)
+        self._stored += 1
         if unknown:
             self._drop(DROP_UNKNOWN_ROLLOUT, unknown)
         self._flush_drops()
@@ -467,6 +475,8 @@ class RolloutController:
                     self._seq = max(self._seq, floor)
                 self._resend_unacknowledged(now)
         for rollout in self.db.list_rollouts(active_only=True):
+            if given is None and self._unchanged(rollout, now):
+                continue
             try:
                 if rollout.state == "running":
                     self._advance(rollout, given)
@@ -476,6 +486,27 @@ class RolloutController:
                     self._finish_rollback(rollout, now)
             except MqttError as exc:
                 log.warning("rollout %s waits for the broker: %s", rollout.id, exc.message)
+
+    def _unchanged(self, rollout: RolloutRecord, now: float) -> bool:
+        """True when nothing a judgement of ``rollout`` rests on can have changed since the
+        last one, less than :data:`REJUDGE_S` ago: its record, this controller's term, and
+        the reports stored (every controller stores every report). Rate-limited rollouts
+        are judged every tick (their allowance grows with time). Skipping only delays a
+        decision; it keeps the controller from re-reading every device of a large rollout
+        on every tick."""
+        key = (self._stored, rollout.updated_at, rollout.state, rollout.wave, self._term)
+        if rollout.state not in ("running", "rolling_back") or rollout.wave_started_at is None:
+            return False
+        if rollout.policy.rate_per_minute is not None:
+            return False
+        last = self._judged.get(rollout.id)
+        if last is not None and last[0] == key and now - last[1] < REJUDGE_S:
+            return True
+        # Recorded before the judgement: reports stored during it make the next tick look.
+        self._judged[rollout.id] = (key, now)
+        if len(self._judged) > 1000:
+            self._judged.clear()
+        return False
 
     def _advance(self, rollout: RolloutRecord, now: float | None) -> None:
         policy = rollout.policy

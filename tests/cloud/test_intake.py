@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -174,14 +174,14 @@ def test_a_report_that_fails_to_store_is_dropped_alone(fleet: Fleet) -> None:
     bad = f"bad{fleet.run}"
     good = [f"g{fleet.run}-{i:02d}" for i in range(GOOD)]
     rid = rollout_of(fleet, [bad, *good])
-    original = fleet.db.upsert_device
+    original = fleet.db.upsert_devices
 
-    def upsert(device: str, status: DeviceStatus, seen_at: float) -> None:
-        if device == bad:
+    def upsert(statuses: Sequence[tuple[str, DeviceStatus, float]]) -> None:
+        if any(device == bad for device, _, _ in statuses):
             raise RuntimeError("the database refused this row")
-        original(device, status, seen_at)
+        original(statuses)
 
-    fleet.db.upsert_device = upsert  # type: ignore[method-assign]
+    fleet.db.upsert_devices = upsert  # type: ignore[method-assign]
     # Holding the database makes the controller queue the reports, so the bad one lands in
     # a batch with good statuses and events.
     with fleet.db.transaction():
