@@ -190,7 +190,10 @@ class Bench:
             policy(waves=["100%"], window_s=3600, device_timeout_s=300),
         )
         deadline = time.monotonic() + 900
-        while sum(1 for r in self.db.rollout_devices(rollout.id, health=False) if r.step == "active") < self.size:
+        while (
+            sum(1 for r in self.db.rollout_devices(rollout.id, health=False) if r.step == "active")
+            < self.size
+        ):
             assert time.monotonic() < deadline, "not every device became active"
             time.sleep(0.5)
         started = time.monotonic()

@@ -369,7 +369,9 @@ def device_selector(
         spec = settings.groups.get(group)
         if spec is None:
             known = ", ".join(sorted(settings.groups)) or "none defined (TETHER_FLEET_GROUPS)"
-            raise click.BadParameter(f"no device group {group!r}; groups: {known}", param_hint="--group")
+            raise click.BadParameter(
+                f"no device group {group!r}; groups: {known}", param_hint="--group"
+            )
         selector.update(spec.labels)
         if spec.hardware is not None:
             selector[HARDWARE_KEY] = spec.hardware

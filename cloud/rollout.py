@@ -741,7 +741,11 @@ class RolloutController:
                 fence=self._term,
             ):
                 return
-            devices = [d for d in self.db.rollout_devices(rollout.id, health=False) if d.ordered_at is not None]
+            devices = [
+                d
+                for d in self.db.rollout_devices(rollout.id, health=False)
+                if d.ordered_at is not None
+            ]
             waiting = [d.device for d in devices if d.step in MAY_HAVE_NEW]
             self.db.mark_devices(rollout.id, waiting, ROLLBACK_ORDERED, now, column="rollback_at")
             others = [d.device for d in devices if d.step not in MAY_HAVE_NEW]
@@ -763,7 +767,11 @@ class RolloutController:
             self._publish_order(d.device, order, now)
 
     def _finish_rollback(self, rollout: RolloutRecord, now: float) -> None:
-        devices = [d for d in self.db.rollout_devices(rollout.id, health=False) if d.rollback_at is not None]
+        devices = [
+            d
+            for d in self.db.rollout_devices(rollout.id, health=False)
+            if d.rollback_at is not None
+        ]
         timeout = rollout.policy.device_timeout_s
         silent = [
             d.device
@@ -779,7 +787,11 @@ class RolloutController:
                 reason=f"rollback not confirmed within {timeout:g}s",
                 unless_steps=tuple(ROLLBACK_DONE),
             )
-            devices = [d for d in self.db.rollout_devices(rollout.id, health=False) if d.rollback_at is not None]
+            devices = [
+                d
+                for d in self.db.rollout_devices(rollout.id, health=False)
+                if d.rollback_at is not None
+            ]
         if all(d.step in ROLLBACK_DONE for d in devices) and self.db.set_rollout_state(
             rollout.id, "rolled_back", now, only_from=("rolling_back",), fence=self._term
         ):
