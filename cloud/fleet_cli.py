@@ -380,6 +380,20 @@ def rollout_group() -> None:
 )
 @click.option("--device-timeout", default="120s", show_default=True)
 @click.option("--shadow-sample-rate", type=float, default=0.1, show_default=True)
+@click.option(
+    "--min-requests",
+    type=click.IntRange(min=0),
+    default=1,
+    show_default=True,
+    help="Requests a wave's committed devices must report, or the wave fails (no evidence).",
+)
+@click.option(
+    "--min-shadow-samples",
+    type=click.IntRange(min=0),
+    default=1,
+    show_default=True,
+    help="Shadow samples a wave must report when agreement is checked, or it fails.",
+)
 @click.option("--rate", type=float, help="At most this many devices ordered per minute.")
 @click.option(
     "--rate-growth",
@@ -411,6 +425,8 @@ def rollout_start_command(
     agreement_drop: str,
     device_timeout: str,
     shadow_sample_rate: float,
+    min_requests: int,
+    min_shadow_samples: int,
     rate: float | None,
     rate_growth: float,
     growth_every: int,
@@ -431,6 +447,8 @@ def rollout_start_command(
             max_agreement_drop=parse_fraction(agreement_drop),
             device_timeout_s=parse_duration(device_timeout),
             shadow_sample_rate=shadow_sample_rate,
+            min_requests=min_requests,
+            min_shadow_samples=min_shadow_samples,
             until_s=parse_duration(until),
             rate_per_minute=rate,
             rate_growth=rate_growth,

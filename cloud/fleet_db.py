@@ -110,6 +110,11 @@ class RolloutPolicy:
     rate_per_minute: float | None = None
     rate_growth: float = 1.0
     growth_every: int = 0
+    #: The health gate judges a wave only on evidence: at least this many requests over
+    #: its committed devices' reports, and (when shadow agreement is checked and sampled)
+    #: this many shadow samples; fewer fail the wave, never pass it.
+    min_requests: int = 1
+    min_shadow_samples: int = 1
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, sort_keys=True)
@@ -279,6 +284,8 @@ class FleetDB:
             f"""CREATE TABLE IF NOT EXISTS {t("leases")} (
                 name TEXT PRIMARY KEY, holder TEXT NOT NULL, epoch BIGINT NOT NULL,
                 expires_at DOUBLE PRECISION NOT NULL, seq BIGINT NOT NULL)""",
+            f"""CREATE TABLE IF NOT EXISTS {t("intake_drops")} (
+                reason TEXT PRIMARY KEY, count BIGINT NOT NULL)""",
         ]
         with self._lock:
             for statement in statements:
@@ -288,6 +295,7 @@ class FleetDB:
         """Drop every table of this prefix (tests clean up with it)."""
         with self._lock:
             for name in (
+                "intake_drops",
                 "wave_log",
                 "leases",
                 "rollout_events",
@@ -568,15 +576,38 @@ class FleetDB:
                 ).rowcount
         return changed
 
-    def record_events(self, events: Sequence[tuple[str, RolloutEvent, float]]) -> None:
-        """Record ``(device, event, received_at)``: history, and each device's latest step.
+    def record_events(self, events: Sequence[tuple[str, RolloutEvent, float]]) -> int:
+        """Record ``(device, event, received_at)``: history, and each device's latest step;
+        returns how many were ignored because the device is not in that rollout.
 
         The device comes from the topic. Health reports are kept (the latest wins); an
-        event without one keeps the earlier report.
+        event without one keeps the earlier report. An event for a rollout the device is
+        not part of (an unknown rollout id, another device's, the agent's own ``health``
+        rollbacks) changes nothing and leaves no history row, so no device can grow the
+        table with made-up rollouts.
         """
+        ignored = 0
         with self.transaction():
             for device, event, received_at in events:
                 health = event.health.model_dump_json(exclude_none=True) if event.health else None
+                active = received_at if event.step == "active" else None
+                updated = self._exec(
+                    f"""UPDATE {self._t("rollout_devices")} SET step = ?, reason = ?,
+                    health = COALESCE(?, health), active_at = COALESCE(active_at, ?),
+                    updated_at = ? WHERE rollout_id = ? AND device = ?""",
+                    (
+                        event.step,
+                        event.reason,
+                        health,
+                        active,
+                        received_at,
+                        event.rollout_id,
+                        device,
+                    ),
+                ).rowcount
+                if not updated:
+                    ignored += 1
+                    continue
                 self._exec(
                     f"""INSERT INTO {self._t("rollout_events")}
                     (rollout_id, device, version, step, reason, health, at)
@@ -591,21 +622,26 @@ class FleetDB:
                         event.at,
                     ),
                 )
-                active = received_at if event.step == "active" else None
-                self._exec(
-                    f"""UPDATE {self._t("rollout_devices")} SET step = ?, reason = ?,
-                    health = COALESCE(?, health), active_at = COALESCE(active_at, ?),
-                    updated_at = ? WHERE rollout_id = ? AND device = ?""",
-                    (
-                        event.step,
-                        event.reason,
-                        health,
-                        active,
-                        received_at,
-                        event.rollout_id,
-                        device,
-                    ),
-                )
+        return ignored
+
+    # ------------------------------------------------------------------ intake drops
+
+    def add_drops(self, counts: dict[str, int]) -> None:
+        """Add to the counts of device reports the controller dropped, by reason."""
+        with self.transaction():
+            for reason, count in sorted(counts.items()):
+                if count:
+                    self._exec(
+                        f"""INSERT INTO {self._t("intake_drops")} VALUES (?, ?)
+                        ON CONFLICT (reason) DO UPDATE
+                        SET count = {self._t("intake_drops")}.count + excluded.count""",
+                        (reason, count),
+                    )
+
+    def intake_drops(self) -> dict[str, int]:
+        """Device reports dropped so far, by reason (every controller of the database)."""
+        rows = self._rows(f"SELECT reason, count FROM {self._t('intake_drops')}")
+        return {str(reason): int(count) for reason, count in rows}
 
     def device_history(self, rollout_id: str, device: str) -> list[tuple[str, str, float]]:
         """``(step, reason, at)`` of every event a device sent for a rollout, oldest first."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from cloud.fleet_db import ACTIVE_STATES, FleetDB
@@ -19,12 +19,13 @@ RECENT_FINISHED = 10
 
 
 class FleetCollector(Collector):
-    """Devices by online state; per rollout, devices per step and the current wave."""
+    """Devices by online state; per rollout, devices per step and the current wave; device
+    reports the controllers dropped, by reason."""
 
     def __init__(self, db: FleetDB | None) -> None:
         self.db = db
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         devices = GaugeMetricFamily(
             "tether_fleet_devices",
             "Devices known to the fleet, by online state.",
@@ -38,7 +39,16 @@ class FleetCollector(Collector):
         waves = GaugeMetricFamily(
             "tether_rollout_wave", "The wave a rollout is in (1-based).", labels=["rollout"]
         )
+        dropped = CounterMetricFamily(
+            "tether_fleet_reports_dropped",
+            "Device statuses and rollout events the controller dropped, by reason: invalid "
+            "(refused when read: malformed, too large or too deep), inbox_full, store_failed, "
+            "unknown_rollout (an event for a rollout its device is not in).",
+            labels=["reason"],
+        )
         if self.db is not None:
+            for reason, count in sorted(self.db.intake_drops().items()):
+                dropped.add_metric([reason], count)
             known = self.db.list_devices()
             online = sum(1 for d in known if d.online)
             devices.add_metric(["true"], online)
@@ -57,6 +67,7 @@ class FleetCollector(Collector):
         yield devices
         yield steps
         yield waves
+        yield dropped
 
 
 class FleetMetrics:

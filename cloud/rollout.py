@@ -23,6 +23,15 @@ Every order is signed with the fleet key for its one device, with a sequence num
 grows with every order and an expiry (``order_ttl_s``), so a device can tell it from a
 forged, altered, misdirected or replayed one (:mod:`shared.order_signing`).
 
+Device reports are bounded and isolated: each status and event is checked when it is read
+(:class:`~shared.fleet.DeviceReport`: size, depth, every field), waits in an inbox of at
+most :data:`INBOX_MAX_REPORTS` reports and :data:`INBOX_MAX_BYTES` bytes, and is stored
+with up to 1,000 others in one transaction; when that transaction fails, each report is
+stored alone, so a report that cannot be stored is dropped by itself. Every report
+dropped (refused when read, inbox full, failed to store, an event for a rollout the
+device is not in) is logged and counted by reason in the database, which ``/metrics``
+serves as ``tether_fleet_reports_dropped_total``.
+
 Several controllers may run against one database (``tether fleet serve`` on two or more
 machines): with a :class:`~cloud.leadership.Leadership`, only the holder of the rollout
 lease drives rollouts, every state change it makes is fenced by its lease term, and each
@@ -40,6 +49,7 @@ import queue
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -94,6 +104,18 @@ ORDER_TTL_S = 7 * 86400.0
 MAY_HAVE_NEW = frozenset(
     {ORDERED, "received", "downloading", "verifying", "staged", "active", "committed"}
 )
+#: Device reports received and not yet stored, at most (more are dropped and counted).
+INBOX_MAX_REPORTS = 100_000
+#: Payload bytes of the reports received and not yet stored, at most.
+INBOX_MAX_BYTES = 64 * 1024 * 1024
+#: Reports stored in one transaction.
+BATCH_REPORTS = 1000
+#: Why a device report was dropped: the ``reason`` label of the drop counter.
+DROP_INVALID, DROP_INBOX_FULL = "invalid", "inbox_full"
+DROP_STORE_FAILED, DROP_UNKNOWN_ROLLOUT = "store_failed", "unknown_rollout"
+
+#: A report waiting in the inbox: kind, device, parsed message, received at, payload bytes.
+Report = tuple[str, str, Any, float, int]
 
 
 # ---------------------------------------------------------------------------- CLI side
@@ -222,6 +244,8 @@ class RolloutController:
         clock: Callable[[], float] = time.time,
         heartbeat: Path | None = None,
         leadership: Leadership | None = None,
+        inbox_max_reports: int = INBOX_MAX_REPORTS,
+        inbox_max_bytes: int = INBOX_MAX_BYTES,
     ) -> None:
         self.db = db
         self.mqtt = mqtt
@@ -236,7 +260,14 @@ class RolloutController:
         self._term: LeaseTerm | None = None
         self._seq = 0
         self._seq_lock = threading.Lock()
-        self._inbox: queue.Queue[tuple[str, str, Any, float]] = queue.Queue()
+        self._inbox: queue.Queue[Report] = queue.Queue(maxsize=inbox_max_reports)
+        self._inbox_max_bytes = inbox_max_bytes
+        self._inbox_bytes = 0
+        self._inbox_lock = threading.Lock()
+        #: Device reports dropped by this controller, by reason (also added to the
+        #: database's counts, which every controller's ``/metrics`` serves).
+        self.dropped: Counter[str] = Counter()
+        self._unflushed: Counter[str] = Counter()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._manifests: dict[tuple[str, int], SignedManifest] = {}
@@ -270,6 +301,8 @@ class RolloutController:
         self._receive("event", message, RolloutEvent)
 
     def _receive(self, kind: str, message: Message, cls: type[Any]) -> None:
+        """Read one report (bounded) and queue it for storing; anything wrong with it costs
+        that report alone, logged and counted, never the subscriber."""
         try:
             device = device_of_topic(message.topic)
             if not message.payload:
@@ -277,36 +310,127 @@ class RolloutController:
             parsed = cls.parse(message.payload)
         except TetherError as exc:
             log.warning("ignoring %s on %s: %s", kind, message.topic, exc.message)
+            self._drop(DROP_INVALID)
             return
-        self._inbox.put((kind, device, parsed, self.clock()))
+        except Exception:
+            log.exception("ignoring %s on %s: it could not be read", kind, message.topic)
+            self._drop(DROP_INVALID)
+            return
+        size = len(message.payload)
+        with self._inbox_lock:
+            room = self._inbox_bytes + size <= self._inbox_max_bytes
+            if room:
+                self._inbox_bytes += size
+        if room:
+            try:
+                self._inbox.put_nowait((kind, device, parsed, self.clock(), size))
+                return
+            except queue.Full:
+                with self._inbox_lock:
+                    self._inbox_bytes -= size
+        if self._drop(DROP_INBOX_FULL) % 1000 == 1:
+            log.warning(
+                "fleet inbox full (%d reports, %d bytes waiting): dropped the %s on %s",
+                self._inbox.qsize(),
+                self._inbox_bytes,
+                kind,
+                message.topic,
+            )
+
+    def _drop(self, reason: str, count: int = 1) -> int:
+        """Count ``count`` dropped reports; returns this controller's total for ``reason``."""
+        with self._inbox_lock:
+            self.dropped[reason] += count
+            self._unflushed[reason] += count
+            return self.dropped[reason]
+
+    def _take(self, first: Report | None = None) -> list[Report]:
+        """Up to :data:`BATCH_REPORTS` reports from the inbox (``first`` already taken)."""
+        batch = [] if first is None else [first]
+        while len(batch) < BATCH_REPORTS:
+            try:
+                batch.append(self._inbox.get_nowait())
+            except queue.Empty:
+                break
+        with self._inbox_lock:
+            self._inbox_bytes -= sum(report[4] for report in batch)
+        return batch
 
     def _record_loop(self) -> None:
         while not self._stop.is_set():
             try:
                 first = self._inbox.get(timeout=0.1)
             except queue.Empty:
+                self._flush_drops()
                 continue
-            batch = [first]
-            while len(batch) < 1000:
-                try:
-                    batch.append(self._inbox.get_nowait())
-                except queue.Empty:
-                    break
-            try:
-                self._record(batch)
-            except Exception:
-                log.exception("recording %d fleet reports failed", len(batch))
+            self._record(self._take(first))
 
-    def _record(self, batch: list[tuple[str, str, Any, float]]) -> None:
-        with self.db.transaction():
-            events = []
-            for kind, device, parsed, at in batch:
-                if kind == "status":
-                    self.db.upsert_device(device, parsed, at)
-                else:
-                    events.append((device, parsed, at))
-            if events:
-                self.db.record_events(events)
+    def record_pending(self) -> int:
+        """Store every report waiting in the inbox now, batch by batch, in this thread;
+        returns how many were taken (for callers that do not :meth:`start` the loop)."""
+        taken = 0
+        while batch := self._take():
+            self._record(batch)
+            taken += len(batch)
+        self._flush_drops()
+        return taken
+
+    def _record(self, batch: list[Report]) -> None:
+        """Store a batch in one transaction; if that fails, each report in its own, so a
+        report that cannot be stored is dropped alone and the others are kept."""
+        try:
+            with self.db.transaction():
+                unknown = self._store(batch)
+        except Exception as exc:
+            if len(batch) == 1:
+                self._dropped_on_store(batch[0], exc)
+                return
+            log.warning(
+                "storing %d fleet reports at once failed (%s); storing them one by one",
+                len(batch),
+                exc,
+            )
+            unknown = 0
+            for report in batch:
+                try:
+                    with self.db.transaction():
+                        unknown += self._store([report])
+                except Exception as single:
+                    self._dropped_on_store(report, single)
+        if unknown:
+            self._drop(DROP_UNKNOWN_ROLLOUT, unknown)
+        self._flush_drops()
+
+    def _store(self, batch: list[Report]) -> int:
+        """Write reports (statuses, then events); how many events named a rollout their
+        device is not in (ignored)."""
+        events = []
+        for kind, device, parsed, at, _size in batch:
+            if kind == "status":
+                self.db.upsert_device(device, parsed, at)
+            else:
+                events.append((device, parsed, at))
+        return self.db.record_events(events) if events else 0
+
+    def _dropped_on_store(self, report: Report, exc: BaseException) -> None:
+        kind, device, _parsed, _at, size = report
+        log.error("dropped the %s of %s (%d bytes): storing it failed: %r", kind, device, size, exc)
+        self._drop(DROP_STORE_FAILED)
+
+    def _flush_drops(self) -> None:
+        """Add the drops counted since the last flush to the database's counts."""
+        with self._inbox_lock:
+            pending, self._unflushed = self._unflushed, Counter()
+        if not pending:
+            return
+        try:
+            self.db.add_drops(dict(pending))
+        except Exception as exc:
+            log.warning(
+                "could not count %d dropped reports in the database: %s", sum(pending.values()), exc
+            )
+            with self._inbox_lock:
+                self._unflushed.update(pending)
 
     # ------------------------------------------------------------------ driving
 

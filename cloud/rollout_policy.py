@@ -94,6 +94,11 @@ def order_allowance(
 def health_verdict(reports: Sequence[HealthReport], policy: RolloutPolicy) -> str | None:
     """Why the new version's health fails the gate, or ``None`` when it passes.
 
+    * evidence first: the reports must hold at least ``min_requests`` requests and, when
+      the shadow agreement is checked (``max_agreement_drop``) and sampled
+      (``shadow_sample_rate`` above 0), ``min_shadow_samples`` shadow samples. Devices
+      wait for both within their health window (fleet agent settings of the same names),
+      so a wave without them failed to gather any: it fails, it never passes;
     * error rate: errors / requests over all reports may exceed the previous version's
       (request-weighted ``baseline_error_rate``, 0 when unknown) by ``max_error_rate``;
     * p99: the median over devices of ``p99_ms / baseline_p99_ms`` must stay within
@@ -103,6 +108,18 @@ def health_verdict(reports: Sequence[HealthReport], policy: RolloutPolicy) -> st
       baseline).
     """
     requests = sum(r.requests for r in reports)
+    if requests < policy.min_requests:
+        return (
+            f"no evidence: {requests} requests reported by {len(reports)} committed devices "
+            f"(min_requests {policy.min_requests})"
+        )
+    shadowed = policy.max_agreement_drop is not None and policy.shadow_sample_rate > 0
+    samples = sum(r.shadow_samples for r in reports)
+    if shadowed and samples < policy.min_shadow_samples:
+        return (
+            f"no evidence: {samples} shadow samples compared with the cloud teacher "
+            f"(min_shadow_samples {policy.min_shadow_samples})"
+        )
     if policy.max_error_rate is not None and requests:
         errors = sum(r.errors for r in reports)
         rate = errors / requests

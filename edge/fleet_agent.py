@@ -683,6 +683,15 @@ class FleetAgent:
     def _judge(self, name: str, st: ModelState) -> None:
         assert st.active is not None
         report = self._health_report(name, st.active)
+        missing = self._missing_evidence(name, st.active, report)
+        if missing is not None:
+            assert st.activated_at is not None
+            deadline = st.activated_at + self._window_s(st) + self.fleet.evidence_timeout_s
+            if self.clock() < deadline:
+                return  # hold the window until the evidence arrives
+            reason = f"unhealthy: no evidence: {missing} within {self.fleet.evidence_timeout_s:g}s"
+            self._roll_back(name, st.rollout_id or "health", st.previous, reason, "install")
+            return
         problem = self._unhealthy(report)
         if problem is not None:
             reason = f"unhealthy: {problem}"
@@ -705,6 +714,30 @@ class FleetAgent:
         self._windows.pop(name, None)
         self._event(st.rollout_id or "", name, version, "committed", "", report)
         self._next_status = 0.0
+
+    def _missing_evidence(self, name: str, version: int, report: HealthReport) -> str | None:
+        """What the health gate lacks to judge ``version`` (``None``: enough evidence).
+
+        A version is never healthy for want of figures: it needs ``min_requests`` answered
+        requests, ``min_shadow_samples`` compared rows when its order asked for shadow
+        sampling (and this device shadows: it was given shadow rates), and figures that
+        could be read (``/metrics`` scraped)."""
+        fleet = self.fleet
+        rate = self.shadow_rates.get(name, str(version)) if self.shadow_rates else 0.0
+        shadowed = rate > 0 and fleet.min_shadow_samples > 0
+        if not shadowed and fleet.min_requests == 0:
+            return None  # configured to judge without evidence
+        unreadable = getattr(self.health, "last_error", "")
+        if unreadable:
+            return f"health figures unavailable ({unreadable})"
+        if report.requests < fleet.min_requests:
+            return f"{report.requests} requests recorded (min_requests {fleet.min_requests})"
+        if shadowed and report.shadow_samples < fleet.min_shadow_samples:
+            return (
+                f"{report.shadow_samples} shadow samples "
+                f"(min_shadow_samples {fleet.min_shadow_samples})"
+            )
+        return None
 
     def _unhealthy(self, report: HealthReport) -> str | None:
         fleet = self.fleet

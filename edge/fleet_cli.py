@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from edge.settings import load_settings
+from edge.settings import load_settings, needs_uplink
 from shared.redaction import redact_url
 
 log = logging.getLogger(__name__)
@@ -45,12 +45,15 @@ def fleet_agent_command(config_file: Path | None) -> None:
         signal.signal(signum, lambda *_: stop.set())
     target = ControlFileTarget(ControlFile(control_file_path(settings)), settings.repository)
     # The workers answer the requests: their /metrics carry each version's health, and
-    # the shadow rates reach them through a file (edge/fleet_health.py).
+    # the shadow rates reach them through a file (edge/fleet_health.py). Only workers with
+    # an uplink shadow-sample, so only then does a window wait for shadow samples.
+    enabled = settings.uplink.enabled
+    shadows = enabled or (enabled is None and needs_uplink(settings.routes))
     agent = FleetAgent(
         settings,
         target,
         health=MetricsHealthSource.from_settings(settings),
-        shadow_rates=FileShadowRates(shadow_rates_path(settings)),
+        shadow_rates=FileShadowRates(shadow_rates_path(settings)) if shadows else None,
     )
     agent.start(connect_wait_s=None)
     log.info(

@@ -414,6 +414,25 @@ class FleetSettings(Section):
     min_shadow_agreement: float = Field(
         0.0, ge=0, le=1, description="Health: lowest top-1 agreement with the cloud teacher."
     )
+    min_requests: int = Field(
+        1,
+        ge=0,
+        description="Health: requests the new version must have answered before it is judged "
+        "(no evidence is never healthy).",
+    )
+    min_shadow_samples: int = Field(
+        1,
+        ge=0,
+        description="Health: shadow samples compared with the cloud teacher before the new "
+        "version is judged, when the order asks for shadow sampling and the device has an "
+        "uplink.",
+    )
+    evidence_timeout_s: float = Field(
+        60.0,
+        ge=0,
+        description="How long past the health window a version waits for min_requests and "
+        "min_shadow_samples before it is rolled back (keep under the rollout's device timeout).",
+    )
     download_timeout_s: float = Field(30.0, gt=0, description="Socket timeout of downloads.")
 
     def public_keys(self) -> list[str]:

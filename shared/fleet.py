@@ -26,14 +26,22 @@ Order semantics, as the device agent implements them:
 
 Every order is signed with the fleet key for one device, with a sequence number and an
 expiry (:mod:`shared.order_signing`); a device acts on nothing else.
+
+What a device sends (statuses and events) is bounded when it is read, so that one device
+cannot cost the cloud more than its own report: the message's size, depth and number of
+values (:mod:`shared.bounded_json`), and every field: texts by length (a ``reason`` is cut
+to :data:`MAX_REASON_CHARS`), labels and models by count, numbers to what the database
+columns hold. These checks are validators, not JSON Schema constraints (a minor may not
+tighten the schema); a message outside them is refused whole, like a malformed one.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
-from pydantic import AfterValidator, Field, model_validator
+from pydantic import AfterValidator, BeforeValidator, Field, model_validator
 
+from shared.bounded_json import check_shape, load_bounded, truncate
 from shared.errors import InvalidInput
 from shared.manifest import SignedManifest
 from shared.model_names import is_model_name
@@ -64,6 +72,21 @@ RolloutStep = Literal[
 #: Steps after which a device does nothing more for a rollout.
 FINAL_STEPS: frozenset[str] = frozenset({"committed", "failed", "rolled_back", "refused"})
 
+#: A device's ``reason`` is cut to this many characters when read (not refused: it is
+#: the explanation an operator needs, and the start of it says the most).
+MAX_REASON_CHARS = 1000
+#: The longest short text of a report (versions, hardware, states, model names, ids).
+MAX_TEXT_CHARS = 200
+#: Labels and models one status may carry, and the longest label key and value.
+MAX_LABELS, MAX_MODELS = 64, 256
+MAX_LABEL_KEY_CHARS, MAX_LABEL_VALUE_CHARS = 64, 256
+#: How deep, and how many values, a status's free-form ``health`` may hold.
+MAX_HEALTH_DEPTH, MAX_HEALTH_NODES = 8, 5000
+#: The largest count or version a report may carry: exact as a float, and (versions) in
+#: the database's 32-bit integer column.
+MAX_COUNT = 2**53
+MAX_VERSION = 2**31 - 1
+
 
 def _model_name(name: str) -> str:
     if not is_model_name(name):
@@ -73,11 +96,84 @@ def _model_name(name: str) -> str:
     return name
 
 
+def _short_text(text: str) -> str:
+    if len(text) > MAX_TEXT_CHARS:
+        raise ValueError(f"longer than {MAX_TEXT_CHARS} characters")
+    if "\x00" in text:
+        raise ValueError("contains a NUL character")
+    return text
+
+
+def _reason(value: Any) -> Any:
+    """A reason cut to :data:`MAX_REASON_CHARS`, NUL characters (which PostgreSQL's text
+    refuses) replaced; anything but a string is left for the type check to refuse."""
+    if isinstance(value, str):
+        return truncate(value.replace("\x00", "\ufffd"), MAX_REASON_CHARS)
+    return value
+
+
+def _count(value: int) -> int:
+    if value > MAX_COUNT:
+        raise ValueError(f"over {MAX_COUNT}")
+    return value
+
+
+def _version(value: int) -> int:
+    if not 0 <= value <= MAX_VERSION:
+        raise ValueError(f"not between 0 and {MAX_VERSION}")
+    return value
+
+
+def _labels(labels: dict[str, str]) -> dict[str, str]:
+    if len(labels) > MAX_LABELS:
+        raise ValueError(f"more than {MAX_LABELS} labels")
+    for key, value in labels.items():
+        if len(key) > MAX_LABEL_KEY_CHARS or len(value) > MAX_LABEL_VALUE_CHARS:
+            raise ValueError(
+                f"label keys are at most {MAX_LABEL_KEY_CHARS} characters, values "
+                f"{MAX_LABEL_VALUE_CHARS}"
+            )
+    return labels
+
+
+def _models(models: dict[str, Any]) -> dict[str, Any]:
+    if len(models) > MAX_MODELS:
+        raise ValueError(f"more than {MAX_MODELS} models")
+    for name in models:
+        _short_text(name)
+    return models
+
+
+def _health(health: dict[str, object]) -> dict[str, object]:
+    try:
+        check_shape(health, max_depth=MAX_HEALTH_DEPTH, max_nodes=MAX_HEALTH_NODES, what="health")
+    except InvalidInput as exc:
+        raise ValueError(exc.message) from None
+    return health
+
+
+ShortText = Annotated[str, AfterValidator(_short_text)]
+Reason = Annotated[str, BeforeValidator(_reason)]
+Count = Annotated[int, AfterValidator(_count)]
+
+R = TypeVar("R", bound="DeviceReport")
+
+
 class FleetMessage(VersionedModel):
     """Base of the fleet messages: a schema version and a ``kind``."""
 
     SCHEMA: ClassVar[SchemaVersion] = FLEET_SCHEMA
     kind: str
+
+
+class DeviceReport(FleetMessage):
+    """A message a device sends the cloud: read with bounded size, depth and values."""
+
+    @classmethod
+    def parse(cls: type[R], raw: bytes | str | dict[str, Any]) -> R:
+        if isinstance(raw, (bytes, str)):
+            raw = load_bounded(raw, what=cls.__name__)
+        return super().parse(raw)
 
 
 class HealthReport(VersionedModel):
@@ -90,10 +186,10 @@ class HealthReport(VersionedModel):
 
     SCHEMA: ClassVar[SchemaVersion] = FLEET_SCHEMA
 
-    requests: int = Field(0, ge=0)
-    errors: int = Field(0, ge=0)
+    requests: Count = Field(0, ge=0)
+    errors: Count = Field(0, ge=0)
     p99_ms: float | None = Field(None, ge=0)
-    shadow_samples: int = Field(0, ge=0)
+    shadow_samples: Count = Field(0, ge=0)
     shadow_agreement: float | None = Field(None, ge=0, le=1)
     baseline_p99_ms: float | None = Field(None, ge=0)
     baseline_error_rate: float | None = Field(None, ge=0, le=1)
@@ -160,16 +256,16 @@ class RolloutOrder(FleetMessage):
         return self
 
 
-class RolloutEvent(FleetMessage):
+class RolloutEvent(DeviceReport):
     """Device -> controller: one step of a rollout on this device."""
 
     kind: Literal["rollout_event"] = "rollout_event"
-    rollout_id: str = Field(min_length=1, max_length=200)
-    device: str = Field("", description="Informational; the topic says which device.")
-    model: str
-    version: int
+    rollout_id: ShortText = Field(min_length=1, max_length=200)
+    device: ShortText = Field("", description="Informational; the topic says which device.")
+    model: ShortText
+    version: Annotated[int, AfterValidator(_version)]
     step: RolloutStep
-    reason: str = ""
+    reason: Reason = ""
     health: HealthReport | None = None
     at: float
     bytes_downloaded: int | None = Field(
@@ -185,25 +281,25 @@ class ModelState(VersionedModel):
 
     SCHEMA: ClassVar[SchemaVersion] = FLEET_SCHEMA
 
-    active: int | None = None
-    previous: int | None = None
-    state: str = ""
-    rollout_id: str | None = Field(
+    active: Annotated[int, AfterValidator(_version)] | None = None
+    previous: Annotated[int, AfterValidator(_version)] | None = None
+    state: ShortText = ""
+    rollout_id: ShortText | None = Field(
         None, description="Since 1.1: the rollout the device last acted on for this model."
     )
 
 
-class DeviceStatus(FleetMessage):
+class DeviceStatus(DeviceReport):
     """Device -> cloud, retained: who the device is and what it runs (also its last will)."""
 
     kind: Literal["device_status"] = "device_status"
-    device: str = Field("", description="Informational; the topic says which device.")
+    device: ShortText = Field("", description="Informational; the topic says which device.")
     online: bool
-    agent_version: str = ""
-    hardware: str = ""
-    labels: dict[str, str] = Field(default_factory=dict)
-    models: dict[str, ModelState] = Field(default_factory=dict)
-    health: dict[str, object] = Field(default_factory=dict)
+    agent_version: ShortText = ""
+    hardware: ShortText = ""
+    labels: Annotated[dict[str, str], AfterValidator(_labels)] = Field(default_factory=dict)
+    models: Annotated[dict[str, ModelState], AfterValidator(_models)] = Field(default_factory=dict)
+    health: Annotated[dict[str, object], AfterValidator(_health)] = Field(default_factory=dict)
     at: float | None = None
 
 

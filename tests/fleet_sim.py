@@ -40,6 +40,8 @@ class Behaviour:
     baseline_p99_ms: float = 10.0
     shadow_agreement: float = 0.98
     baseline_shadow_agreement: float = 0.98
+    #: Shadow samples reported (default: the order's rate of the requests, at least 1).
+    shadow_samples: int | None = None
 
 
 class OrderGate:
@@ -230,7 +232,11 @@ class SimDevice:
             requests=b.requests,
             errors=round(b.requests * b.error_rate),
             p99_ms=b.p99_ms,
-            shadow_samples=max(1, round(b.requests * order.shadow_sample_rate)),
+            shadow_samples=(
+                max(1, round(b.requests * order.shadow_sample_rate))
+                if b.shadow_samples is None
+                else b.shadow_samples
+            ),
             shadow_agreement=b.shadow_agreement,
             baseline_p99_ms=b.baseline_p99_ms,
             baseline_error_rate=b.baseline_error_rate,

@@ -136,8 +136,10 @@ def test_events_record_history_latest_step_and_health(db: FleetDB) -> None:
 
     db.record_events([("d1", event("received", 3.0), 3.1), ("d1", event("active", 4.0), 4.1)])
     db.record_events([("d1", event("active", 5.0, health), 5.1)])
-    db.record_events([("d1", event("committed", 6.0), 6.1)])
-    db.record_events([("ghost", event("committed", 6.0), 6.1)])  # history only
+    assert db.record_events([("d1", event("committed", 6.0), 6.1)]) == 0
+    # A device not in the rollout leaves no row at all (no table grows from outside).
+    assert db.record_events([("ghost", event("committed", 6.0), 6.1)]) == 1
+    assert db.device_history("r1", "ghost") == []
     (row,) = db.rollout_devices("r1")
     assert row.step == "committed" and row.ordered_at == 2.0 and row.active_at == 4.1
     assert row.health == health  # an event without a report keeps the last one

@@ -121,6 +121,32 @@ def test_canary_with_low_shadow_agreement_is_rolled_back(fleet: FleetHarness) ->
     assert sum(1 for d in devices if d.orders) == 1
 
 
+@pytest.mark.parametrize("fleet", BACKENDS, indirect=True)
+def test_a_wave_without_evidence_fails_and_with_it_passes(fleet: FleetHarness) -> None:
+    """Devices whose new version answered no requests, or sent no shadow samples to the
+    teacher, give the gate nothing to judge: the wave fails, naming what is missing."""
+    fleet.publish("digits", 2)
+    idle = fleet.add_devices(3, labels={"group": "idle"}, behaviour=lambda i: Behaviour(requests=0))
+    unsampled = fleet.add_devices(
+        3, labels={"group": "unsampled"}, behaviour=lambda i: Behaviour(shadow_samples=0)
+    )
+    fleet.add_devices(3, labels={"group": "measured"})
+    quick = policy(waves=["1", "100%"])
+    started = {
+        group: start_rollout(fleet.db, "digits", 2, fleet.sel(group=group), quick)[0].id
+        for group in ("idle", "unsampled", "measured")
+    }
+    final = {g: fleet.wait_state(rid, {"completed", "rolled_back"}) for g, rid in started.items()}
+    assert final == {"idle": "rolled_back", "unsampled": "rolled_back", "measured": "completed"}
+    reason = fleet.db.rollout(started["idle"]).reason
+    assert "wave 1: no evidence: 0 requests" in reason and "min_requests 1" in reason, reason
+    reason = fleet.db.rollout(started["unsampled"]).reason
+    assert "wave 1: no evidence: 0 shadow samples" in reason, reason
+    for group in (idle, unsampled):  # stopped at the canary, which went back
+        assert sum(1 for d in group if d.orders) == 1
+        assert all(d.models["digits"] == 1 for d in group)
+
+
 def test_p99_regression_fails_the_gate(fleet: FleetHarness) -> None:
     fleet.publish("digits", 2)
     fleet.add_devices(4, behaviour=lambda i: Behaviour(p99_ms=40.0, baseline_p99_ms=10.0))

@@ -1,9 +1,11 @@
-"""The failure budget, with and without a minimum number of executed devices."""
+"""The failure budget, with and without a minimum number of executed devices; the rollout
+rate; the health gate's minimum evidence."""
 
 from __future__ import annotations
 
 from cloud.fleet_db import RolloutPolicy
-from cloud.rollout_policy import failure_budget, order_allowance
+from cloud.rollout_policy import failure_budget, health_verdict, order_allowance
+from shared.fleet import HealthReport
 
 
 def test_a_share_of_the_ordered_devices_by_default() -> None:
@@ -33,3 +35,27 @@ def test_the_rollout_rate_paces_orders_and_grows_on_success() -> None:
     assert order_allowance(growing, 100.0, 11, 4, now=110.0) == 0
     assert order_allowance(growing, 100.0, 11, 5, now=110.0) == 10  # two a second now
     assert order_allowance(growing, 100.0, 11, 10, now=110.0) == 30  # four a second
+
+
+def test_the_health_gate_never_passes_on_no_evidence() -> None:
+    policy = RolloutPolicy(waves=["100%"], min_requests=50, min_shadow_samples=10)
+    good = HealthReport(
+        requests=30,
+        shadow_samples=6,
+        shadow_agreement=0.97,
+        baseline_shadow_agreement=0.97,
+        baseline_error_rate=0.0,
+    )
+    assert health_verdict([good, good], policy) is None  # 60 requests, 12 samples
+    no_reports = health_verdict([], policy)
+    assert no_reports is not None and "no evidence: 0 requests" in no_reports
+    idle = health_verdict([HealthReport(), HealthReport()], policy)
+    assert idle is not None and "min_requests 50" in idle
+    few = health_verdict([good], policy)
+    assert few is not None and "30 requests" in few
+    unsampled = good.model_copy(update={"requests": 100, "shadow_samples": 0})
+    verdict = health_verdict([unsampled], policy)
+    assert verdict is not None and "no evidence: 0 shadow samples" in verdict
+    # Without shadow sampling (or without the agreement check) no samples are needed.
+    assert health_verdict([unsampled], RolloutPolicy(["100%"], shadow_sample_rate=0.0)) is None
+    assert health_verdict([unsampled], RolloutPolicy(["100%"], max_agreement_drop=None)) is None

@@ -45,7 +45,7 @@ def main() -> None:
         repository=Path(root) / "repository",
         mqtt_url=broker,
         runtime={"backend": "onnxruntime", "providers": ["CPUExecutionProvider"]},
-        fleet={"trusted_keys": [key], "status_interval_s": 5.0},
+        fleet={"trusted_keys": [key], "status_interval_s": 5.0, "min_requests": 0},
     )
     repository = ModelRepository(
         settings.repository,

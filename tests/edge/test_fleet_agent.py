@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edge.dataplane import DataPlane
 from edge.fleet_agent import FleetAgent
+from edge.fleet_health import MetricsHealthSource
 from edge.fleet_state import StateStore
 from edge.fleet_target import RepositoryTarget
 from edge.health import HealthRecorder
@@ -26,7 +27,7 @@ from edge.settings import EdgeSettings, load_settings
 from edge.shadow import ShadowRates, ShadowSampler
 from shared.codec import DecodedRequest
 from shared.manifest import generate_key, public_key_text
-from tests.broker import Broker
+from tests.broker import Broker, free_port
 from tests.edge.fleet_support import (
     ArtifactServer,
     Controller,
@@ -82,7 +83,13 @@ class Device:
             repository=repo,
             mqtt_url=broker.url,
             runtime={"backend": "onnxruntime", "providers": ["CPUExecutionProvider"]},
-            fleet={"trusted_keys": keys, "status_interval_s": 5.0, **(fleet or {})},
+            # Most tests here send no requests: judging on evidence has its own tests.
+            fleet={
+                "trusted_keys": keys,
+                "status_interval_s": 5.0,
+                "min_requests": 0,
+                **(fleet or {}),
+            },
         )
         self.repository = ModelRepository(
             repo,
@@ -346,6 +353,65 @@ def test_shadow_traffic_measures_agreement_with_the_teacher(
     finally:
         agreeing.stop()
         picky.stop()
+
+
+def test_a_version_is_never_healthy_without_evidence(
+    tmp_path: Path,
+    broker: Broker,
+    controller: Controller,
+    key: Ed25519PrivateKey,
+    artifacts: ArtifactServer,
+) -> None:
+    """No requests answered, or health figures that cannot be read, are no evidence: the
+    window holds until ``evidence_timeout_s`` and then rolls the version back, naming what
+    is missing. A device whose requests come after its window commits once they do."""
+    keys = [public_key_text(key)]
+    need = {"min_requests": 3, "min_shadow_samples": 2}
+    idle = Device(tmp_path / "idle", broker, keys, fleet={**need, "evidence_timeout_s": 0.5})
+    blind = Device(tmp_path / "blind", broker, keys, fleet={**need, "evidence_timeout_s": 0.5})
+    # /metrics of a server that is not there: nothing can be read.
+    blind.agent = FleetAgent(
+        blind.settings,
+        RepositoryTarget(blind.repository),
+        health=MetricsHealthSource(f"http://127.0.0.1:{free_port()}/metrics", timeout_s=0.5),
+    )
+    late = Device(
+        tmp_path / "late", broker, keys, fleet={**need, "evidence_timeout_s": 60}, teacher_seed=2
+    )
+    devices = (late, idle, blind)
+    try:
+        for dev in devices:
+            dev.agent.start()
+            order = signed_order(
+                key,
+                artifacts,
+                pack(dense_model(seed=2), 2),
+                version=2,
+                health_window_s=0.2,
+                shadow_sample_rate=1.0 if dev is late else 0.0,
+                rollout_id=f"evidence-{dev.id}",
+            )
+            controller.send(dev.id, order)
+        bad = controller.wait_step(f"evidence-{idle.id}", "rolled_back")
+        assert bad.reason.startswith("unhealthy: no evidence: 0 requests recorded"), bad.reason
+        assert "min_requests 3" in bad.reason
+        assert idle.served() == ["1"]
+        unread = controller.wait_step(f"evidence-{blind.id}", "rolled_back")
+        assert "no evidence: health figures unavailable" in unread.reason, unread.reason
+        assert blind.served() == ["1"]
+        # The late device's window ended as long ago as the others': it still holds.
+        assert late.state().phase == "active"
+        assert "committed" not in controller.steps(f"evidence-{late.id}")
+        for _ in range(3):
+            assert late.infer()[0] == "2"
+        assert late.sampler is not None
+        late.sampler.drain()
+        good = controller.wait_step(f"evidence-{late.id}", "committed")
+        assert good.health is not None and good.health.requests >= 3
+        assert good.health.shadow_samples >= 2
+    finally:
+        for dev in devices:
+            dev.stop()
 
 
 def test_crash_loop_rolls_back_by_itself(

@@ -73,7 +73,11 @@ def agent(tmp_path: Path, broker: Broker, cloud: Cloud) -> Iterator[FleetAgent]:
         repository=repo,
         mqtt_url=broker.url,
         runtime={"backend": "onnxruntime", "providers": ["CPUExecutionProvider"]},
-        fleet={"trusted_keys": [public_key_text(cloud.key)], "status_interval_s": 5.0},
+        fleet={
+            "trusted_keys": [public_key_text(cloud.key)],
+            "status_interval_s": 5.0,
+            "min_requests": 0,  # no traffic here
+        },
     )
     repository = ModelRepository(
         repo, RuntimeOptions(providers=("CPUExecutionProvider",)), backend="onnxruntime"

@@ -19,11 +19,12 @@ never fail a request.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -148,6 +149,12 @@ class E2EDevice:
                 # Latency on a shared 2-core box running 200 devices is noise; the p99
                 # checks are covered with controlled figures in tests/cloud/test_rollout.py.
                 "max_p99_ratio": 1000.0,
+                # One traffic thread cannot give 200 devices installing at once their own
+                # evidence in time: windows are judged on what arrived, as before, unless a
+                # test asks for evidence (E2EFleet.evidence). Waiting for evidence is tested
+                # with controlled devices (tests/edge/test_fleet_agent.py).
+                "min_requests": 0,
+                "min_shadow_samples": 0,
             },
         )
         self.repository = ModelRepository(
@@ -341,6 +348,19 @@ class E2EFleet:
 
     # ------------------------------------------------------------------ rollouts
 
+    @contextlib.contextmanager
+    def evidence(self, *, min_requests: int = 0, min_shadow_samples: int = 0) -> Iterator[None]:
+        """Every device's health window waits for this much evidence meanwhile."""
+        for device in self.devices:
+            device.settings.fleet.min_requests = min_requests
+            device.settings.fleet.min_shadow_samples = min_shadow_samples
+        try:
+            yield
+        finally:
+            for device in self.devices:
+                device.settings.fleet.min_requests = 0
+                device.settings.fleet.min_shadow_samples = 0
+
     def start(self, version: int, policy: RolloutPolicy, **labels: str) -> str:
         rollout, created = start_rollout(self.db, MODEL, version, self.sel(**labels), policy)
         assert created
@@ -374,6 +394,8 @@ def policy(**overrides: object) -> RolloutPolicy:
         "max_agreement_drop": 0.05,
         "device_timeout_s": 20.0,
         "shadow_sample_rate": 0.25,
+        "min_requests": 0,  # as the devices (E2EDevice); a test may ask for evidence
+        "min_shadow_samples": 0,
     }
     values.update(overrides)
     return RolloutPolicy(**values)  # type: ignore[arg-type]

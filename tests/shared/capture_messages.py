@@ -189,6 +189,7 @@ def capture_fleet(broker: Broker, recorder: Recorder, found: dict[str, Message],
             "labels": {"site": "fixtures"},
             "status_interval_s": 1.0,
             "max_error_rate": 1.0,
+            "min_requests": 0,
         },
     )
     repository = ModelRepository(
@@ -203,7 +204,7 @@ def capture_fleet(broker: Broker, recorder: Recorder, found: dict[str, Message],
     options = PublishOptions(expires_s=CENTURY_S)
     try:
         registry.publish(published / "dense" / "2", key, options)
-        quick = RolloutPolicy(waves=["100%"], window_s=0.3, device_timeout_s=30)
+        quick = RolloutPolicy(waves=["100%"], window_s=0.3, device_timeout_s=30, min_requests=0)
         rollout, _ = start_rollout(db, "dense", 2, {"site": "fixtures"}, quick)
         found["rollout_order_install"] = recorder.find("rollout_order", action="install")
         found["rollout_event_received"] = recorder.find("rollout_event", step="received")
@@ -217,7 +218,7 @@ def capture_fleet(broker: Broker, recorder: Recorder, found: dict[str, Message],
         while db.rollout(rollout.id).state != "completed" and time.monotonic() < deadline:
             time.sleep(0.05)
         registry.publish(published / "dense" / "3", key, options)
-        slow = RolloutPolicy(waves=["100%"], window_s=600, device_timeout_s=30)
+        slow = RolloutPolicy(waves=["100%"], window_s=600, device_timeout_s=30, min_requests=0)
         rollout, _ = start_rollout(db, "dense", 3, {"site": "fixtures"}, slow)
         recorder.find("rollout_event", step="active", rollout_id=rollout.id)
         request_abort(db, rollout.id)
