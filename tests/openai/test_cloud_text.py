@@ -9,6 +9,7 @@ the same file; a broker killed mid-stream must end the stream with an error even
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ import pytest
 
 from cloud.settings import CloudSettings
 from cloud.worker import CloudWorker
-from edge.runtimes.generation import ChatMessage, GenerationRequest, TextDelta
+from edge.runtimes.generation import ChatMessage, GenerationEvent, GenerationRequest, TextDelta
 from edge.settings import UplinkSettings
 from edge.text_uplink import UplinkText
 from edge.uplink import Uplink
@@ -251,18 +252,24 @@ def test_killing_the_broker_mid_stream_ends_it_with_an_error_then_cloud_first_is
         stop_stack(stack)
 
 
-def test_a_stream_left_early_stops_the_clouds_generation(stack: Stack) -> None:
-    uplink = Uplink(stack.broker.url, "text-cancel", UplinkSettings(timeout_s=CLOUD_TIMEOUT_S))
+@contextlib.contextmanager
+def long_cloud_stream(broker: Broker, device: str) -> Iterator[Iterator[GenerationEvent]]:
+    """A 400-token cloud generation through an uplink of this process, its first text read."""
+    uplink = Uplink(broker.url, device, UplinkSettings(timeout_s=CLOUD_TIMEOUT_S))
     uplink.start()
     try:
-        events = UplinkText(uplink).generate(
-            "smollm2-135m",
-            GenerationRequest(
-                messages=(ChatMessage("user", "Tell a long story."),), max_tokens=400
-            ),
-            None,
+        story = GenerationRequest(
+            messages=(ChatMessage("user", "Tell a long story."),), max_tokens=400
         )
+        events = UplinkText(uplink).generate("smollm2-135m", story, None)
         assert isinstance(next(events), TextDelta)
+        yield events
+    finally:
+        uplink.close()
+
+
+def test_a_stream_left_early_stops_the_clouds_generation(stack: Stack) -> None:
+    with long_cloud_stream(stack.broker, "text-cancel") as events:
         events.close()  # type: ignore[attr-defined]  # the client went away
 
         def cancelled() -> float:
@@ -275,31 +282,19 @@ def test_a_stream_left_early_stops_the_clouds_generation(stack: Stack) -> None:
         while cancelled() < 1 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert cancelled() == 1  # stopped long before its 400 tokens
-    finally:
-        uplink.close()
 
 
 def test_a_worker_stopped_without_draining_ends_its_streams_with_an_error(
     fresh_broker: Broker,
 ) -> None:
     worker = cloud_worker(fresh_broker, "stopping", ("smollm2-135m",))
-    uplink = Uplink(fresh_broker.url, "text-stop", UplinkSettings(timeout_s=CLOUD_TIMEOUT_S))
-    uplink.start()
     try:
-        events = UplinkText(uplink).generate(
-            "smollm2-135m",
-            GenerationRequest(
-                messages=(ChatMessage("user", "Tell a long story."),), max_tokens=400
-            ),
-            None,
-        )
-        assert isinstance(next(events), TextDelta)
-        worker.stop(drain=False)
-        with pytest.raises(TetherError) as caught:
-            for _event in events:
-                pass
-        assert caught.value.status == 503
-        assert "stopping" in caught.value.message  # the worker said so; not a stall
+        with long_cloud_stream(fresh_broker, "text-stop") as events:
+            worker.stop(drain=False)
+            with pytest.raises(TetherError) as caught:
+                for _event in events:
+                    pass
+            assert caught.value.status == 503
+            assert "stopping" in caught.value.message  # the worker said so; not a stall
     finally:
-        uplink.close()
         worker.stop(drain=False)
