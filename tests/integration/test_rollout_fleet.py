@@ -196,7 +196,9 @@ def test_version_disagreeing_with_the_teacher_stops_at_the_canary(fleet: E2EFlee
     with fleet.traffic() as traffic, fleet.evidence(min_shadow_samples=1):
         # However slow the first shadow samples are on a loaded machine, the canary's
         # window lasts until it has them, and the gate judges on them (docs/rollouts.md).
-        rid = fleet.start(version, policy(shadow_sample_rate=1.0, min_shadow_samples=1))
+        rid = fleet.start(
+            version, policy(shadow_sample_rate=1.0, min_shadow_samples=1, min_baseline_samples=1)
+        )
         assert fleet.wait_final(rid, 60) == "rolled_back"
     _report(fleet.db.dialect.name, "bad canary (shadow agreement)", time.monotonic() - started)
 
@@ -210,6 +212,7 @@ def test_version_disagreeing_with_the_teacher_stops_at_the_canary(fleet: E2EFlee
     row = next(r for r in fleet.db.rollout_devices(rid) if r.device == ordered[0])
     assert row.health is not None and row.health.shadow_samples > 0
     assert (row.health.shadow_agreement or 0.0) < 0.5
+    assert (row.health.baseline_shadow_samples or 0) >= 1  # what the drop is measured from
     assert fleet.versions() == before
     assert traffic.failures == []
 
