@@ -3,9 +3,16 @@ rate; the health gate's minimum evidence."""
 
 from __future__ import annotations
 
-from cloud.fleet_db import RolloutPolicy
+import time
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from cloud.fleet_db import FleetDB, RolloutPolicy
 from cloud.rollout_policy import failure_budget, health_verdict, order_allowance
-from shared.fleet import HealthReport
+from shared.fleet import DeviceStatus, HealthReport
+from tests.cloud.fleet_harness import make_version
+from tether.cli import cli
 
 
 def test_a_share_of_the_ordered_devices_by_default() -> None:
@@ -105,3 +112,29 @@ def test_the_agreement_gate_never_passes_without_baseline_samples() -> None:
     assert health_verdict([old], RolloutPolicy(["100%"], max_agreement_drop=None)) is None
     assert health_verdict([old], RolloutPolicy(["100%"], shadow_sample_rate=0.0)) is None
     assert health_verdict([old], RolloutPolicy(["100%"], min_baseline_samples=0)) is None
+
+
+def test_rollout_start_takes_the_evidence_minimums(tmp_path: Path) -> None:
+    """``--min-baseline-samples`` (and its neighbours) reach the stored rollout policy."""
+    runner = CliRunner()
+    data = tmp_path / "data"
+    base = ["fleet", "--data-dir", str(data)]
+    env = {"TETHER_FLEET_SIGNING_KEY": str(tmp_path / "k.pem")}
+    assert runner.invoke(cli, [*base, "keygen", str(tmp_path / "k.pem")]).exit_code == 0
+    folder = make_version(tmp_path / "repo", "digits", 2)
+    result = runner.invoke(cli, [*base, "publish", str(folder)], env=env)
+    assert result.exit_code == 0, result.output
+    db = FleetDB(f"sqlite:///{data}/fleet.db")
+    for name in ("cam-1", "cam-2"):
+        status = DeviceStatus(online=True, labels={"site": name})
+        db.upsert_device(name, status, seen_at=time.time())
+    start = [*base, "rollout", "start", "digits", "2"]
+    result = runner.invoke(cli, [*start, "--select", "site=cam-1", "--min-baseline-samples", "7"])
+    assert result.exit_code == 0, result.output
+    chosen = db.rollout(result.output.split()[1]).policy
+    assert (chosen.min_baseline_samples, chosen.min_shadow_samples) == (7, 1)
+    result = runner.invoke(cli, [*start, "--select", "site=cam-2"])
+    assert result.exit_code == 0, result.output
+    assert db.rollout(result.output.split()[1]).policy.min_baseline_samples == 1
+    result = runner.invoke(cli, [*start, "--select", "site=cam-1", "--min-baseline-samples", "-1"])
+    assert result.exit_code != 0
