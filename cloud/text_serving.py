@@ -119,6 +119,7 @@ class TextServing:
         self._active: set[Key] = set()
         self._cancelled: set[Key] = set()
         self._lock = threading.Lock()
+        self._stopping = False
 
     def start(self) -> None:
         for index in range(self.threads):
@@ -126,8 +127,21 @@ class TextServing:
             thread.start()
             self._threads.append(thread)
 
-    def stop(self, until: float) -> None:
-        """Let the threads finish what is queued and running, until ``until`` (monotonic)."""
+    def stop(self, until: float, *, drain: bool = True) -> None:
+        """With ``drain``, let the threads finish what is queued and running, until ``until``
+        (monotonic); without, answer what is queued 503 at once and end running streams with
+        a 503 error at their next token (waiting at most a second for that)."""
+        if not drain:
+            self._stopping = True
+            until = min(until, time.monotonic() + 1.0)
+            while True:
+                try:
+                    job = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if job is not None:
+                    self._fail_before_start(job, Unavailable("the cloud worker is stopping"))
+                    self._done(job)
         for _ in self._threads:
             try:
                 self._queue.put(None, timeout=max(0.0, until - time.monotonic()))
@@ -186,7 +200,9 @@ class TextServing:
             if job is None:
                 return
             try:
-                if self._is_cancelled(job.key):
+                if self._stopping:
+                    self._fail_before_start(job, Unavailable("the cloud worker is stopping"))
+                elif self._is_cancelled(job.key):
                     self._stop_cancelled(job)
                 elif job.deadline is not None and time.monotonic() > job.deadline:
                     log.info("dropped %s of %s: its deadline passed", job.key[1], job.device)
@@ -199,9 +215,13 @@ class TextServing:
             except Exception:  # a bug must not take a thread down
                 log.exception("text request %s failed", job.key[1])
             finally:
-                self._forget(job.key)
-                self.metrics.inflight.dec()
-                self._release(job.admitted)
+                self._done(job)
+
+    def _done(self, job: TextJob) -> None:
+        """The request no longer occupies this worker (answered, failed or dropped)."""
+        self._forget(job.key)
+        self.metrics.inflight.dec()
+        self._release(job.admitted)
 
     def _generate(self, job: TextJob) -> None:
         envelope = job.envelope
@@ -244,6 +264,8 @@ class TextServing:
                 if self._is_cancelled(job.key):
                     self._stop_cancelled(job)
                     return
+                if self._stopping:
+                    raise Unavailable("the cloud worker is stopping")
                 seq += 1
                 if isinstance(event, TextDelta):
                     text = TextChunkEnvelope(

@@ -212,7 +212,7 @@ class CloudWorker:
                 self._fail(job.item, Unavailable("the cloud worker is stopping"), job.deadline)
         for thread in self._threads:
             thread.join(timeout=max(0.0, until - time.monotonic()))
-        self.text.stop(until if drain else time.monotonic())
+        self.text.stop(until, drain=drain)
         if any(thread.is_alive() for thread in self._threads):
             log.warning("drain: work still running after %.1fs; leaving it", limit)
         self._wait_published(max(0.5, until - time.monotonic()))

@@ -9,6 +9,7 @@ the same file; a broker killed mid-stream must end the stream with an error even
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,10 +22,11 @@ import pytest
 
 from cloud.settings import CloudSettings
 from cloud.worker import CloudWorker
-from edge.runtimes.generation import ChatMessage, GenerationRequest, TextDelta
+from edge.runtimes.generation import ChatMessage, GenerationEvent, GenerationRequest, TextDelta
 from edge.settings import UplinkSettings
 from edge.text_uplink import UplinkText
 from edge.uplink import Uplink
+from shared.errors import TetherError
 from tests.agent_process import AgentProcess
 from tests.broker import Broker
 from tests.openai.conftest import TEXT_REPOSITORY, TOKEN, http, linked_repository, text_model_dir
@@ -38,6 +40,8 @@ LONG = [{"role": "user", "content": "Summarise: " + "the fox jumps. " * 12}]
 #: The cloud routes' deadline: to start a stream, and between two of its chunks. Generous,
 #: because prompts are slow on a loaded 2-core machine; a lost broker is noticed at once.
 CLOUD_TIMEOUT_S = 15.0
+#: What the cloud worker serves (tests that need only the language model load only it).
+CLOUD_MODELS = ("smollm2-135m", "mpnet-base")
 
 ROUTES = f"""
 [uplink]
@@ -75,14 +79,15 @@ class Stack:
     client: Any
 
 
-def cloud_worker(broker: Broker, name: str) -> CloudWorker:
-    text_model_dir("mpnet-base")
+def cloud_worker(broker: Broker, name: str, models: tuple[str, ...] = CLOUD_MODELS) -> CloudWorker:
+    for model in models:
+        text_model_dir(model)
     settings = CloudSettings(
         mqtt_url=broker.url,
         worker_id=f"tether-test-{name}",
         repository=TEXT_REPOSITORY,
         models=[],
-        text_models=["smollm2-135m", "mpnet-base"],
+        text_models=list(models),
         text_threads=2,
         metrics_port=0,
         drain_timeout_s=2.0,
@@ -92,8 +97,8 @@ def cloud_worker(broker: Broker, name: str) -> CloudWorker:
     return worker
 
 
-def start_stack(base: Path, broker: Broker) -> Stack:
-    worker = cloud_worker(broker, base.name)
+def start_stack(base: Path, broker: Broker, models: tuple[str, ...] = CLOUD_MODELS) -> Stack:
+    worker = cloud_worker(broker, base.name, models)
     config = base / "edge.toml"
     config.write_text(ROUTES)
     agent = AgentProcess(
@@ -215,7 +220,7 @@ def test_embeddings_from_the_cloud(stack: Stack) -> None:
 def test_killing_the_broker_mid_stream_ends_it_with_an_error_then_cloud_first_is_local(
     tmp_path: Path, fresh_broker: Broker
 ) -> None:
-    stack = start_stack(tmp_path, fresh_broker)
+    stack = start_stack(tmp_path, fresh_broker, ("smollm2-135m",))
     try:
         stream = stack.client.chat.completions.create(
             model="smollm2-cloud",
@@ -247,18 +252,24 @@ def test_killing_the_broker_mid_stream_ends_it_with_an_error_then_cloud_first_is
         stop_stack(stack)
 
 
-def test_a_stream_left_early_stops_the_clouds_generation(stack: Stack) -> None:
-    uplink = Uplink(stack.broker.url, "text-cancel", UplinkSettings(timeout_s=CLOUD_TIMEOUT_S))
+@contextlib.contextmanager
+def long_cloud_stream(broker: Broker, device: str) -> Iterator[Iterator[GenerationEvent]]:
+    """A 400-token cloud generation through an uplink of this process, its first text read."""
+    uplink = Uplink(broker.url, device, UplinkSettings(timeout_s=CLOUD_TIMEOUT_S))
     uplink.start()
     try:
-        events = UplinkText(uplink).generate(
-            "smollm2-135m",
-            GenerationRequest(
-                messages=(ChatMessage("user", "Tell a long story."),), max_tokens=400
-            ),
-            None,
+        story = GenerationRequest(
+            messages=(ChatMessage("user", "Tell a long story."),), max_tokens=400
         )
+        events = UplinkText(uplink).generate("smollm2-135m", story, None)
         assert isinstance(next(events), TextDelta)
+        yield events
+    finally:
+        uplink.close()
+
+
+def test_a_stream_left_early_stops_the_clouds_generation(stack: Stack) -> None:
+    with long_cloud_stream(stack.broker, "text-cancel") as events:
         events.close()  # type: ignore[attr-defined]  # the client went away
 
         def cancelled() -> float:
@@ -271,5 +282,19 @@ def test_a_stream_left_early_stops_the_clouds_generation(stack: Stack) -> None:
         while cancelled() < 1 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert cancelled() == 1  # stopped long before its 400 tokens
+
+
+def test_a_worker_stopped_without_draining_ends_its_streams_with_an_error(
+    fresh_broker: Broker,
+) -> None:
+    worker = cloud_worker(fresh_broker, "stopping", ("smollm2-135m",))
+    try:
+        with long_cloud_stream(fresh_broker, "text-stop") as events:
+            worker.stop(drain=False)
+            with pytest.raises(TetherError) as caught:
+                for _event in events:
+                    pass
+            assert caught.value.status == 503
+            assert "stopping" in caught.value.message  # the worker said so; not a stall
     finally:
-        uplink.close()
+        worker.stop(drain=False)
