@@ -204,6 +204,8 @@ def test_version_disagreeing_with_the_teacher_stops_at_the_canary(fleet: E2EFlee
 
     reason = fleet.db.rollout(rid).reason
     assert "wave 1" in reason and "shadow agreement" in reason, reason
+    # Compared with the canary's measured baseline (min_baseline_samples 1), not skipped.
+    assert "fell to" in reason and "no evidence" not in reason, reason
     ordered = _ordered(fleet, rid)
     assert len(ordered) == 1
     steps = [step for step, _, _ in fleet.db.device_history(rid, ordered[0])]
@@ -212,7 +214,6 @@ def test_version_disagreeing_with_the_teacher_stops_at_the_canary(fleet: E2EFlee
     row = next(r for r in fleet.db.rollout_devices(rid) if r.device == ordered[0])
     assert row.health is not None and row.health.shadow_samples > 0
     assert (row.health.shadow_agreement or 0.0) < 0.5
-    assert (row.health.baseline_shadow_samples or 0) >= 1  # what the drop is measured from
     assert fleet.versions() == before
     assert traffic.failures == []
 
