@@ -54,7 +54,7 @@ class DeviceProcess:
         for line in self.process.stdout:
             self.lines.put(json.loads(line))
 
-    def wait_for(self, key: str, value: Any = None, timeout_s: float = 30.0) -> dict[str, Any]:
+    def wait_for(self, key: str, value: Any = None, timeout_s: float = 60.0) -> dict[str, Any]:
         deadline = time.monotonic() + timeout_s
         while True:
             line = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
