@@ -38,7 +38,7 @@ from shared.datatypes import to_numpy_dtype
 from shared.errors import TetherError
 from tests.agent_process import AgentProcess
 from tests.onnx_models import dense_model, write_model
-from tests.security.hostile import MANY, SOME, decodes_or_refuses
+from tests.security.hostile import MANY, SOME, decodes_or_refuses, random_json
 
 LIMITS = TensorLimits(max_elements=4096, max_inputs=8)
 DATATYPES = ["BOOL", "UINT8", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64", "BYTES"]
@@ -52,25 +52,6 @@ pytestmark = pytest.mark.slow
 #: Dimensions that are almost right, and ones at the edges of every integer width.
 ODD_DIMS = [0, 2**31, 2**62, 2**63, 2**64, -(2**63), 10**30]
 DATATYPE_NEAR_MISSES = [*DATATYPES, "FP8", "int32", ""]
-
-
-def random_json(rng: random.Random, depth: int = 0) -> Any:
-    """A JSON value like hypothesis's ``json_values``: scalars (huge integers, NaN and
-    infinities too) nested up to three levels in short lists and objects."""
-    kind = rng.randrange(7 if depth < 3 else 5)
-    if kind == 0:
-        return None
-    if kind == 1:
-        return rng.random() < 0.5
-    if kind == 2:
-        return rng.choice([rng.randint(-(2**70), 2**70), rng.randint(-9, 9)])
-    if kind == 3:
-        return rng.choice([rng.uniform(-1e9, 1e9), math.nan, math.inf, -math.inf, -0.0])
-    if kind == 4:
-        return "".join(chr(rng.randrange(32, 0x2FF)) for _ in range(rng.randrange(9)))
-    if kind == 5:
-        return [random_json(rng, depth + 1) for _ in range(rng.randrange(7))]
-    return {str(rng.randrange(99)): random_json(rng, depth + 1) for _ in range(rng.randrange(5))}
 
 
 def coherent_input(rng: random.Random) -> dict[str, Any]:
