@@ -437,6 +437,15 @@ def device_selector(
     show_default=True,
     help="Shadow samples a wave must report when agreement is checked, or it fails.",
 )
+@click.option(
+    "--min-baseline-samples",
+    type=click.IntRange(min=0),
+    default=1,
+    show_default=True,
+    help="Shadow samples of the previous version (the baseline agreement) a wave must "
+    "report when agreement is checked, or it fails; reports of devices before schema 1.2 "
+    "carry none.",
+)
 @click.option("--rate", type=float, help="At most this many devices ordered per minute.")
 @click.option(
     "--rate-growth",
@@ -472,6 +481,7 @@ def rollout_start_command(
     shadow_sample_rate: float,
     min_requests: int,
     min_shadow_samples: int,
+    min_baseline_samples: int,
     rate: float | None,
     rate_growth: float,
     growth_every: int,
@@ -494,6 +504,7 @@ def rollout_start_command(
             shadow_sample_rate=shadow_sample_rate,
             min_requests=min_requests,
             min_shadow_samples=min_shadow_samples,
+            min_baseline_samples=min_baseline_samples,
             until_s=parse_duration(until),
             rate_per_minute=rate,
             rate_growth=rate_growth,

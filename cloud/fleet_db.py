@@ -129,6 +129,9 @@ class RolloutPolicy:
     #: this many shadow samples; fewer fail the wave, never pass it.
     min_requests: int = 1
     min_shadow_samples: int = 1
+    #: ... and this many shadow samples of the previous version behind the baseline
+    #: agreement (``baseline_shadow_samples``; a report without it counts none).
+    min_baseline_samples: int = 1
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, sort_keys=True)

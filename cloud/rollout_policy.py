@@ -98,14 +98,20 @@ def health_verdict(reports: Sequence[HealthReport], policy: RolloutPolicy) -> st
       the shadow agreement is checked (``max_agreement_drop``) and sampled
       (``shadow_sample_rate`` above 0), ``min_shadow_samples`` shadow samples. Devices
       wait for both within their health window (fleet agent settings of the same names),
-      so a wave without them failed to gather any: it fails, it never passes;
+      so a wave without them failed to gather any: it fails, it never passes. The same
+      holds for the baseline the agreement is compared with: ``min_baseline_samples``
+      shadow samples of the previous version (``baseline_shadow_samples`` of the reports
+      that carry a ``baseline_shadow_agreement``; a 1.0/1.1 report has no count and
+      contributes none). Devices measure it before they switch (fleet agent setting
+      ``min_baseline_samples``);
     * error rate: errors / requests over all reports may exceed the previous version's
       (request-weighted ``baseline_error_rate``, 0 when unknown) by ``max_error_rate``;
     * p99: the median over devices of ``p99_ms / baseline_p99_ms`` must stay within
       ``max_p99_ratio`` (devices without both numbers are skipped);
     * shadow agreement: the sample-weighted agreement with the cloud teacher may fall
-      below the previous version's by at most ``max_agreement_drop`` (skipped without a
-      baseline).
+      below the previous version's by at most ``max_agreement_drop``, the baseline
+      weighted by each device's ``baseline_shadow_samples`` (devices without baseline
+      samples are left out of the baseline).
     """
     requests = sum(r.requests for r in reports)
     if requests < policy.min_requests:
@@ -119,6 +125,14 @@ def health_verdict(reports: Sequence[HealthReport], policy: RolloutPolicy) -> st
         return (
             f"no evidence: {samples} shadow samples compared with the cloud teacher "
             f"(min_shadow_samples {policy.min_shadow_samples})"
+        )
+    baseline_samples = sum(
+        r.baseline_shadow_samples or 0 for r in reports if r.baseline_shadow_agreement is not None
+    )
+    if shadowed and baseline_samples < policy.min_baseline_samples:
+        return (
+            f"no evidence: {baseline_samples} baseline shadow samples of the previous version "
+            f"to compare the agreement with (min_baseline_samples {policy.min_baseline_samples})"
         )
     if policy.max_error_rate is not None and requests:
         errors = sum(r.errors for r in reports)
@@ -146,12 +160,19 @@ def health_verdict(reports: Sequence[HealthReport], policy: RolloutPolicy) -> st
     if policy.max_agreement_drop is not None:
         sampled = [r for r in reports if r.shadow_agreement is not None and r.shadow_samples]
         samples = sum(r.shadow_samples for r in sampled)
-        based = [r for r in sampled if r.baseline_shadow_agreement is not None]
-        based_samples = sum(r.shadow_samples for r in based)
+        based = [
+            r
+            for r in reports
+            if r.baseline_shadow_agreement is not None and r.baseline_shadow_samples
+        ]
+        based_samples = sum(r.baseline_shadow_samples or 0 for r in based)
         if samples and based_samples:
             agreement = sum((r.shadow_agreement or 0.0) * r.shadow_samples for r in sampled)
             agreement /= samples
-            baseline = sum((r.baseline_shadow_agreement or 0.0) * r.shadow_samples for r in based)
+            baseline = sum(
+                (r.baseline_shadow_agreement or 0.0) * (r.baseline_shadow_samples or 0)
+                for r in based
+            )
             baseline /= based_samples
             if baseline - agreement > policy.max_agreement_drop + 1e-12:
                 return (

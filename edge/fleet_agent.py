@@ -410,6 +410,7 @@ class FleetAgent:
         st.health_window_s = order.health_window_s
         st.shadow_sample_rate = order.shadow_sample_rate
         self.save()
+        baseline = self._measure_baseline(order, st, version)
         cancel = threading.Event()
         self._cancel[order.model] = cancel
         self._installing[order.model] = rid
@@ -425,6 +426,8 @@ class FleetAgent:
                 backend=self.settings.runtime.backend,
             )
             self._hook("self_tested", order.model, version)
+            if baseline is not None:
+                self._await_baseline(order.model, baseline, cancel)
             if cancel.is_set():
                 raise Cancelled("cancelled by a newer order")
         except TetherError as exc:
@@ -434,6 +437,46 @@ class FleetAgent:
             self._cancel.pop(order.model, None)
             self._installing.pop(order.model, None)
         self._activate(order, st, version)
+
+    def _measure_baseline(self, order: RolloutOrder, st: ModelState, version: int) -> int | None:
+        """Shadow-sample the version serving now at the order's rate, so that the new
+        version's agreement is compared with a measured baseline (``baseline_shadow_*`` in
+        its health reports); the version to measure, or ``None`` when there is nothing to
+        measure (no shadow sampling asked or possible, nothing serving, none required)."""
+        if (
+            self.shadow_rates is None
+            or order.shadow_sample_rate <= 0
+            or self.fleet.min_baseline_samples <= 0
+        ):
+            return None
+        current = st.active if st.active is not None else self.target.current(order.model)
+        if current is None or current == version:
+            return None
+        if self.shadow_rates.get(order.model, str(current)) < order.shadow_sample_rate:
+            self.shadow_rates.set(order.model, str(current), order.shadow_sample_rate)
+        return current
+
+    def _await_baseline(self, name: str, current: int, cancel: threading.Event) -> None:
+        """Hold the switch until the version serving now has ``min_baseline_samples``
+        shadow samples (it serves the requests meanwhile), at most ``evidence_timeout_s``.
+        Without them the switch goes ahead: the reports then say how few baseline samples
+        there are, and the controller's gate fails the wave rather than pass it on none."""
+        need = self.fleet.min_baseline_samples
+        deadline = time.monotonic() + self.fleet.evidence_timeout_s
+        while (have := self._counters(name, current).shadow_samples) < need:
+            if time.monotonic() >= deadline:
+                log.warning(
+                    "%s: %s v%s: %d of %d baseline shadow samples within %gs; switching anyway",
+                    self.device,
+                    name,
+                    current,
+                    have,
+                    need,
+                    self.fleet.evidence_timeout_s,
+                )
+                return
+            if cancel.wait(0.1):
+                raise Cancelled("cancelled by a newer order")
 
     def _verify(self, order: RolloutOrder, st: ModelState) -> Manifest:
         assert order.signed_manifest is not None
@@ -775,6 +818,7 @@ class FleetAgent:
             baseline_p99_ms=baseline.p99_ms() if baseline is not None else None,
             baseline_error_rate=baseline.error_rate() if baseline is not None else None,
             baseline_shadow_agreement=baseline.agreement() if baseline is not None else None,
+            baseline_shadow_samples=baseline.shadow_samples if baseline is not None else None,
         )
         self._last_health[name] = report
         return report

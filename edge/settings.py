@@ -427,11 +427,20 @@ class FleetSettings(Section):
         "version is judged, when the order asks for shadow sampling and the device has an "
         "uplink.",
     )
+    min_baseline_samples: int = Field(
+        1,
+        ge=0,
+        description="Health: shadow samples of the version being replaced (the baseline the "
+        "new version's agreement is compared with) measured before the switch, when the "
+        "order asks for shadow sampling and the device has an uplink; the switch waits up to "
+        "evidence_timeout_s for them.",
+    )
     evidence_timeout_s: float = Field(
         60.0,
         ge=0,
         description="How long past the health window a version waits for min_requests and "
-        "min_shadow_samples before it is rolled back (keep under the rollout's device timeout).",
+        "min_shadow_samples before it is rolled back, and an install for min_baseline_samples "
+        "before its switch (keep under the rollout's device timeout).",
     )
     download_timeout_s: float = Field(30.0, gt=0, description="Socket timeout of downloads.")
 

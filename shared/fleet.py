@@ -50,6 +50,9 @@ from shared.topics import ROOT
 from shared.versioning import SchemaVersion
 
 FLEET_SCHEMA = SchemaVersion(1, 1)
+#: Rollout events and their health reports: 1.2 added ``baseline_shadow_samples`` (how
+#: many shadow samples the baseline agreement rests on). Device statuses stay at 1.1.
+EVENT_SCHEMA = SchemaVersion(1, 2)
 #: Rollout orders: 1.2 added the signature and what it binds (device, seq, expires_at).
 ORDER_SCHEMA = SchemaVersion(1, 2)
 
@@ -181,10 +184,12 @@ class HealthReport(VersionedModel):
 
     ``shadow_agreement`` is the fraction of shadow-sampled requests where the new version's
     top-1 equals the cloud teacher's. ``baseline_*`` describe the previous version on the
-    same device, when the agent knows them.
+    same device, when the agent knows them; ``baseline_shadow_samples`` (since 1.2) is how
+    many shadow samples ``baseline_shadow_agreement`` rests on. A report without it (a 1.0
+    or 1.1 device) gives the controller no baseline evidence: it reads as 0 samples.
     """
 
-    SCHEMA: ClassVar[SchemaVersion] = FLEET_SCHEMA
+    SCHEMA: ClassVar[SchemaVersion] = EVENT_SCHEMA
 
     requests: Count = Field(0, ge=0)
     errors: Count = Field(0, ge=0)
@@ -194,6 +199,11 @@ class HealthReport(VersionedModel):
     baseline_p99_ms: float | None = Field(None, ge=0)
     baseline_error_rate: float | None = Field(None, ge=0, le=1)
     baseline_shadow_agreement: float | None = Field(None, ge=0, le=1)
+    baseline_shadow_samples: Annotated[int, Field(ge=0), AfterValidator(_count)] | None = Field(
+        None,
+        description="Since 1.2: shadow samples of the previous version behind "
+        "baseline_shadow_agreement (absent: no baseline evidence).",
+    )
 
     @property
     def error_rate(self) -> float | None:
@@ -257,8 +267,10 @@ class RolloutOrder(FleetMessage):
 
 
 class RolloutEvent(DeviceReport):
-    """Device -> controller: one step of a rollout on this device."""
+    """Device -> controller: one step of a rollout on this device (schema 1.2: its
+    ``health`` may carry ``baseline_shadow_samples``)."""
 
+    SCHEMA: ClassVar[SchemaVersion] = EVENT_SCHEMA
     kind: Literal["rollout_event"] = "rollout_event"
     rollout_id: ShortText = Field(min_length=1, max_length=200)
     device: ShortText = Field("", description="Informational; the topic says which device.")

@@ -39,9 +39,15 @@ class Behaviour:
     p99_ms: float = 10.0
     baseline_p99_ms: float = 10.0
     shadow_agreement: float = 0.98
-    baseline_shadow_agreement: float = 0.98
+    baseline_shadow_agreement: float | None = 0.98
     #: Shadow samples reported (default: the order's rate of the requests, at least 1).
     shadow_samples: int | None = None
+    #: Shadow samples of the previous version behind ``baseline_shadow_agreement`` (since
+    #: schema 1.2; ``None``: not reported).
+    baseline_shadow_samples: int | None = 20
+    #: Send events as a device of this fleet schema (``"1.1"``: reports without
+    #: ``baseline_shadow_samples``, as devices before 1.2 sent them).
+    schema: str | None = None
 
 
 class OrderGate:
@@ -184,7 +190,12 @@ class SimDevice:
             health=health,
             at=time.time(),
         )
-        self.mqtt.publish(device_rollout_events(self.name), orjson.dumps(event.dump()), qos=1)
+        body = event.dump()
+        if self.behaviour.schema is not None:  # as an older device wrote it
+            body["schema_version"] = self.behaviour.schema
+            if "health" in body:
+                body["health"]["schema_version"] = self.behaviour.schema
+        self.mqtt.publish(device_rollout_events(self.name), orjson.dumps(body), qos=1)
 
     def _install(self, order: RolloutOrder, generation: int) -> None:
         assert order.signed_manifest is not None
@@ -241,6 +252,7 @@ class SimDevice:
             baseline_p99_ms=b.baseline_p99_ms,
             baseline_error_rate=b.baseline_error_rate,
             baseline_shadow_agreement=b.baseline_shadow_agreement,
+            baseline_shadow_samples=b.baseline_shadow_samples if b.schema is None else None,
         )
         self._report(order, order.model, version, "committed", health=health)
 

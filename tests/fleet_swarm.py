@@ -240,6 +240,7 @@ class _Device:
             baseline_p99_ms=b.baseline_p99_ms,
             baseline_error_rate=b.baseline_error_rate,
             baseline_shadow_agreement=b.baseline_shadow_agreement,
+            baseline_shadow_samples=b.baseline_shadow_samples,
         )
         await self._report(order, version, "committed", health=health)
 

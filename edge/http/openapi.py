@@ -186,6 +186,8 @@ _MODEL_LIST = {
 _PROVENANCE = {
     "served_by": {"type": ["string", "null"], "description": "`edge` or `cloud`."},
     "route": {"type": ["string", "null"], "description": "The route that served it."},
+    "cloud_worker": {"type": "string", "description": "The cloud worker that answered."},
+    "cloud_error": {"type": "string", "description": "Why the cloud was not used."},
 }
 
 

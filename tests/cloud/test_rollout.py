@@ -147,6 +147,37 @@ def test_a_wave_without_evidence_fails_and_with_it_passes(fleet: FleetHarness) -
         assert all(d.models["digits"] == 1 for d in group)
 
 
+@pytest.mark.parametrize("fleet", BACKENDS, indirect=True)
+def test_the_agreement_gate_fails_without_baseline_samples(fleet: FleetHarness) -> None:
+    """The new version's agreement with the teacher is judged against the previous
+    version's. Devices that measured no baseline, and devices of schema 1.1 (their reports
+    say nothing of how many samples the baseline rests on), give the gate nothing to
+    compare with: the wave fails, naming the baseline. Measured baselines pass."""
+    fleet.publish("digits", 2)
+    unmeasured = fleet.add_devices(
+        3,
+        labels={"group": "unmeasured"},
+        behaviour=lambda i: Behaviour(baseline_shadow_agreement=None, baseline_shadow_samples=0),
+    )
+    old = fleet.add_devices(3, labels={"group": "old"}, behaviour=lambda i: Behaviour(schema="1.1"))
+    measured = fleet.add_devices(3, labels={"group": "measured"})
+    quick = policy(waves=["1", "100%"], min_baseline_samples=20)
+    started = {
+        group: start_rollout(fleet.db, "digits", 2, fleet.sel(group=group), quick)[0].id
+        for group in ("unmeasured", "old", "measured")
+    }
+    final = {g: fleet.wait_state(rid, {"completed", "rolled_back"}) for g, rid in started.items()}
+    assert final == {"unmeasured": "rolled_back", "old": "rolled_back", "measured": "completed"}
+    for group in ("unmeasured", "old"):
+        reason = fleet.db.rollout(started[group]).reason
+        assert "wave 1: no evidence: 0 baseline shadow samples" in reason, reason
+        assert "min_baseline_samples 20" in reason, reason
+    for devices in (unmeasured, old):  # stopped at the canary, which went back
+        assert sum(1 for d in devices if d.orders) == 1
+        assert all(d.models["digits"] == 1 for d in devices)
+    assert all(d.models["digits"] == 2 for d in measured)
+
+
 def test_p99_regression_fails_the_gate(fleet: FleetHarness) -> None:
     fleet.publish("digits", 2)
     fleet.add_devices(4, behaviour=lambda i: Behaviour(p99_ms=40.0, baseline_p99_ms=10.0))

@@ -3,9 +3,16 @@ rate; the health gate's minimum evidence."""
 
 from __future__ import annotations
 
-from cloud.fleet_db import RolloutPolicy
+import time
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from cloud.fleet_db import FleetDB, RolloutPolicy
 from cloud.rollout_policy import failure_budget, health_verdict, order_allowance
-from shared.fleet import HealthReport
+from shared.fleet import DeviceStatus, HealthReport
+from tests.cloud.fleet_harness import make_version
+from tether.cli import cli
 
 
 def test_a_share_of_the_ordered_devices_by_default() -> None:
@@ -44,6 +51,7 @@ def test_the_health_gate_never_passes_on_no_evidence() -> None:
         shadow_samples=6,
         shadow_agreement=0.97,
         baseline_shadow_agreement=0.97,
+        baseline_shadow_samples=10,
         baseline_error_rate=0.0,
     )
     assert health_verdict([good, good], policy) is None  # 60 requests, 12 samples
@@ -59,3 +67,74 @@ def test_the_health_gate_never_passes_on_no_evidence() -> None:
     # Without shadow sampling (or without the agreement check) no samples are needed.
     assert health_verdict([unsampled], RolloutPolicy(["100%"], shadow_sample_rate=0.0)) is None
     assert health_verdict([unsampled], RolloutPolicy(["100%"], max_agreement_drop=None)) is None
+
+
+def test_the_agreement_gate_never_passes_without_baseline_samples() -> None:
+    """The agreement is compared with the previous version's: without shadow samples behind
+    that baseline (none measured, or a 1.0/1.1 report that cannot say how many) the gate
+    has nothing to compare with, and fails."""
+    policy = RolloutPolicy(waves=["100%"], min_baseline_samples=10)
+    measured = HealthReport(
+        requests=100,
+        shadow_samples=20,
+        shadow_agreement=0.97,
+        baseline_shadow_agreement=0.97,
+        baseline_shadow_samples=12,
+    )
+    assert health_verdict([measured], policy) is None
+    unmeasured = measured.model_copy(update={"baseline_shadow_agreement": None})
+    verdict = health_verdict([unmeasured], policy)
+    assert verdict is not None and "no evidence: 0 baseline shadow samples" in verdict
+    assert "min_baseline_samples 10" in verdict
+    old = HealthReport.parse({**measured.dump(), "schema_version": "1.1"})
+    old = old.model_copy(update={"baseline_shadow_samples": None})  # a 1.1 device sent none
+    verdict = health_verdict([old, old], policy)
+    assert verdict is not None and "0 baseline shadow samples" in verdict
+    few = measured.model_copy(update={"baseline_shadow_samples": 4})
+    assert health_verdict([few, few], policy) is not None
+    assert health_verdict([few, few, few], policy) is None  # 12 over three devices
+    # The baseline weighs by its own samples: 90 samples at 99% outweigh 10 at 50%, so an
+    # agreement of 85% is a drop of 9 points (weighed by the new version's samples, the
+    # baseline would read 74.5% and hide it).
+    strong = measured.model_copy(
+        update={
+            "shadow_agreement": 0.85,
+            "baseline_shadow_agreement": 0.99,
+            "baseline_shadow_samples": 90,
+        }
+    )
+    weak = strong.model_copy(
+        update={"baseline_shadow_agreement": 0.5, "baseline_shadow_samples": 10}
+    )
+    verdict = health_verdict([strong, weak], policy)
+    assert verdict is not None and "fell to 85.0% from 94.1%" in verdict, verdict
+    # No agreement check, or no shadow sampling: no baseline needed.
+    assert health_verdict([old], RolloutPolicy(["100%"], max_agreement_drop=None)) is None
+    assert health_verdict([old], RolloutPolicy(["100%"], shadow_sample_rate=0.0)) is None
+    assert health_verdict([old], RolloutPolicy(["100%"], min_baseline_samples=0)) is None
+
+
+def test_rollout_start_takes_the_evidence_minimums(tmp_path: Path) -> None:
+    """``--min-baseline-samples`` (and its neighbours) reach the stored rollout policy."""
+    runner = CliRunner()
+    data = tmp_path / "data"
+    base = ["fleet", "--data-dir", str(data)]
+    env = {"TETHER_FLEET_SIGNING_KEY": str(tmp_path / "k.pem")}
+    assert runner.invoke(cli, [*base, "keygen", str(tmp_path / "k.pem")]).exit_code == 0
+    folder = make_version(tmp_path / "repo", "digits", 2)
+    result = runner.invoke(cli, [*base, "publish", str(folder)], env=env)
+    assert result.exit_code == 0, result.output
+    db = FleetDB(f"sqlite:///{data}/fleet.db")
+    for name in ("cam-1", "cam-2"):
+        status = DeviceStatus(online=True, labels={"site": name})
+        db.upsert_device(name, status, seen_at=time.time())
+    start = [*base, "rollout", "start", "digits", "2"]
+    result = runner.invoke(cli, [*start, "--select", "site=cam-1", "--min-baseline-samples", "7"])
+    assert result.exit_code == 0, result.output
+    chosen = db.rollout(result.output.split()[1]).policy
+    assert (chosen.min_baseline_samples, chosen.min_shadow_samples) == (7, 1)
+    result = runner.invoke(cli, [*start, "--select", "site=cam-2"])
+    assert result.exit_code == 0, result.output
+    assert db.rollout(result.output.split()[1]).policy.min_baseline_samples == 1
+    result = runner.invoke(cli, [*start, "--select", "site=cam-1", "--min-baseline-samples", "-1"])
+    assert result.exit_code != 0

@@ -316,10 +316,15 @@ def test_shadow_traffic_measures_agreement_with_the_teacher(
     key: Ed25519PrivateKey,
     artifacts: ArtifactServer,
 ) -> None:
+    # Before its switch, each device measures the version it replaces (the baseline the
+    # controller compares the agreement with): v1 serves until 8 of its rows are sampled.
+    baseline = {"min_baseline_samples": 8}
     # The teacher is the new version's twin: every sampled row agrees.
-    agreeing = Device(tmp_path / "a", broker, [public_key_text(key)], teacher_seed=2)
+    agreeing = Device(
+        tmp_path / "a", broker, [public_key_text(key)], fleet=baseline, teacher_seed=2
+    )
     # This teacher is another model, and the device demands 99% agreement: it rolls back.
-    strict = {"min_shadow_agreement": 0.99}
+    strict = {"min_shadow_agreement": 0.99, **baseline}
     picky = Device(tmp_path / "b", broker, [public_key_text(key)], fleet=strict, teacher_seed=7)
     try:
         for dev in (agreeing, picky):
@@ -334,9 +339,19 @@ def test_shadow_traffic_measures_agreement_with_the_teacher(
                 rollout_id=f"shadow-{dev.id}",
             )
             controller.send(dev.id, order)
+        rows = np.random.default_rng(3).standard_normal((8, 4)).astype(np.float32)
+        for dev in (agreeing, picky):
+            controller.wait_step(f"shadow-{dev.id}", "staged")
+            # Staged, but held: no baseline samples yet.
+            assert "active" not in controller.steps(f"shadow-{dev.id}")
+            assert dev.served() == ["1"]
+            for row in rows:
+                request = DecodedRequest({"x": row[None, :]}, {"x": "FP32"}, None)
+                assert dev.dataplane.infer("dense", None, request).model_version == "1"
+            assert dev.sampler is not None
+            dev.sampler.drain()
         for dev in (agreeing, picky):
             controller.wait_step(f"shadow-{dev.id}", "active")
-        rows = np.random.default_rng(3).standard_normal((8, 4)).astype(np.float32)
         for dev in (agreeing, picky):
             for row in rows:
                 request = DecodedRequest({"x": row[None, :]}, {"x": "FP32"}, None)
@@ -346,9 +361,12 @@ def test_shadow_traffic_measures_agreement_with_the_teacher(
         good = controller.wait_step(f"shadow-{agreeing.id}", "committed")
         assert good.health is not None and good.health.shadow_samples == 8
         assert good.health.shadow_agreement == 1.0
+        assert good.health.baseline_shadow_samples == 8
+        assert good.health.baseline_shadow_agreement is not None
         bad = controller.wait_step(f"shadow-{picky.id}", "rolled_back")
         assert bad.reason.startswith("unhealthy: shadow agreement")
         assert bad.health is not None and bad.health.shadow_samples == 8
+        assert bad.health.baseline_shadow_samples == 8
         assert picky.served() == ["1"]
     finally:
         agreeing.stop()
@@ -376,7 +394,12 @@ def test_a_version_is_never_healthy_without_evidence(
         health=MetricsHealthSource(f"http://127.0.0.1:{free_port()}/metrics", timeout_s=0.5),
     )
     late = Device(
-        tmp_path / "late", broker, keys, fleet={**need, "evidence_timeout_s": 60}, teacher_seed=2
+        tmp_path / "late",
+        broker,
+        keys,
+        # No traffic before the switch here: measuring the baseline has its own test.
+        fleet={**need, "evidence_timeout_s": 60, "min_baseline_samples": 0},
+        teacher_seed=2,
     )
     devices = (late, idle, blind)
     try:

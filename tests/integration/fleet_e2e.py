@@ -155,6 +155,9 @@ class E2EDevice:
                 # with controlled devices (tests/edge/test_fleet_agent.py).
                 "min_requests": 0,
                 "min_shadow_samples": 0,
+                # Nor can it give each device a baseline before its switch: tests that
+                # check agreement measure it first (E2EFleet.measure_baseline).
+                "min_baseline_samples": 0,
             },
         )
         self.repository = ModelRepository(
@@ -396,6 +399,7 @@ def policy(**overrides: object) -> RolloutPolicy:
         "shadow_sample_rate": 0.25,
         "min_requests": 0,  # as the devices (E2EDevice); a test may ask for evidence
         "min_shadow_samples": 0,
+        "min_baseline_samples": 0,  # the agreement gate's baseline: measure_baseline first
     }
     values.update(overrides)
     return RolloutPolicy(**values)  # type: ignore[arg-type]

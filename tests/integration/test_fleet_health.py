@@ -202,6 +202,8 @@ def test_fleet_agent_beside_the_server_judges_by_the_workers_figures(
         assert report.baseline_p99_ms is not None
         assert report.baseline_shadow_agreement is not None
         assert report.baseline_shadow_agreement > 0.8
+        # ... and how many samples it rests on (schema 1.2): v1's, from the workers' /metrics.
+        assert (report.baseline_shadow_samples or 0) >= 40
         assert traffic.failures == [] and traffic.versions.get("2", 0) > 0
 
         # A version that loads fine but disagrees with the teacher: the agent's own window

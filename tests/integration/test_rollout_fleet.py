@@ -196,12 +196,16 @@ def test_version_disagreeing_with_the_teacher_stops_at_the_canary(fleet: E2EFlee
     with fleet.traffic() as traffic, fleet.evidence(min_shadow_samples=1):
         # However slow the first shadow samples are on a loaded machine, the canary's
         # window lasts until it has them, and the gate judges on them (docs/rollouts.md).
-        rid = fleet.start(version, policy(shadow_sample_rate=1.0, min_shadow_samples=1))
+        rid = fleet.start(
+            version, policy(shadow_sample_rate=1.0, min_shadow_samples=1, min_baseline_samples=1)
+        )
         assert fleet.wait_final(rid, 60) == "rolled_back"
     _report(fleet.db.dialect.name, "bad canary (shadow agreement)", time.monotonic() - started)
 
     reason = fleet.db.rollout(rid).reason
     assert "wave 1" in reason and "shadow agreement" in reason, reason
+    # Compared with the canary's measured baseline (min_baseline_samples 1), not skipped.
+    assert "fell to" in reason and "no evidence" not in reason, reason
     ordered = _ordered(fleet, rid)
     assert len(ordered) == 1
     steps = [step for step, _, _ in fleet.db.device_history(rid, ordered[0])]

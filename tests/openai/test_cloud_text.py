@@ -10,6 +10,7 @@ the same file; a broker killed mid-stream must end the stream with an error even
 from __future__ import annotations
 
 import contextlib
+import queue
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,7 +27,17 @@ from edge.runtimes.generation import ChatMessage, GenerationEvent, GenerationReq
 from edge.settings import UplinkSettings
 from edge.text_uplink import UplinkText
 from edge.uplink import Uplink
+from shared import topics
+from shared.envelopes import (
+    GenerationParams,
+    TextChunkEnvelope,
+    TextMessage,
+    TextRequestEnvelope,
+    decode_envelope,
+    frame,
+)
 from shared.errors import TetherError
+from shared.mqtt import Message, MqttClient
 from tests.agent_process import AgentProcess
 from tests.broker import Broker
 from tests.openai.conftest import TEXT_REPOSITORY, TOKEN, http, linked_repository, text_model_dir
@@ -298,3 +309,50 @@ def test_a_worker_stopped_without_draining_ends_its_streams_with_an_error(
             assert "stopping" in caught.value.message  # the worker said so; not a stall
     finally:
         worker.stop(drain=False)
+
+
+def test_a_repeated_text_request_is_generated_once(stack: Stack) -> None:
+    """The uplink sends a request again when its start is slow; the worker runs it once."""
+    device = "text-twice"
+    reply_topic = topics.cloud_replies(device, "c1")
+    chunks: queue.SimpleQueue[TextChunkEnvelope] = queue.SimpleQueue()
+
+    def on_reply(message: Message) -> None:
+        envelope, _tail = decode_envelope(message.payload)
+        assert isinstance(envelope, TextChunkEnvelope)
+        chunks.put(envelope)
+
+    def duplicates() -> float:
+        sample = stack.worker.metrics.registry.get_sample_value(
+            "tether_cloud_duplicates_total", {"outcome": "dropped"}
+        )
+        return sample or 0.0
+
+    before = duplicates()
+    client = MqttClient(stack.broker.url, f"tether-{device}")
+    client.subscribe(reply_topic, on_reply, qos=0)
+    client.start()
+    try:
+        request = TextRequestEnvelope(
+            request_id="twice-1",
+            model="smollm2-135m",
+            task="generate",
+            generation=GenerationParams(
+                messages=[TextMessage(role="user", content="Hi")], max_tokens=4, temperature=0
+            ),
+        )
+        for _ in range(2):
+            client.publish(
+                topics.cloud_request(device, "smollm2-135m"),
+                frame(request.dump()),
+                qos=0,
+                response_topic=reply_topic,
+                correlation_data=b"twice-1",
+            )
+        received = []
+        while not (received and received[-1].final):
+            received.append(chunks.get(timeout=CLOUD_TIMEOUT_S))
+        assert [c.seq for c in received] == list(range(len(received)))  # one stream, in order
+        assert duplicates() == before + 1
+    finally:
+        client.stop()

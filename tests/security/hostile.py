@@ -3,6 +3,8 @@ the decode-or-refuse contract."""
 
 from __future__ import annotations
 
+import math
+import random
 from typing import Any
 
 from hypothesis import HealthCheck, settings
@@ -48,3 +50,22 @@ json_values = st.recursive(
     ),
     max_leaves=24,
 )
+
+
+def random_json(rng: random.Random, depth: int = 0) -> Any:
+    """A JSON value like hypothesis's ``json_values``: scalars (huge integers, NaN and
+    infinities too) nested up to three levels in short lists and objects."""
+    kind = rng.randrange(7 if depth < 3 else 5)
+    if kind == 0:
+        return None
+    if kind == 1:
+        return rng.random() < 0.5
+    if kind == 2:
+        return rng.choice([rng.randint(-(2**70), 2**70), rng.randint(-9, 9)])
+    if kind == 3:
+        return rng.choice([rng.uniform(-1e9, 1e9), math.nan, math.inf, -math.inf, -0.0])
+    if kind == 4:
+        return "".join(chr(rng.randrange(32, 0x2FF)) for _ in range(rng.randrange(9)))
+    if kind == 5:
+        return [random_json(rng, depth + 1) for _ in range(rng.randrange(7))]
+    return {str(rng.randrange(99)): random_json(rng, depth + 1) for _ in range(rng.randrange(5))}

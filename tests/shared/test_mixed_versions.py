@@ -367,7 +367,11 @@ def test_devices_at_1_0_follow_a_controller_at_1_1(
     tmp_path: Path, mixed_broker: Broker, legacy_tree: Path
 ) -> None:
     """Today's controller and registry (1.1 orders, manifests with deltas and content
-    signatures) roll a version out to devices running the 1.0 release."""
+    signatures) roll a version out to devices running the 1.0 release. Their health
+    reports carry a baseline agreement but not how many samples it rests on (schema 1.2
+    added that): that is no baseline evidence, so with the agreement gate on, the canary's
+    wave fails naming the baseline; an operator who accepts it says so
+    (``min_baseline_samples=0``)."""
     db = open_db("sqlite", tmp_path)
     harness = FleetHarness(mixed_broker.url, db, tmp_path)
     devices = Legacy(
@@ -393,11 +397,22 @@ def test_devices_at_1_0_follow_a_controller_at_1_1(
                 ]
             }
         )
-        db.put_manifest(sign_manifest(with_delta.model_copy(update={"version": 3}), harness.key))
+        for version in (3, 4):
+            db.put_manifest(
+                sign_manifest(with_delta.model_copy(update={"version": version}), harness.key)
+            )
         from cloud.rollout import start_rollout
 
+        gated, _ = start_rollout(db, "digits", 3, {"run": harness.run}, policy(waves=["1", "100%"]))
+        assert harness.wait_state(gated.id, {"completed", "rolled_back"}, 90) == "rolled_back"
+        reason = db.rollout(gated.id).reason
+        assert "no evidence: 0 baseline shadow samples" in reason, reason
         rollout, _ = start_rollout(
-            db, "digits", 3, {"run": harness.run}, policy(waves=["1", "100%"])
+            db,
+            "digits",
+            4,
+            {"run": harness.run},
+            policy(waves=["1", "100%"], min_baseline_samples=0),
         )
         assert harness.wait_state(rollout.id, {"completed", "rolled_back"}, 90) == "completed"
         devices.close()
@@ -407,7 +422,7 @@ def test_devices_at_1_0_follow_a_controller_at_1_1(
         harness.close()
         db.drop_schema()
         db.close()
-    assert final["models"] == {name: {"digits": 3} for name in names}
+    assert final["models"] == {name: {"digits": 4} for name in names}
 
 
 def test_devices_of_today_report_to_a_controller_at_1_0_and_refuse_its_unsigned_orders(
