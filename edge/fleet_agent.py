@@ -385,6 +385,9 @@ class FleetAgent:
         _finish(
             st, f"{order.rollout_id}:abort", order.rollout_id, version, "rolled_back", "aborted"
         )
+        # An install order of the aborted rollout that arrives after this one (a resend
+        # that crossed the abort) is stale: it must never start a download.
+        st.remember(f"{order.rollout_id}:install")
         self.save()
         self._event(order.rollout_id, order.model, version, "rolled_back", "aborted")
 

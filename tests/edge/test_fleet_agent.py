@@ -309,6 +309,26 @@ def test_abort_stops_a_download(
     assert sorted(leftovers) == ["1", "config.json"]
 
 
+def test_an_install_order_arriving_after_its_abort_is_never_started(
+    device: Device, controller: Controller, key: Ed25519PrivateKey, artifacts: ArtifactServer
+) -> None:
+    """A controller's resend of an install can cross the abort on the way: the device ends
+    on the abort's answer and downloads nothing."""
+    order = signed_order(key, artifacts, pack(dense_model(seed=2), 2), version=2)
+    abort = order.model_copy(update={"action": "abort", "signed_manifest": None})
+    controller.send(device.id, abort)
+    controller.wait_step(order.rollout_id, "rolled_back")
+    controller.send(device.id, order)
+    controller.send(device.id, abort)  # a later order: the device is still answering
+    controller.wait(lambda: controller.steps(order.rollout_id).count("rolled_back") >= 2)
+    assert controller.steps(order.rollout_id) == ["rolled_back", "rolled_back"]
+    assert device.served() == ["1"]
+    assert sorted(p.name for p in (device.settings.repository / "dense").iterdir()) == [
+        "1",
+        "config.json",
+    ]
+
+
 def test_shadow_traffic_measures_agreement_with_the_teacher(
     tmp_path: Path,
     broker: Broker,
