@@ -314,13 +314,25 @@ class E2EFleet:
             device.start()
         self.devices += new
         names = {d.name for d in new}
-        wait_for(
-            lambda: (
-                names <= {d.device for d in self.db.list_devices({"run": self.run}) if d.online}
-            ),
-            60,
-            "every device's status to reach the fleet database",
-        )
+
+        def online() -> set[str]:
+            return {d.device for d in self.db.list_devices({"run": self.run}) if d.online}
+
+        deadline = time.monotonic() + 60
+        while not names <= (seen := online()):
+            if time.monotonic() > deadline:
+                missing = sorted(names - seen)
+                known = {d.device: d.online for d in self.db.list_devices({"run": self.run})}
+                connected = {d.name: d.agent.client.connected for d in new}
+                raise AssertionError(
+                    f"{len(missing)} of {len(names)} devices' statuses never reached the "
+                    f"fleet database as online, e.g. "
+                    + ", ".join(
+                        f"{m} (in the database: {known.get(m)}, connected: {connected[m]})"
+                        for m in missing[:5]
+                    )
+                )
+            time.sleep(0.2)  # each look reads every device: leave the intake the database
         return new
 
     def sel(self, **labels: str) -> dict[str, str]:
