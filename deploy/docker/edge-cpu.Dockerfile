@@ -44,7 +44,7 @@ ENV PATH=/opt/tether/bin:$PATH \
 VOLUME ["/models", "/var/lib/tether"]
 USER 10001:10001
 WORKDIR /var/lib/tether
-EXPOSE 8000
+EXPOSE 8000 8001
 HEALTHCHECK --interval=15s --timeout=3s --start-period=60s --retries=3 \
   CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/v2/health/ready' % os.environ.get('TETHER_HTTP__PORT', '8000'), timeout=2)"]
 ENTRYPOINT ["tether"]
