@@ -254,6 +254,12 @@ class MqttClient:
         with contextlib.suppress(Exception):  # best effort on shutdown
             self._client.disconnect()
         self._client.loop_stop()
+        # paho (2.2) makes a socket pair to wake its network thread on every loop_start and
+        # closes it only when the client is garbage collected: two descriptors per stopped
+        # client. They add up where one process runs many clients, and paho's select()
+        # cannot watch a descriptor numbered 1024 or more (its client then never connects).
+        with contextlib.suppress(Exception):
+            self._client._reset_sockets(sockpair_only=True)
         self._connected.clear()
 
     def add_connection_listener(self, listener: ConnectionListener) -> None:

@@ -136,10 +136,12 @@ class CorrectionSender:
         return corrections
 
     def settle(self, group: list[StoredEscalation], asked: _Asked) -> bool:
-        """Store a group's corrections (or drop it for a 4xx); False: the cloud is away."""
+        """Store a group's corrections (or drop it for a 4xx the cloud will always give it);
+        False: the cloud is away or busy (5xx, or 429 from its per-device admission), and
+        the group waits to be asked again."""
         seqs = [item.seq for item in group]
         if asked.error is not None:
-            if asked.error.status >= 500:
+            if asked.error.status >= 500 or asked.error.status == 429:
                 log.info("corrections wait for the cloud: %s", asked.error.message)
                 return False
             self.outbox.complete_escalations(
