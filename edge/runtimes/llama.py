@@ -65,6 +65,10 @@ class LlamaRuntime(TextGenerator):
         self.slots = max(1, int(params.get("slots", 1)))
         threads = params.get("threads")
         self.threads: int | None = int(threads) if threads else None
+        #: Layers offloaded to the GPU (``parameters.gpu_layers``; -1: all). Unset, all of
+        #: them where llama.cpp was built with a GPU backend (CUDA on a Jetson), else none.
+        gpu_layers = params.get("gpu_layers")
+        self.gpu_layers: int | None = int(gpu_layers) if gpu_layers is not None else None
         self._free: queue.Queue[Any] = queue.Queue()
         self._engines: list[Any] = []
 
@@ -76,6 +80,9 @@ class LlamaRuntime(TextGenerator):
                 f"model {self.name!r} needs llama-cpp-python (pip install 'tether[llm]'): {exc}"
             ) from None
         started = time.perf_counter()
+        gpu_layers = self.gpu_layers
+        if gpu_layers is None:
+            gpu_layers = -1 if gpu_offload_available() else 0
         try:
             for _ in range(self.slots):
                 engine = CountingLlama(
@@ -83,13 +90,14 @@ class LlamaRuntime(TextGenerator):
                     n_ctx=self.context_length,
                     n_threads=self.threads,
                     n_threads_batch=self.threads,
+                    n_gpu_layers=gpu_layers,
                     verbose=False,
                 )
                 self._engines.append(engine)
                 self._free.put(engine)
         except (ValueError, RuntimeError) as exc:
             raise Unavailable(f"model {self.name!r}: llama.cpp could not load it: {exc}") from None
-        self.provider = "llama.cpp"
+        self.provider = "llama.cpp (GPU)" if gpu_layers else "llama.cpp"
         self.max_batch_size = self.slots
         log.info(
             "%s v%s loaded on llama.cpp (%d slot(s), context %d) in %.2f s",
@@ -170,3 +178,12 @@ class LlamaRuntime(TextGenerator):
             raise InternalError(f"model {self.name!r} failed to generate: {exc}") from exc
         finally:
             self._free.put(engine)
+
+
+def gpu_offload_available() -> bool:
+    """Whether the installed llama.cpp was built with a GPU backend (e.g. ``GGML_CUDA``)."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return False
+    return bool(llama_cpp.llama_supports_gpu_offload())
