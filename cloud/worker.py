@@ -587,18 +587,20 @@ class CloudWorker:
 
     def _fail(self, request: CloudRequest, exc: TetherError, deadline: float | None) -> None:
         payload = _error_payload(request.request_id, exc)
+        # Released before the reply leaves: a device that has its answer may ask again at
+        # once without meeting its own finished request in its share.
+        self._done(request)
         if exc.status in TRANSIENT_STATUSES:
             self.replies.forget(request.key)
             self._send(request.address, payload, deadline)
         else:
             for target in self.replies.finish(request.key, payload, request.address):
                 self._send(target, payload, deadline)
-        self._done(request)
 
     def _answer(self, job: Queued[CloudRequest], payload: bytes) -> None:
+        self._done(job.item)  # released before the reply leaves (see _fail)
         for target in self.replies.finish(job.item.key, payload, job.item.address):
             self._send(target, payload, job.deadline)
-        self._done(job.item)
 
     def _done(self, request: CloudRequest) -> None:
         """The request no longer occupies this worker (answered, failed or dropped)."""

@@ -58,6 +58,7 @@ def test_a_device_past_its_share_gets_429_and_another_device_is_served(
     again = asker.ask("dense", rows(1))
     (reply,) = asker.collect(1, timeout_s=10)
     assert reply.kind == "infer_response" and reply.header["request_id"] == again
+    # released before the reply left
     assert worker.admission.in_flight("dev1") == (0, 0)
 
 
