@@ -266,6 +266,8 @@ class RolloutController:
         self._inbox: queue.Queue[Report] = queue.Queue(maxsize=inbox_max_reports)
         self._inbox_max_bytes = inbox_max_bytes
         self._inbox_bytes = 0
+        #: Reports (statuses and events) received, kept or not (written by the MQTT thread).
+        self.received = 0
         self._inbox_lock = threading.Lock()
         #: Device reports dropped by this controller, by reason (also added to the
         #: database's counts, which every controller's ``/metrics`` serves).
@@ -310,6 +312,7 @@ class RolloutController:
     def _receive(self, kind: str, message: Message, cls: type[Any]) -> None:
         """Read one report (bounded) and queue it for storing; anything wrong with it costs
         that report alone, logged and counted, never the subscriber."""
+        self.received += 1
         try:
             device = device_of_topic(message.topic)
             if not message.payload:

@@ -151,9 +151,10 @@ def test_a_burst_of_escalated_readings_on_a_stock_broker_loses_nothing(
         wait_for(lambda: len(collector.ids("result")) >= 2000, 120)
         cloud.kill()
         events.append(f"cloud broker killed at {time.monotonic() - started:.1f}s")
-        # down until the bridge has answered readings without the cloud (a quiet machine
-        # can get through 6,000 readings on escalations already in flight)
-        wait_for(lambda: len(collector.ids("result")) >= 8000 and bool(degraded()), 120)
+        # down until the bridge has answered 1,000 readings without the cloud (each one a
+        # correction to send once it is back); a fixed count of results could come before
+        # any (escalations already in flight) or long after (every one waits its deadline)
+        wait_for(lambda: len(degraded()) >= 1000, 120)
         cloud.start()
         events.append(f"cloud broker restarted at {time.monotonic() - started:.1f}s")
     for info in infos:
@@ -167,8 +168,9 @@ def test_a_burst_of_escalated_readings_on_a_stock_broker_loses_nothing(
             and degraded() <= collector.ids("correction")
         )
 
-    # 120 s: a loaded 2-core machine answers the burst in well under half that
-    deadline = time.monotonic() + 120
+    # A quiet 2-core machine answers the burst in ~15 s, corrections of ~16,000 degraded
+    # readings included; three test processes on it made the corrections ~15x slower
+    deadline = time.monotonic() + 240
     while time.monotonic() < deadline and not settled():
         time.sleep(0.25)
     done_s = time.monotonic() - started
