@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 import uuid
-from collections import defaultdict
+from collections import defaultdict, deque
 from pathlib import Path
 from typing import Any
 
@@ -184,6 +184,7 @@ class Collector:
         )
         #: (sensor topic level, kind, seq) in the order they came.
         self.arrivals: list[tuple[str, str, Any]] = []
+        self._pending: deque[bytes] = deque()
         # A large Receive Maximum: a stock broker queues at most 1000 messages for a slow
         # subscriber and drops the rest; in flight on the wire they are not dropped.
         self.client = MqttClient(url, f"collector-{uuid.uuid4().hex[:6]}", receive_maximum=65_535)
@@ -191,18 +192,33 @@ class Collector:
         self.client.subscribe(f"tether/{device}/sensors/+/errors", self._on, qos=1)
 
     def _on(self, message: Message) -> None:
-        body = json.loads(message.payload)
-        with self.lock:
-            self.messages[f"{body['kind']}:{body['reading_id']}"].append(message.payload)
+        # Only a deque append in paho's thread (thread-safe, no lock): a callback that waits
+        # delays the PUBACKs, and a stock broker drops what queues past 1000 behind them.
+        self._pending.append(message.payload)
+
+    def _parse_pending(self) -> None:
+        """Parse what arrived since the last look (under ``self.lock``)."""
+        while self._pending:
+            payload = self._pending.popleft()
+            body = json.loads(payload)
+            self.messages[f"{body['kind']}:{body['reading_id']}"].append(payload)
             self.kinds[body["kind"]][body["reading_id"]].append(body)
             self.arrivals.append((body.get("sensor"), body["kind"], body.get("seq")))
 
+    def arrival_order(self) -> list[tuple[str, str, Any]]:
+        """(sensor topic level, kind, seq) of everything received, in arrival order."""
+        with self.lock:
+            self._parse_pending()
+            return list(self.arrivals)
+
     def ids(self, kind: str) -> set[str]:
         with self.lock:
+            self._parse_pending()
             return set(self.kinds[kind])
 
     def of(self, kind: str) -> dict[str, list[dict[str, Any]]]:
         with self.lock:
+            self._parse_pending()
             return {k: list(v) for k, v in self.kinds[kind].items()}
 
 

@@ -214,7 +214,7 @@ def test_a_burst_of_escalated_readings_on_a_stock_broker_loses_nothing(
         assert body["parameters"]["confidence"] < THRESHOLD and body["reading_id"] == rid
     # each sensor's results come in the order of its readings
     by_sensor: dict[str, list[int]] = {}
-    for sensor, kind, seq in list(collector.arrivals):
+    for sensor, kind, seq in collector.arrival_order():
         if kind == "result" and sensor != "bad":
             by_sensor.setdefault(sensor, []).append(seq)
     assert all(seqs == sorted(seqs) for seqs in by_sensor.values())
