@@ -267,7 +267,6 @@ class Uplink:
             request=InferenceRequest.model_validate(header),
         )
         payload = frame(envelope.dump(), blobs)
-        topic = topics.cloud_request(self.device_id, model)
         log.debug("cloud request %s for %s (trace %s)", request_id, model, envelope.trace_id)
         correlation = request_id.encode()
         future: Future[Message] = Future()
@@ -284,17 +283,7 @@ class Uplink:
                         f"({attempts} attempt{'s' if attempts != 1 else ''})"
                     )
                 sent = time.monotonic()
-                try:
-                    self.client.publish(
-                        topic,
-                        payload,
-                        qos=0,
-                        response_topic=self.reply_topic,
-                        correlation_data=correlation,
-                        expiry_s=remaining,
-                    )
-                except MqttError as exc:
-                    raise CloudUnreachable(f"the cloud is unreachable: {exc.message}") from None
+                self.publish_request(model, payload, correlation, remaining)
                 attempts += 1
                 last = attempts >= self.settings.max_attempts
                 wait = remaining if last else min(remaining, self.settings.attempt_timeout_s)
