@@ -11,6 +11,7 @@ from flask import Flask
 from edge.ab import apply_ab_tests
 from edge.control_file import ControlFile
 from edge.dataplane import DataPlane
+from edge.fleet.health_figures import install_worker_health
 from edge.http.app import create_app
 from edge.metrics import EdgeMetrics
 from edge.repository import ModelRepository
@@ -23,11 +24,6 @@ from shared.codec import TensorLimits
 from shared.errors import TetherError
 
 log = logging.getLogger(__name__)
-
-
-def control_file_path(settings: EdgeSettings) -> Path:
-    """Where the worker processes of one agent share their repository orders."""
-    return settings.data_dir / "run" / "repository.json"
 
 
 def startup_models(settings: EdgeSettings) -> list[str]:
@@ -75,9 +71,7 @@ class EdgeAgent:
         )
         self.text_router = TextRouter(self.repository, settings.routes, self._cloud_text())
         # Per-version errors and shadow agreement for a fleet agent in another process.
-        from edge.fleet_health import install_worker_health
-
-        self.shadow = install_worker_health(self)
+        self.shadow = install_worker_health(settings, self.metrics, self.dataplane, self.uplink)
 
     def _cloud_text(self) -> CloudText | None:
         """The uplink's text client (cloud language and embedding models), when there is one."""

@@ -119,7 +119,7 @@ class EdgeMetrics:
             registry=r,
             multiprocess_mode="livemax",
         )
-        # Per-version health for the fleet agent beside the workers (edge/fleet_health.py).
+        # Per-version health for the fleet agent beside the workers (edge/fleet/health_figures.py).
         self.version_errors = Counter(
             "tether_request_errors",
             "Server-side (5xx) failures of requests a model version was chosen for, by model "

@@ -606,6 +606,12 @@ class EdgeSettings(BaseSettings):
         return self.runtime.options(self.data_dir)
 
 
+def control_file_path(settings: EdgeSettings) -> Path:
+    """Where the worker processes of one agent share their repository orders (the fleet
+    agent beside them switches versions through it too)."""
+    return settings.data_dir / "run" / "repository.json"
+
+
 def needs_uplink(routes: Mapping[str, RouteSettings]) -> bool:
     """True when some route may send a request to the cloud."""
     return any(route.mode in CLOUD_MODES for route in routes.values())

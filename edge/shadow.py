@@ -54,7 +54,7 @@ def uplink_teacher(uplink: Uplink, cloud_models: Mapping[str, str] | None = None
 
 class ShadowRecorder(Protocol):
     """Where compared shadow rows are counted: a :class:`~edge.health.HealthRecorder`
-    in-process, Prometheus counters in server workers (:mod:`edge.fleet_health`)."""
+    in-process, Prometheus counters in server workers (:mod:`edge.fleet.health_figures`)."""
 
     def record_shadow(self, model: str, version: str, samples: int, agreements: int) -> None: ...
 

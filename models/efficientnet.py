@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from edge.downloader import sha256_file
+from edge.fleet.downloader import sha256_file
 
 #: Bump when the exported graph would change (names, opset, wrapper): invalidates the cache.
 EXPORT_REVISION = 1

@@ -24,7 +24,7 @@ COMMANDS: dict[str, str] = {
     "fleet": "cloud.fleet_cli:fleet_group",
     "status": "edge.status:status_command",
     "bridge": "edge.bridge_cli:bridge_command",
-    "fleet-agent": "edge.fleet_cli:fleet_agent_command",
+    "fleet-agent": "edge.fleet.cli:fleet_agent_command",
 }
 
 

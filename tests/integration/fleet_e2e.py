@@ -8,7 +8,7 @@ and the rollout controller (:mod:`cloud.rollout`). Each :class:`E2EDevice` is on
 its own repository folder (``digits-student`` v1 copied from ``models/repository``), its own
 :class:`~edge.repository.ModelRepository`, :class:`~edge.dataplane.DataPlane` with the
 health recorder and shadow sampler as observers, and its own
-:class:`~edge.fleet_agent.FleetAgent` with one MQTT connection. Shadow samples go to the
+:class:`~edge.fleet.agent.FleetAgent` with one MQTT connection. Shadow samples go to the
 cloud teacher (``digits-teacher`` on a real :class:`~cloud.worker.CloudWorker`) through a
 real :class:`~edge.uplink.Uplink`, shared by the devices of the process.
 
@@ -38,8 +38,8 @@ from cloud.fleet_db import FleetDB, RolloutPolicy
 from cloud.registry import PublishOptions, Registry
 from cloud.rollout import RolloutController, start_rollout
 from edge.dataplane import DataPlane
-from edge.fleet_agent import FleetAgent
-from edge.fleet_target import RepositoryTarget
+from edge.fleet.agent import FleetAgent
+from edge.fleet.target import RepositoryTarget
 from edge.health import HealthRecorder
 from edge.metrics import EdgeMetrics
 from edge.repository import ModelRepository
@@ -152,7 +152,7 @@ class E2EDevice:
                 # One traffic thread cannot give 200 devices installing at once their own
                 # evidence in time: windows are judged on what arrived, as before, unless a
                 # test asks for evidence (E2EFleet.evidence). Waiting for evidence is tested
-                # with controlled devices (tests/edge/test_fleet_agent.py).
+                # with controlled devices (tests/edge/fleet/test_agent.py).
                 "min_requests": 0,
                 "min_shadow_samples": 0,
                 # Nor can it give each device a baseline before its switch: tests that

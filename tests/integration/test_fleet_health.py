@@ -18,24 +18,23 @@ import pytest
 from cloud.artifacts import pack_version
 from cloud.settings import CloudSettings
 from cloud.worker import CloudWorker
-from edge.agent import control_file_path
 from edge.control_file import ControlFile
-from edge.fleet_agent import FleetAgent
-from edge.fleet_health import (
+from edge.fleet.agent import FleetAgent
+from edge.fleet.health_figures import (
     FileShadowRates,
     MetricsHealthSource,
     parse_health,
     shadow_rates_path,
 )
-from edge.fleet_target import ControlFileTarget
+from edge.fleet.target import ControlFileTarget
 from edge.health import HealthCounters
-from edge.settings import RuntimeSettings, load_settings
+from edge.settings import RuntimeSettings, control_file_path, load_settings
 from models.digits import load_split
 from shared.manifest import generate_key, public_key_text
 from tests.agent_process import AgentProcess
 from tests.broker import Broker
 from tests.conftest import REPOSITORY
-from tests.edge.fleet_support import ArtifactServer, Controller, signed_order
+from tests.edge.fleet.support import ArtifactServer, Controller, signed_order
 from tests.integration.fleet_e2e import MODEL, TEACHER, permuted_student, student, wait_for
 
 TOKEN = "fleet-health-test-token-0123456789"

@@ -22,18 +22,18 @@ from cloud.registry import PublishOptions
 from cloud.rollout import request_abort, start_rollout
 from cloud.settings import CloudSettings
 from cloud.worker import CloudWorker
-from edge.fleet_state import StateStore
+from edge.fleet.staging import verify_version
+from edge.fleet.state import StateStore
 from edge.settings import RuntimeSettings
 from edge.shadow import Teacher, uplink_teacher
-from edge.staging import verify_version
 from edge.uplink import Uplink
 from models.digits import load_split
 from shared.manifest import generate_key, public_key_text
 from tests.broker import Broker
 from tests.cloud.fleet_harness import BACKENDS, open_db
 from tests.conftest import REPOSITORY
-from tests.edge.fleet_support import write_repository
-from tests.edge.test_fleet_crash import DeviceProcess
+from tests.edge.fleet.support import write_repository
+from tests.edge.fleet.test_crash import DeviceProcess
 from tests.integration.fleet_e2e import (
     MODEL,
     TEACHER,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from pytest_mock import MockerFixture
 
-from edge.downloader import sha256_file
+from edge.fleet.downloader import sha256_file
 from edge.model_config import load_model_config
 from models.efficientnet import (
     LITE0,

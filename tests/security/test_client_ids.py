@@ -18,15 +18,15 @@ from pathlib import Path
 
 import pytest
 
-from edge.fleet_agent import FleetAgent
-from edge.fleet_target import RepositoryTarget
+from edge.fleet.agent import FleetAgent
+from edge.fleet.target import RepositoryTarget
 from edge.repository import ModelRepository
 from edge.sensors.bridge import client_id_of
 from edge.settings import EdgeSettings, load_settings
 from shared import topics
 from shared.manifest import generate_key, public_key_text
 from shared.mqtt import Message, MqttClient
-from tests.edge.fleet_support import write_repository
+from tests.edge.fleet.support import write_repository
 from tests.onnx_models import dense_model
 from tests.security.secure_broker import Probe, Refused, SecureBroker
 

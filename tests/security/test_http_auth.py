@@ -20,7 +20,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from edge.agent import build_app
-from edge.fleet_health import first_token
+from edge.fleet.health_figures import first_token
 from edge.http.auth import TokenStore, bearer_token, install_security
 from edge.http.ratelimit import RateLimiter, Rule
 from edge.http.tokens import TokenEntry, parse_entry, parse_tokens_text

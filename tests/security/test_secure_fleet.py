@@ -28,7 +28,7 @@ from shared.manifest import generate_key, public_key_text
 from shared.mqtt import Message, MqttClient, TlsConfig
 from shared.order_signing import sign_order
 from shared.protocol import InferenceRequest
-from tests.edge.fleet_support import next_seq
+from tests.edge.fleet.support import next_seq
 from tests.onnx_models import dense_model, write_model
 from tests.security.secure_broker import Pki, SecureBroker
 

@@ -24,8 +24,8 @@ import orjson
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from edge.fleet_agent import UNVERIFIED_ORDER, FleetAgent
-from edge.fleet_target import RepositoryTarget
+from edge.fleet.agent import UNVERIFIED_ORDER, FleetAgent
+from edge.fleet.target import RepositoryTarget
 from edge.repository import ModelRepository
 from edge.runtimes import RuntimeOptions
 from edge.settings import load_settings
@@ -34,7 +34,7 @@ from shared.fleet import RolloutEvent, RolloutOrder
 from shared.manifest import generate_key, key_id, public_key_text
 from shared.mqtt import Message, MqttClient
 from shared.order_signing import sign_order, signed_bytes
-from tests.edge.fleet_support import next_seq, write_repository
+from tests.edge.fleet.support import next_seq, write_repository
 from tests.onnx_models import dense_model
 from tests.security.secure_broker import SecureBroker
 

@@ -34,8 +34,8 @@ from cloud.registry import PublishOptions, Registry
 from cloud.rollout import RolloutController, request_abort, start_rollout
 from cloud.settings import CloudSettings
 from cloud.worker import CloudWorker
-from edge.fleet_agent import FleetAgent
-from edge.fleet_target import RepositoryTarget
+from edge.fleet.agent import FleetAgent
+from edge.fleet.target import RepositoryTarget
 from edge.repository import ModelRepository
 from edge.runtimes import RuntimeOptions
 from edge.sensors.bridge import SensorBridge
@@ -47,7 +47,7 @@ from shared.manifest import generate_key, public_key_text
 from shared.mqtt import Message, MqttClient
 from tests.broker import Broker
 from tests.conftest import REPOSITORY
-from tests.edge.fleet_support import write_repository
+from tests.edge.fleet.support import write_repository
 from tests.onnx_models import dense_model
 
 DEVICE = "fixture-device"

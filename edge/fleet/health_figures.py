@@ -47,7 +47,8 @@ from edge.shadow import ShadowRates, ShadowSampler, Teacher
 from shared.errors import TetherError
 
 if TYPE_CHECKING:
-    from edge.agent import EdgeAgent
+    from edge.dataplane import DataPlane
+    from edge.uplink import Uplink
 
 log = logging.getLogger(__name__)
 
@@ -152,14 +153,12 @@ class MetricsHealthObserver:
         self.metrics.shadow_agreements.labels(model, version).inc(agreements)
 
 
-def teacher_through(agent: EdgeAgent) -> Teacher | None:
+def teacher_through(uplink: Uplink | None, root: Path) -> Teacher | None:
     """The cloud teacher of a worker: the uplink, asking for the model's configured
     ``parameters.teacher`` (or the cloud model of the same name); ``None`` without uplink."""
-    uplink = agent.uplink
     if uplink is None:
         return None
     names: dict[str, str] = {}
-    root = agent.settings.repository
 
     def ask(model: str, inputs: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
         name = names.get(model)
@@ -174,16 +173,20 @@ def teacher_through(agent: EdgeAgent) -> Teacher | None:
     return ask
 
 
-def install_worker_health(agent: EdgeAgent) -> ShadowSampler | None:
+def install_worker_health(
+    settings: EdgeSettings, metrics: EdgeMetrics, dataplane: DataPlane, uplink: Uplink | None
+) -> ShadowSampler | None:
     """Put a shadow sampler on a worker's data plane when it has an uplink to a teacher;
-    returns the sampler, which the caller starts after the fork and stops."""
-    observer = MetricsHealthObserver(agent.metrics)
-    teacher = teacher_through(agent)
+    returns the sampler, which the caller starts after the fork and stops.
+
+    The worker passes its parts in: this module never imports the worker (``edge.agent``)."""
+    observer = MetricsHealthObserver(metrics)
+    teacher = teacher_through(uplink, settings.repository)
     if teacher is None:
         return None
-    rates = FileShadowRates(shadow_rates_path(agent.settings))
+    rates = FileShadowRates(shadow_rates_path(settings))
     sampler = ShadowSampler(teacher, observer, rates)
-    agent.dataplane.observers.append(sampler)
+    dataplane.observers.append(sampler)
     return sampler
 
 

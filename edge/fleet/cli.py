@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from edge.settings import load_settings, needs_uplink
+from edge.settings import control_file_path, load_settings, needs_uplink
 from shared.redaction import redact_url
 
 log = logging.getLogger(__name__)
@@ -28,11 +28,10 @@ def fleet_agent_command(config_file: Path | None) -> None:
     Switches the server's workers through the control file they share; stops on
     SIGTERM or Ctrl-C with a retained offline status.
     """
-    from edge.agent import control_file_path
     from edge.control_file import ControlFile
-    from edge.fleet_agent import FleetAgent
-    from edge.fleet_health import FileShadowRates, MetricsHealthSource, shadow_rates_path
-    from edge.fleet_target import ControlFileTarget
+    from edge.fleet.agent import FleetAgent
+    from edge.fleet.health_figures import FileShadowRates, MetricsHealthSource, shadow_rates_path
+    from edge.fleet.target import ControlFileTarget
 
     try:
         settings = load_settings(config_file)
@@ -45,7 +44,7 @@ def fleet_agent_command(config_file: Path | None) -> None:
         signal.signal(signum, lambda *_: stop.set())
     target = ControlFileTarget(ControlFile(control_file_path(settings)), settings.repository)
     # The workers answer the requests: their /metrics carry each version's health, and
-    # the shadow rates reach them through a file (edge/fleet_health.py). Only workers with
+    # the shadow rates reach them through a file (edge/fleet/health_figures.py). Only workers with
     # an uplink shadow-sample, so only then does a window wait for shadow samples.
     enabled = settings.uplink.enabled
     shadows = enabled or (enabled is None and needs_uplink(settings.routes))

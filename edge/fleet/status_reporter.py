@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from edge.fleet_state import FleetState
+from edge.fleet.state import FleetState
 from shared import __version__, topics
 from shared.fleet import DeviceStatus, ModelState, RolloutEvent
 from shared.mqtt import MqttClient, MqttError, Will

@@ -10,7 +10,7 @@ version's health for the health window and commits it, or returns to the previou
 version by itself: after a failed switch, an unhealthy window, a crash loop, or a
 ``rollback``/``abort`` order. Every step is reported on ``tether/<device>/rollout/events``.
 
-Everything it must remember is in :class:`~edge.fleet_state.StateStore`, written
+Everything it must remember is in :class:`~edge.fleet.state.StateStore`, written
 atomically before each step takes effect, so a SIGKILL at any moment leaves a device
 that, on restart (:meth:`FleetAgent.recover`), serves a complete, verified version.
 
@@ -18,7 +18,7 @@ An order is acted on only when the fleet key signed it for this device, it has n
 expired, and it is newer than the last order accepted (:mod:`shared.order_signing`);
 anything else is refused with a ``refused`` event (rollout id ``unverified-order``) and a
 log line, before it can touch a file or cancel anything. Model names come only from signed
-orders and are checked again before they become folders (``edge.staging.model_folder``);
+orders and are checked again before they become folders (``edge.fleet.staging.model_folder``);
 a rollback or abort of a model this device does not manage changes nothing.
 
 All work runs on one thread per agent; the MQTT handler only verifies and queues orders
@@ -39,17 +39,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edge.downloader import DigestMismatch, Downloader, check_free_disk
-from edge.fleet_state import FleetState, ModelPhase, ModelState, StateStore
-from edge.fleet_target import ServingTarget
-from edge.health import HealthCounters, HealthSource
-from edge.kept_artifacts import Fetched, KeptArtifacts
-from edge.model_config import list_models, list_versions, load_model_config
-from edge.self_test import self_test
-from edge.session_ids import session_client_id
-from edge.settings import EdgeSettings
-from edge.shadow import ShadowRates
-from edge.staging import (
+from edge.fleet.downloader import DigestMismatch, Downloader, check_free_disk
+from edge.fleet.kept_artifacts import Fetched, KeptArtifacts
+from edge.fleet.self_test import self_test
+from edge.fleet.staging import (
     clean_staging,
     has_marker,
     model_folder,
@@ -59,7 +52,14 @@ from edge.staging import (
     staging_dir,
     verify_version,
 )
-from edge.status_reporter import StatusReporter
+from edge.fleet.state import FleetState, ModelPhase, ModelState, StateStore
+from edge.fleet.status_reporter import StatusReporter
+from edge.fleet.target import ServingTarget
+from edge.health import HealthCounters, HealthSource
+from edge.model_config import list_models, list_versions, load_model_config
+from edge.session_ids import session_client_id
+from edge.settings import EdgeSettings
+from edge.shadow import ShadowRates
 from shared import __version__, topics
 from shared.delta import apply_delta
 from shared.errors import InvalidInput, SignatureError, TetherError

@@ -19,12 +19,12 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from edge.fleet_state import StateStore
-from edge.staging import STAGING_PREFIX, verify_version
+from edge.fleet.staging import STAGING_PREFIX, verify_version
+from edge.fleet.state import StateStore
 from shared.manifest import generate_key, public_key_text
 from tests.broker import Broker
 from tests.conftest import ROOT
-from tests.edge.fleet_support import (
+from tests.edge.fleet.support import (
     ArtifactServer,
     Controller,
     pack,
@@ -35,10 +35,10 @@ from tests.onnx_models import dense_model
 
 
 class DeviceProcess:
-    """``tests.edge.fleet_device`` in a subprocess, its JSON lines on a queue."""
+    """``tests.edge.fleet.device`` in a subprocess, its JSON lines on a queue."""
 
     def __init__(self, root: Path, broker: Broker, key: str, device: str, pause: str | None):
-        args = [sys.executable, "-m", "tests.edge.fleet_device", str(root), broker.url, key, device]
+        args = [sys.executable, "-m", "tests.edge.fleet.device", str(root), broker.url, key, device]
         self.process = subprocess.Popen(
             [*args, *([pause] if pause else [])],
             cwd=ROOT,
@@ -154,7 +154,7 @@ def test_fleet_agent_command_pins_versions_in_the_control_file(
         f'[fleet]\ntrusted_keys = ["{public_key_text(key)}"]\nlabels = {{site = "lab"}}\n'
         "min_requests = 0\n"  # no server answers requests here
     )
-    code = "from edge.fleet_cli import fleet_agent_command; fleet_agent_command()"
+    code = "from edge.fleet.cli import fleet_agent_command; fleet_agent_command()"
     process = subprocess.Popen([sys.executable, "-c", code, "--config", str(config)], cwd=ROOT)
     controller = Controller(broker.url, key)
     try:

@@ -15,10 +15,10 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edge.dataplane import DataPlane
-from edge.fleet_agent import FleetAgent
-from edge.fleet_health import MetricsHealthSource
-from edge.fleet_state import StateStore
-from edge.fleet_target import RepositoryTarget
+from edge.fleet.agent import FleetAgent
+from edge.fleet.health_figures import MetricsHealthSource
+from edge.fleet.state import StateStore
+from edge.fleet.target import RepositoryTarget
 from edge.health import HealthRecorder
 from edge.metrics import EdgeMetrics
 from edge.repository import ModelRepository
@@ -28,7 +28,7 @@ from edge.shadow import ShadowRates, ShadowSampler
 from shared.codec import DecodedRequest
 from shared.manifest import generate_key, public_key_text
 from tests.broker import Broker, free_port
-from tests.edge.fleet_support import (
+from tests.edge.fleet.support import (
     ArtifactServer,
     Controller,
     nan_model,

@@ -1,6 +1,6 @@
 """One simulated device in a process of its own, for the crash tests (SIGKILL at a step).
 
-``python -m tests.edge.fleet_device ROOT BROKER_URL PUBLIC_KEY DEVICE [PAUSE_STEP]`` serves
+``python -m tests.edge.fleet.device ROOT BROKER_URL PUBLIC_KEY DEVICE [PAUSE_STEP]`` serves
 ``ROOT/repository`` in-process with a fleet agent. It prints one JSON line per install
 step, pauses forever at ``PAUSE_STEP`` (so the test can kill it there), and prints
 ``{"serving": version}`` once it answered a request after start-up.
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.fleet_agent import FleetAgent
-from edge.fleet_target import RepositoryTarget
+from edge.fleet.agent import FleetAgent
+from edge.fleet.target import RepositoryTarget
 from edge.health import HealthRecorder
 from edge.repository import ModelRepository
 from edge.runtimes import RuntimeOptions

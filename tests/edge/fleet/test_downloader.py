@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from edge.downloader import DigestMismatch, DiskFull, Downloader, check_free_disk
-from edge.staging import MARKER, stage, verify_version
+from edge.fleet.downloader import DigestMismatch, DiskFull, Downloader, check_free_disk
+from edge.fleet.staging import MARKER, stage, verify_version
 from shared.errors import InvalidInput
-from tests.edge.fleet_support import ArtifactServer
+from tests.edge.fleet.support import ArtifactServer
 
 DATA = bytes(range(256)) * 4096  # 1 MiB
 

@@ -16,15 +16,15 @@ import pytest
 from cloud.artifacts import ArtifactServer, ArtifactStore
 from cloud.fleet_db import FleetDB
 from cloud.registry import Registry
-from edge.fleet_agent import FleetAgent
-from edge.fleet_target import RepositoryTarget
+from edge.fleet.agent import FleetAgent
+from edge.fleet.target import RepositoryTarget
 from edge.repository import ModelRepository
 from edge.runtimes import RuntimeOptions
 from edge.settings import load_settings
 from shared.fleet import RolloutOrder
 from shared.manifest import SignedManifest, generate_key, public_key_text
 from tests.broker import Broker
-from tests.edge.fleet_support import DENSE_CONFIG, Controller
+from tests.edge.fleet.support import DENSE_CONFIG, Controller
 from tests.onnx_models import headed_classifier
 
 

@@ -1,0 +1,1 @@
+"""The device's side of staged rollouts: the fleet agent and what it stands on."""
