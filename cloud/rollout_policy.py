@@ -1,4 +1,5 @@
-"""The arithmetic of staged rollouts: wave sizes, failure budgets and the health gate.
+"""The arithmetic of staged rollouts: wave sizes, failure budgets, and the policy's view
+of the health gate.
 
 Pure functions, so the controller's decisions can be tested without a broker.
 """
@@ -6,12 +7,12 @@ Pure functions, so the controller's decisions can be tested without a broker.
 from __future__ import annotations
 
 import math
-import statistics
 from collections.abc import Sequence
 
 from cloud.fleet_db import RolloutPolicy
 from shared.errors import InvalidInput
 from shared.fleet import HealthReport
+from shared.health_gate import HealthThresholds, health_gate
 
 
 def parse_count(text: str, total: int) -> int:
@@ -94,89 +95,25 @@ def order_allowance(
 def health_verdict(reports: Sequence[HealthReport], policy: RolloutPolicy) -> str | None:
     """Why the new version's health fails the gate, or ``None`` when it passes.
 
-    * evidence first: the reports must hold at least ``min_requests`` requests and, when
-      the shadow agreement is checked (``max_agreement_drop``) and sampled
-      (``shadow_sample_rate`` above 0), ``min_shadow_samples`` shadow samples. Devices
-      wait for both within their health window (fleet agent settings of the same names),
-      so a wave without them failed to gather any: it fails, it never passes. The same
-      holds for the baseline the agreement is compared with: ``min_baseline_samples``
-      shadow samples of the previous version (``baseline_shadow_samples`` of the reports
-      that carry a ``baseline_shadow_agreement``; a 1.0/1.1 report has no count and
-      contributes none). Devices measure it before they switch (fleet agent setting
-      ``min_baseline_samples``);
-    * error rate: errors / requests over all reports may exceed the previous version's
-      (request-weighted ``baseline_error_rate``, 0 when unknown) by ``max_error_rate``;
-    * p99: the median over devices of ``p99_ms / baseline_p99_ms`` must stay within
-      ``max_p99_ratio`` (devices without both numbers are skipped);
-    * shadow agreement: the sample-weighted agreement with the cloud teacher may fall
-      below the previous version's by at most ``max_agreement_drop``, the baseline
-      weighted by each device's ``baseline_shadow_samples`` (devices without baseline
-      samples are left out of the baseline).
+    The reports of a wave's committed devices go through the one health gate the devices
+    use too (:func:`shared.health_gate.health_gate`; docs/rollouts.md): the policy's
+    ``max_error_rate`` is how far the error rate may exceed the previous version's,
+    ``max_p99_ratio`` the highest median ``p99_ms / baseline_p99_ms`` and
+    ``max_agreement_drop`` how far the shadow agreement may fall below the previous
+    version's. Evidence first: fewer than ``min_requests`` requests, or, when the agreement
+    is checked and sampled (``shadow_sample_rate`` above 0), fewer than
+    ``min_shadow_samples`` shadow samples or ``min_baseline_samples`` behind the baseline
+    (a 1.0/1.1 report has no count and contributes none), fail the wave: devices wait for
+    them within their health window, so a wave without them failed to gather any.
     """
-    requests = sum(r.requests for r in reports)
-    if requests < policy.min_requests:
-        return (
-            f"no evidence: {requests} requests reported by {len(reports)} committed devices "
-            f"(min_requests {policy.min_requests})"
-        )
-    shadowed = policy.max_agreement_drop is not None and policy.shadow_sample_rate > 0
-    samples = sum(r.shadow_samples for r in reports)
-    if shadowed and samples < policy.min_shadow_samples:
-        return (
-            f"no evidence: {samples} shadow samples compared with the cloud teacher "
-            f"(min_shadow_samples {policy.min_shadow_samples})"
-        )
-    baseline_samples = sum(
-        r.baseline_shadow_samples or 0 for r in reports if r.baseline_shadow_agreement is not None
+    limits = HealthThresholds(
+        max_error_rate=policy.max_error_rate,
+        max_p99_ratio=policy.max_p99_ratio,
+        max_agreement_drop=policy.max_agreement_drop,
+        min_requests=policy.min_requests,
+        min_shadow_samples=policy.min_shadow_samples,
+        min_baseline_samples=policy.min_baseline_samples,
     )
-    if shadowed and baseline_samples < policy.min_baseline_samples:
-        return (
-            f"no evidence: {baseline_samples} baseline shadow samples of the previous version "
-            f"to compare the agreement with (min_baseline_samples {policy.min_baseline_samples})"
-        )
-    if policy.max_error_rate is not None and requests:
-        errors = sum(r.errors for r in reports)
-        rate = errors / requests
-        with_base = [r for r in reports if r.baseline_error_rate is not None and r.requests]
-        base_requests = sum(r.requests for r in with_base)
-        baseline = (
-            sum((r.baseline_error_rate or 0.0) * r.requests for r in with_base) / base_requests
-            if base_requests
-            else 0.0
-        )
-        if rate > baseline + policy.max_error_rate + 1e-12:
-            return (
-                f"error rate {rate:.2%} exceeds the previous version's {baseline:.2%} "
-                f"by more than {policy.max_error_rate:.2%}"
-            )
-    if policy.max_p99_ratio is not None:
-        ratios = [
-            r.p99_ms / r.baseline_p99_ms
-            for r in reports
-            if r.p99_ms is not None and r.baseline_p99_ms
-        ]
-        if ratios and (ratio := statistics.median(ratios)) > policy.max_p99_ratio:
-            return f"p99 latency is {ratio:.2f}x the previous version's (limit {policy.max_p99_ratio}x)"
-    if policy.max_agreement_drop is not None:
-        sampled = [r for r in reports if r.shadow_agreement is not None and r.shadow_samples]
-        samples = sum(r.shadow_samples for r in sampled)
-        based = [
-            r
-            for r in reports
-            if r.baseline_shadow_agreement is not None and r.baseline_shadow_samples
-        ]
-        based_samples = sum(r.baseline_shadow_samples or 0 for r in based)
-        if samples and based_samples:
-            agreement = sum((r.shadow_agreement or 0.0) * r.shadow_samples for r in sampled)
-            agreement /= samples
-            baseline = sum(
-                (r.baseline_shadow_agreement or 0.0) * (r.baseline_shadow_samples or 0)
-                for r in based
-            )
-            baseline /= based_samples
-            if baseline - agreement > policy.max_agreement_drop + 1e-12:
-                return (
-                    f"shadow agreement with the cloud teacher fell to {agreement:.1%} from "
-                    f"{baseline:.1%} (allowed drop {policy.max_agreement_drop:.1%})"
-                )
-    return None
+    shadowed = policy.max_agreement_drop is not None and policy.shadow_sample_rate > 0
+    verdict = health_gate(reports, limits, shadowed=shadowed)
+    return verdict.reason if verdict is not None else None

@@ -406,7 +406,11 @@ class FleetSettings(Section):
         64, ge=0, description="Free disk to keep beyond an artifact and its unpacked copy."
     )
     max_error_rate: float = Field(
-        0.05, ge=0, le=1, description="Health: the new version's highest error rate."
+        0.05,
+        ge=0,
+        le=1,
+        description="Health: how far the new version's error rate may exceed the previous "
+        "version's (0 when unknown: then an absolute limit).",
     )
     max_p99_ratio: float = Field(
         3.0, gt=0, description="Health: highest p99 latency relative to the previous version."
