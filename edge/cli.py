@@ -67,4 +67,3 @@ def _worker_app(settings: EdgeSettings, state: RunState) -> Flask:
     from edge.worker import worker_app
 
     return worker_app(settings, state)
-
