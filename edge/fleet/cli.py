@@ -28,10 +28,10 @@ def fleet_agent_command(config_file: Path | None) -> None:
     Switches the server's workers through the control file they share; stops on
     SIGTERM or Ctrl-C with a retained offline status.
     """
-    from edge.control_file import ControlFile
     from edge.fleet.agent import FleetAgent
     from edge.fleet.health_figures import FileShadowRates, MetricsHealthSource, shadow_rates_path
     from edge.fleet.target import ControlFileTarget
+    from serving.control_file import ControlFile
 
     try:
         settings = load_settings(config_file)

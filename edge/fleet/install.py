@@ -23,8 +23,8 @@ from edge.fleet.self_test import self_test
 from edge.fleet.staging import model_folder, part_file, stage, verify_version
 from edge.fleet.state import ModelState
 from edge.fleet.versions import VersionSwitch
-from edge.model_config import list_versions, load_model_config
 from edge.shadow import ShadowRates
+from serving.model_config import list_versions, load_model_config
 from shared import __version__
 from shared.delta import apply_delta
 from shared.errors import InvalidInput, SignatureError, TetherError

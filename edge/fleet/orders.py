@@ -22,7 +22,7 @@ from edge.fleet.context import FleetContext, finish
 from edge.fleet.install import InstallPipeline
 from edge.fleet.state import ModelState
 from edge.fleet.versions import VersionSwitch
-from edge.model_config import list_models
+from serving.model_config import list_models
 from shared.fleet import RolloutOrder
 from shared.mqtt import Message
 from shared.order_signing import OrderRefused, VerifiedOrder, replay_reason, verify_order

@@ -24,8 +24,8 @@ from edge.fleet.staging import (
     verify_version,
 )
 from edge.fleet.state import ModelState
-from edge.model_config import list_versions
 from edge.shadow import ShadowRates
+from serving.model_config import list_versions
 from shared.errors import TetherError
 from shared.fleet import HealthReport
 

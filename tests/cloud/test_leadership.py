@@ -8,7 +8,7 @@ import pytest
 
 from cloud.fleet_db import RolloutPolicy
 from cloud.leadership import Leadership
-from tests.cloud.fleet_harness import BACKENDS, open_db
+from harness.fleet import BACKENDS, open_db
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -10,8 +10,8 @@ from click.testing import CliRunner
 
 from cloud.fleet_db import FleetDB, RolloutPolicy
 from cloud.rollout_policy import failure_budget, health_verdict, order_allowance
+from harness.fleet import make_version
 from shared.fleet import DeviceStatus, HealthReport
-from tests.cloud.fleet_harness import make_version
 from tether.cli import cli
 
 

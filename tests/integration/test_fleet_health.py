@@ -18,7 +18,6 @@ import pytest
 from cloud.artifacts import pack_version
 from cloud.settings import CloudSettings
 from cloud.worker import CloudWorker
-from edge.control_file import ControlFile
 from edge.fleet.agent import FleetAgent
 from edge.fleet.health_figures import (
     FileShadowRates,
@@ -28,11 +27,13 @@ from edge.fleet.health_figures import (
 )
 from edge.fleet.target import ControlFileTarget
 from edge.health import HealthCounters
-from edge.settings import RuntimeSettings, control_file_path, load_settings
+from edge.settings import control_file_path, load_settings
+from harness.agent_process import AgentProcess
+from harness.broker import Broker
 from models.digits import load_split
+from serving.control_file import ControlFile
+from serving.settings import RuntimeSettings
 from shared.manifest import generate_key, public_key_text
-from tests.agent_process import AgentProcess
-from tests.broker import Broker
 from tests.conftest import REPOSITORY
 from tests.edge.fleet.support import ArtifactServer, Controller, signed_order
 from tests.integration.fleet_e2e import MODEL, TEACHER, permuted_student, student, wait_for
