@@ -892,6 +892,8 @@ def _sqlite_settings(connection: Any, _record: Any) -> None:
 def schema_revision(url: str, *, prefix: str = "fleet_") -> str | None:
     """The migration revision of the fleet database at ``url``, without migrating it
     (``None``: not migrated yet, or empty)."""
+    if url.startswith("sqlite://") and not _sqlite_file_exists(sqlite_path(url)):
+        return None  # and do not create it
     engine = fleet_engine(url)
     try:
         with engine.connect() as connection:
@@ -902,6 +904,10 @@ def schema_revision(url: str, *, prefix: str = "fleet_") -> str | None:
         ) from None
     finally:
         engine.dispose()
+
+
+def _sqlite_file_exists(path: str) -> bool:
+    return path == ":memory:" or Path(path).exists()
 
 
 def sqlite_path(url: str) -> str:
