@@ -63,6 +63,7 @@ lint:
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m shared.schema_compat shared/schemas
+	$(BIN)/lint-imports --no-cache
 
 typecheck:
 	$(BIN)/mypy

@@ -4,7 +4,7 @@ only the classification head, delta against full artifact.
 ``python bench/delta.py [--widths 256,1024]``
 
 For each backbone width, the real registry publishes version 1 and version 2 of a
-classifier (``tests.onnx_models.headed_classifier``: same backbone, new head) and makes
+classifier (``harness.onnx_models.headed_classifier``: same backbone, new head) and makes
 the ``zstd-patch`` delta at publish; the table gives the full artifact's size, the
 delta's, their ratio, and the time to make (cloud) and apply (device) the delta, medians
 of 3 runs.
@@ -27,9 +27,9 @@ import onnx
 from cloud.artifacts import ArtifactStore
 from cloud.fleet_db import FleetDB
 from cloud.registry import Registry
+from harness.onnx_models import headed_classifier
 from shared.delta import apply_delta
 from shared.manifest import generate_key
-from tests.onnx_models import headed_classifier
 
 CONFIG = {
     "name": "classifier",

@@ -46,10 +46,10 @@ import orjson
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from harness.agent_process import AgentProcess  # noqa: E402
+from harness.broker import free_port, wait_for_port  # noqa: E402
+from harness.onnx_models import image_model, write_model  # noqa: E402
 from shared.codec import encode_request  # noqa: E402
-from tests.agent_process import AgentProcess  # noqa: E402
-from tests.broker import free_port, wait_for_port  # noqa: E402
-from tests.onnx_models import image_model, write_model  # noqa: E402
 
 REPOSITORY = ROOT / "models" / "repository"
 STUDENT = REPOSITORY / "digits-student" / "1" / "model.onnx"

@@ -45,10 +45,10 @@ sys.path.insert(0, str(ROOT))
 from bench.edge_http import Result, digits_script, median_of, wrk  # noqa: E402
 from edge.settings import UplinkSettings  # noqa: E402
 from edge.uplink import Uplink  # noqa: E402
+from harness.agent_process import AgentProcess  # noqa: E402
+from harness.broker import Broker  # noqa: E402
 from models.onnx_export import save_onnx  # noqa: E402
 from models.training import MLP  # noqa: E402
-from tests.agent_process import AgentProcess  # noqa: E402
-from tests.broker import Broker  # noqa: E402
 
 REPOSITORY = ROOT / "models" / "repository"
 PIXELS = np.random.default_rng(0).integers(0, 17, size=(1, 64)).astype(np.float32)

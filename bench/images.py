@@ -40,13 +40,13 @@ from bench.edge_http import GUNICORN, WRK_SCRIPT, Result, median_of, memory_of, 
 from bench.fallback import CloudProcess, closed_loop  # noqa: E402
 from edge.settings import UplinkSettings  # noqa: E402
 from edge.uplink import Uplink  # noqa: E402
+from harness.agent_process import AgentProcess  # noqa: E402
+from harness.broker import Broker, free_port, wait_for_port  # noqa: E402
+from harness.images import LITE0, LITE2, REPOSITORY, sample  # noqa: E402
 from shared.codec import build_request, encode_request  # noqa: E402
 from shared.envelopes import InferRequestEnvelope, frame  # noqa: E402
 from shared.mqtt import Message, MqttClient  # noqa: E402
 from shared.protocol import InferenceRequest  # noqa: E402
-from tests.agent_process import AgentProcess  # noqa: E402
-from tests.broker import Broker, free_port, wait_for_port  # noqa: E402
-from tests.images import LITE0, LITE2, REPOSITORY, sample  # noqa: E402
 
 MINIMAL_APP = """
 import io, json

@@ -33,8 +33,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.agent_process import AgentProcess  # noqa: E402
-from tests.broker import free_port  # noqa: E402
+from harness.agent_process import AgentProcess  # noqa: E402
+from harness.broker import free_port  # noqa: E402
 
 TEXT_REPOSITORY = ROOT / "models" / "text-repository"
 PROMPT = [{"role": "user", "content": "Write a short story about a lighthouse keeper."}]

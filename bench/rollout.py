@@ -4,7 +4,7 @@
 
 Processes, as in a deployment: one Mosquitto (its open-file limit raised to the hard limit,
 one descriptor per device), the artifact server under gunicorn (2 workers x 16 threads),
-the simulated fleet (``tests/fleet_swarm.py``: asyncio devices over aiomqtt, ``--processes``
+the simulated fleet (``harness/fleet_swarm.py``: asyncio devices over aiomqtt, ``--processes``
 processes; each device has its own MQTT connection with a retained status and a last
 will, verifies the signed manifest, downloads a 32 KiB artifact in two Range requests
 and checks its sha256), and this process: the fleet database client, registry and the
@@ -38,12 +38,12 @@ from cloud.artifacts import ArtifactStore
 from cloud.fleet_db import FleetDB
 from cloud.registry import Registry
 from cloud.rollout import RolloutController, request_abort, start_rollout
+from harness.broker import Broker, free_port, wait_for_port
+from harness.fleet import make_version, open_db, policy, wait_for
+from harness.fleet_sim import Behaviour
+from harness.fleet_swarm import Swarm, raise_open_files_limit
 from shared.manifest import generate_key, public_key_text
 from shared.mqtt import MqttClient
-from tests.broker import Broker, free_port, wait_for_port
-from tests.cloud.fleet_harness import make_version, open_db, policy, wait_for
-from tests.fleet_sim import Behaviour
-from tests.fleet_swarm import Swarm, raise_open_files_limit
 
 WAVES = ["1", "10%", "50%", "100%"]
 

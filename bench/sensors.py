@@ -41,14 +41,14 @@ import numpy as np  # noqa: E402
 
 from edge.settings import UplinkSettings  # noqa: E402
 from edge.uplink import Uplink  # noqa: E402
-from models.digits import load_split  # noqa: E402
-from shared.mqtt import Message, MqttClient  # noqa: E402
-from tests.broker import Broker  # noqa: E402
-from tests.integration.sensor_stack import (  # noqa: E402
+from harness.broker import Broker  # noqa: E402
+from harness.sensor_stack import (  # noqa: E402
     CloudWorkerProcess,
     unsure_rows,
     write_cascade_config,
 )
+from models.digits import load_split  # noqa: E402
+from shared.mqtt import Message, MqttClient  # noqa: E402
 
 THRESHOLD = 0.7
 MICRO_BATCH = 64

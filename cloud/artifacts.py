@@ -31,16 +31,6 @@ from werkzeug.serving import BaseWSGIServer, make_server
 from shared.errors import InvalidInput
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_CHUNK = 1024 * 1024
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def pack_version(version_dir: Path) -> tuple[bytes, dict[str, str]]:

@@ -21,7 +21,7 @@ from prometheus_client import (
     start_http_server,
 )
 
-from edge.metrics import LATENCY_BUCKETS  # one latency scale for edge and cloud
+from serving.metrics import LATENCY_BUCKETS  # one latency scale for edge and cloud
 
 disable_created_metrics()
 

@@ -25,9 +25,9 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from edge.runtime_options import RuntimeOptions
-from edge.settings import RuntimeSettings, Section, load_toml_settings
-from edge.settings_toml import ConfigFileSource
+from serving.runtime_options import RuntimeOptions
+from serving.settings import RuntimeSettings, Section, load_toml_settings
+from serving.settings_toml import ConfigFileSource
 from shared.client_ids import client_id
 from shared.errors import InvalidInput
 from shared.topics import CLOUD_SHARE_GROUP, check_segment

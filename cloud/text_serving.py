@@ -38,9 +38,9 @@ import numpy as np
 from cloud.admission import Admitted
 from cloud.dedupe import Key, ReplyAddress, ReplyCache
 from cloud.metrics import CloudMetrics
-from edge.repository import ModelRepository
-from edge.runtimes.base import Runtime
-from edge.runtimes.generation import (
+from serving.repository import ModelRepository
+from serving.runtimes.base import Runtime
+from serving.runtimes.generation import (
     GenerationEnd,
     GenerationEvent,
     GenerationRequest,

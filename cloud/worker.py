@@ -1,7 +1,7 @@
 """The cloud inference worker: MQTT requests in, batched runs on the runtime layer, replies out.
 
 A :class:`CloudWorker` is stateless: it loads its own model repository (the same
-:class:`~edge.repository.ModelRepository` and runtimes as the edge), joins the shared
+:class:`~serving.repository.ModelRepository` and runtimes as the edge), joins the shared
 subscription ``$share/<group>/tether/cloud/infer/+/+`` so that every worker of the group
 gets a share of the requests, and answers each on the requester's MQTT 5 response topic
 with the requester's correlation data, at the QoS the request arrived with (the edge
@@ -33,7 +33,6 @@ from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from paho.mqtt.client import MQTTMessageInfo
 
 from cloud.admission import Admitted, DeviceAdmission
 from cloud.batcher import Batch, DynamicBatcher, Queued
@@ -41,9 +40,9 @@ from cloud.dedupe import Arrival, Key, ReplyAddress, ReplyCache
 from cloud.metrics import CloudMetrics, MetricsServer
 from cloud.settings import BatchPolicy, CloudSettings
 from cloud.text_serving import TextJob, TextServing
-from edge.dataplane import validate_inputs
-from edge.repository import ModelRepository
-from edge.runtimes import Prediction, Runtime
+from serving.dataplane import validate_inputs
+from serving.repository import ModelRepository
+from serving.runtimes import Prediction, Runtime
 from shared import __version__, topics
 from shared.codec import DecodedRequest, TensorLimits, build_response, decode_request_parts
 from shared.envelopes import (
@@ -57,7 +56,7 @@ from shared.envelopes import (
     request_id_of,
 )
 from shared.errors import InternalError, InvalidInput, TetherError, Unavailable
-from shared.mqtt import Message, MqttClient, MqttError
+from shared.mqtt import Delivery, Message, MqttClient, MqttError
 from shared.tracing import bound_request_id
 
 log = logging.getLogger(__name__)
@@ -133,7 +132,7 @@ class CloudWorker:
         self._policies: dict[str, BatchPolicy] = {}
         self._barrier_topic = topics.cloud_worker_barrier(settings.worker_id)
         self._barriers: dict[bytes, threading.Event] = {}
-        self._unanswered: list[MQTTMessageInfo] = []
+        self._unanswered: list[Delivery] = []
         self._lock = threading.Lock()
         self._started = False
         self._stopped = threading.Event()
@@ -377,7 +376,7 @@ class CloudWorker:
             remaining = until - time.monotonic()
             if remaining <= 0:
                 break
-            with contextlib.suppress(RuntimeError, ValueError):
+            with contextlib.suppress(MqttError):
                 info.wait_for_publish(remaining)
 
     def _on_barrier(self, message: Message) -> None:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import logging
 
-from edge.repository import ModelRepository
 from edge.settings import AbSettings
+from serving.repository import ModelRepository
 from shared.errors import TetherError
 
 log = logging.getLogger(__name__)

@@ -1,23 +1,22 @@
-"""The edge agent's composition root: builds one worker's parts from the settings."""
+"""The edge agent: one process's repository, uplink, router, data plane and access guard,
+built from the settings. Transport-free: the server worker (``edge/worker.py``) and the
+sensor bridge each put their transports on top of one."""
 
 from __future__ import annotations
 
-import atexit
 import logging
 from pathlib import Path
 
-from flask import Flask
-
 from edge.ab import apply_ab_tests
-from edge.control_file import ControlFile
-from edge.dataplane import DataPlane
-from edge.http.app import create_app
-from edge.metrics import EdgeMetrics
-from edge.repository import ModelRepository
+from edge.access.guard import Guard
 from edge.router import Router
 from edge.settings import EdgeSettings, needs_uplink
 from edge.text_router import CloudText, TextRouter
 from edge.uplink import Uplink
+from serving.control_file import ControlFile
+from serving.dataplane import DataPlane
+from serving.metrics import EdgeMetrics
+from serving.repository import ModelRepository
 from shared import __version__
 from shared.codec import TensorLimits
 from shared.errors import TetherError
@@ -74,6 +73,9 @@ class EdgeAgent:
             self.repository, self.metrics, version=__version__, resolver=self.router.resolve
         )
         self.text_router = TextRouter(self.repository, settings.routes, self._cloud_text())
+        #: Tokens and rate limits, one guard for every transport of this worker.
+        self.guard = Guard.from_settings(settings.http)
+        self.limits = TensorLimits(max_elements=settings.http.max_tensor_elements)
         # Per-version errors and shadow agreement for a fleet agent in another process.
         from edge.fleet_health import install_worker_health
 
@@ -115,38 +117,3 @@ class EdgeAgent:
             self.shadow.stop()
         if self.uplink is not None:
             self.uplink.close()
-
-    def app(self) -> Flask:
-        """The HTTP app, with the token guard and rate limits the settings ask for."""
-        from edge.http.auth import install_security
-
-        app = create_app(
-            self.dataplane,
-            max_body_bytes=self.settings.http.max_body_bytes,
-            limits=TensorLimits(max_elements=self.settings.http.max_tensor_elements),
-            access_log=self.settings.http.access_log,
-            fast_path=self.settings.http.fast_path,
-        )
-        install_security(app, self.settings.http)  # tokens and rate limits (docs/security.md)
-        from edge.openai.metrics import TextMetrics
-        from edge.openai.routes import install_openai
-        from edge.openai.serving import OpenAIServing
-
-        text_metrics = TextMetrics(self.metrics.registry)
-        install_openai(app, OpenAIServing(self.text_router, text_metrics))  # /v1 (docs/openai.md)
-        return app
-
-
-def build_app(
-    settings: EdgeSettings,
-    *,
-    control: ControlFile | None = None,
-    multiprocess_dir: Path | None = None,
-) -> Flask:
-    """Build a started agent and return its Flask app (used by the server and tests)."""
-    agent = EdgeAgent(settings, control=control, multiprocess_dir=multiprocess_dir)
-    agent.start()
-    atexit.register(agent.close)
-    app = agent.app()
-    app.extensions["tether.agent"] = agent
-    return app

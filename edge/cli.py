@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from edge.settings import load_settings
+from edge.settings import EdgeSettings, load_settings
+
+if TYPE_CHECKING:
+    from flask import Flask
+
+    from edge.http.server import RunState
 
 
 @click.command("edge")
@@ -51,4 +57,13 @@ def edge_command(
         )
     except (FileNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
-    serve(settings)
+    serve(settings, _worker_app)
+
+
+def _worker_app(settings: EdgeSettings, state: RunState) -> Flask:
+    """Build one server worker's app, after the fork. The import waits until then: the
+    server process imports no runtime or metrics code (prometheus_client must see
+    ``PROMETHEUS_MULTIPROC_DIR``, which the server sets, before its first import)."""
+    from edge.worker import worker_app
+
+    return worker_app(settings, state)

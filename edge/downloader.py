@@ -8,7 +8,6 @@ Only a file whose size and sha256 match the signed manifest leaves this module.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
 import threading
@@ -19,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from shared.errors import InvalidInput, TetherError, Unavailable
+from shared.hashing import sha256_file
 from shared.redaction import redact_url
 
 log = logging.getLogger(__name__)
@@ -54,15 +54,6 @@ def check_free_disk(folder: Path, needed_bytes: int, reserve_mb: int) -> None:
             f"not enough disk: {free // (1024 * 1024)} MiB free, "
             f"{wanted // (1024 * 1024) + 1} MiB needed"
         )
-
-
-def sha256_file(path: Path) -> str:
-    """The hex sha256 of a file."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class Downloader:

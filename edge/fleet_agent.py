@@ -44,7 +44,6 @@ from edge.fleet_state import FleetState, ModelPhase, ModelState, StateStore
 from edge.fleet_target import ServingTarget
 from edge.health import HealthCounters, HealthSource
 from edge.kept_artifacts import Fetched, KeptArtifacts
-from edge.model_config import list_models, list_versions, load_model_config
 from edge.self_test import self_test
 from edge.session_ids import session_client_id
 from edge.settings import EdgeSettings
@@ -60,6 +59,7 @@ from edge.staging import (
     verify_version,
 )
 from edge.status_reporter import StatusReporter
+from serving.model_config import list_models, list_versions, load_model_config
 from shared import __version__, topics
 from shared.delta import apply_delta
 from shared.errors import InvalidInput, SignatureError, TetherError

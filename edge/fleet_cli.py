@@ -29,10 +29,10 @@ def fleet_agent_command(config_file: Path | None) -> None:
     SIGTERM or Ctrl-C with a retained offline status.
     """
     from edge.agent import control_file_path
-    from edge.control_file import ControlFile
     from edge.fleet_agent import FleetAgent
     from edge.fleet_health import FileShadowRates, MetricsHealthSource, shadow_rates_path
     from edge.fleet_target import ControlFileTarget
+    from serving.control_file import ControlFile
 
     try:
         settings = load_settings(config_file)

@@ -38,13 +38,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
+from edge.access.tokens import ADMIN, read_tokens_file, token_with_scope
 from edge.health import LATENCY_BOUNDS_MS, HealthCounters
-from edge.http.tokens import ADMIN, read_tokens_file, token_with_scope
-from edge.metrics import EdgeMetrics
-from edge.model_config import load_model_config
 from edge.settings import EdgeSettings
 from edge.shadow import ShadowRates, ShadowSampler, Teacher
+from serving.metrics import EdgeMetrics
+from serving.model_config import load_model_config
 from shared.errors import TetherError
+from shared.netaddr import bracket
 
 if TYPE_CHECKING:
     from edge.agent import EdgeAgent
@@ -272,11 +273,9 @@ class MetricsHealthSource:
         host = http.host
         if host in ("0.0.0.0", "", "::"):
             host = "127.0.0.1"
-        elif ":" in host and not host.startswith("["):
-            host = f"[{host}]"
         scheme = "https" if http.tls.enabled else "http"
         return cls(
-            f"{scheme}://{host}:{http.port}/metrics",
+            f"{scheme}://{bracket(host)}:{http.port}/metrics",
             token=first_token(settings),
             verify_tls=False,
         )

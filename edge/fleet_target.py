@@ -1,7 +1,7 @@
 """Where the fleet agent switches the served version of a model.
 
 In-process (tests, simulated devices, a single-process agent) it is the
-:class:`~edge.repository.ModelRepository` itself: ``load(name, versions=[v])`` loads and
+:class:`~serving.repository.ModelRepository` itself: ``load(name, versions=[v])`` loads and
 warms the new version first, then swaps atomically. Beside a gunicorn server it is the
 control file the worker processes follow: the fleet agent records the pinned version and
 every worker loads, warms and swaps before answering its next request; the agent's own
@@ -13,9 +13,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
-from edge.control_file import ControlFile
-from edge.model_config import list_versions, load_model_config
-from edge.repository import ModelRepository
+from serving.control_file import ControlFile
+from serving.model_config import list_versions, load_model_config
+from serving.repository import ModelRepository
 
 
 class ServingTarget(Protocol):

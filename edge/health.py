@@ -14,7 +14,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from edge.dataplane import Observation
+from serving.dataplane import Observation
 
 #: Latency bucket bounds in milliseconds (p99 is read as the bound its rank falls under).
 LATENCY_BOUNDS_MS: tuple[float, ...] = (

@@ -11,7 +11,7 @@ Routes (``[routes.<name>]`` in the agent's config; a name without one is ``local
   ``max_queue`` requests in flight;
 * ``cloud-first`` — the cloud, and the device when the cloud is unreachable or too slow.
 
-Every route is a :class:`~edge.runtimes.Runtime`, so the data plane validates and accounts
+Every route is a :class:`~serving.runtimes.Runtime`, so the data plane validates and accounts
 for it like any model; its :class:`Prediction` says where it was served (``served_by``),
 by which model and version, by which route, with the local confidence where there was one
 and the time spent on the edge, on the network and in the cloud.
@@ -27,13 +27,14 @@ from typing import Any
 
 import numpy as np
 
-from edge.confidence import confidence
-from edge.metrics import EdgeMetrics
-from edge.model_config import load_model_config
-from edge.repository import ModelRepository
-from edge.runtimes.base import Prediction, Runtime, TensorSpec, model_flops
+from edge.route_modes import ROUTE_MODES
 from edge.settings import RouteSettings
 from edge.uplink import CloudRuntime, Uplink
+from serving.confidence import confidence
+from serving.metrics import EdgeMetrics
+from serving.model_config import load_model_config
+from serving.repository import ModelRepository
+from serving.runtimes.base import Prediction, Runtime, TensorSpec, model_flops
 from shared.datatypes import from_numpy_dtype
 from shared.errors import InternalError, InvalidInput, TetherError, Unavailable
 
@@ -104,6 +105,27 @@ class RouteRuntime(Runtime):
         #: FLOPs are recorded by the route itself, per side (see :class:`Accounting`).
         self.flops = None
 
+    @classmethod
+    def build(
+        cls,
+        name: str,
+        local: Runtime,
+        cloud: CloudRuntime | None,
+        route: RouteSettings | None,
+        *,
+        inflight: InflightCounter,
+        accounting: Accounting,
+    ) -> RouteRuntime:
+        """The route for ``name`` as its settings ask (``route`` is ``None`` for a model
+        without a route, which is served locally)."""
+        options = cls.options(route) if route is not None else {}
+        return cls(name, local, cloud, inflight=inflight, accounting=accounting, **options)
+
+    @classmethod
+    def options(cls, route: RouteSettings) -> dict[str, Any]:
+        """The mode's own settings, as keyword arguments of the constructor."""
+        return {}
+
     @property
     def ready(self) -> bool:
         return self.local.ready
@@ -162,7 +184,15 @@ class LocalRoute(RouteRuntime):
 
     mode = "local"
 
-    def __init__(self, name: str, local: Runtime, *, inflight: InflightCounter) -> None:
+    def __init__(
+        self,
+        name: str,
+        local: Runtime,
+        cloud: CloudRuntime | None = None,
+        *,
+        inflight: InflightCounter,
+        accounting: Accounting | None = None,
+    ) -> None:
         super().__init__(name, local, None, inflight=inflight, accounting=Accounting(None))
         self.flops = local.flops  # one side only: the data plane counts it
 
@@ -200,6 +230,14 @@ class CascadeRoute(RouteRuntime):
         self.confidence_output = confidence_output or (
             local.outputs[0].name if local.outputs else ""
         )
+
+    @classmethod
+    def options(cls, route: RouteSettings) -> dict[str, Any]:
+        return {
+            "measure": route.confidence,
+            "threshold": route.threshold,
+            "confidence_output": route.confidence_output,
+        }
 
     def metadata(self) -> dict[str, Any]:
         meta = super().metadata()
@@ -274,6 +312,10 @@ class LocalFirstRoute(RouteRuntime):
         super().__init__(name, local, cloud, inflight=inflight, accounting=accounting)
         self.max_queue = max_queue
 
+    @classmethod
+    def options(cls, route: RouteSettings) -> dict[str, Any]:
+        return {"max_queue": route.max_queue}
+
     def infer(
         self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str] | None = None
     ) -> Prediction:
@@ -332,6 +374,14 @@ class CloudFirstRoute(RouteRuntime):
         return remote
 
 
+#: The route class of each mode that needs a local model (``cloud`` answers with the
+#: uplink's :class:`CloudRuntime` itself); one per mode of :data:`ROUTE_MODES`.
+ROUTE_CLASSES: dict[str, type[RouteRuntime]] = {
+    cls.mode: cls for cls in (LocalRoute, CascadeRoute, LocalFirstRoute, CloudFirstRoute)
+}
+assert set(ROUTE_CLASSES) == {m.name for m in ROUTE_MODES.values() if m.needs_local}
+
+
 class Router:
     """Resolves model names to runtimes according to their routes (the data plane's hook)."""
 
@@ -362,7 +412,7 @@ class Router:
         has switched the local runtime underneath (this runs twice on every request).
         """
         route = self.routes.get(name)
-        if route is not None and route.mode == "cloud":
+        if route is not None and not ROUTE_MODES[route.mode].needs_local:
             return self._cloud(name, route, version)
         local_name = (route.local_model or name) if route else name
         local = self.repository.get(local_name, version)
@@ -377,31 +427,12 @@ class Router:
     def _build(
         self, name: str, route: RouteSettings | None, version: str | None, local: Runtime
     ) -> RouteRuntime:
-        if route is None or route.mode == "local":
-            return LocalRoute(name, local, inflight=self.inflight)
-        cloud = self._cloud(name, route, None, local)
-        if route.mode == "cascade":
-            return CascadeRoute(
-                name,
-                local,
-                cloud,
-                measure=route.confidence,
-                threshold=route.threshold,
-                confidence_output=route.confidence_output,
-                inflight=self.inflight,
-                accounting=self.accounting,
-            )
-        if route.mode == "local-first":
-            return LocalFirstRoute(
-                name,
-                local,
-                cloud,
-                max_queue=route.max_queue,
-                inflight=self.inflight,
-                accounting=self.accounting,
-            )
-        return CloudFirstRoute(
-            name, local, cloud, inflight=self.inflight, accounting=self.accounting
+        mode = route.mode if route is not None else "local"
+        cloud = None
+        if route is not None and ROUTE_MODES[mode].needs_cloud:
+            cloud = self._cloud(name, route, None, local)
+        return ROUTE_CLASSES[mode].build(
+            name, local, cloud, route, inflight=self.inflight, accounting=self.accounting
         )
 
     def _cloud(

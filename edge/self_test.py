@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.model_config import load_model_config
-from edge.runtimes import Runtime, RuntimeOptions, create_runtime
-from edge.runtimes.base import TensorSpec, synthetic_input
+from serving.model_config import load_model_config
+from serving.runtimes import Runtime, RuntimeOptions, create_runtime
+from serving.runtimes.base import TensorSpec, synthetic_input
 from shared.datatypes import FLOAT_DATATYPES
 from shared.errors import TetherError
 

@@ -12,9 +12,9 @@ import os
 import socket
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import ConfigDict, Field, SecretStr, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -22,7 +22,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from edge.http.tokens import (
+from edge.access.tokens import (
     DEFAULT_SCOPES,
     Scope,
     TokenEntry,
@@ -30,18 +30,14 @@ from edge.http.tokens import (
     parse_entries,
     read_tokens_file,
 )
-from edge.runtime_options import DEFAULT_PROVIDERS, RuntimeOptions, tensorrt_available
-from edge.sensors.settings import SensorSettings
-from edge.settings_toml import ConfigFileSource
+from edge.route_modes import ROUTE_MODES, RouteModeName, needs_cloud
+from edge.sensor_settings import SensorSettings
+from serving.runtime_options import RuntimeOptions, tensorrt_available
+from serving.settings import RuntimeSettings, Section, load_toml_settings
+from serving.settings_toml import ConfigFileSource
 
 if TYPE_CHECKING:
     from shared.mqtt import TlsConfig
-
-
-class Section(BaseModel):
-    """Base of a settings section: unknown keys are an error, so typos are caught."""
-
-    model_config = ConfigDict(extra="forbid")
 
 
 #: The environment variable with the local API's bearer tokens (comma-separated entries).
@@ -63,7 +59,7 @@ class HttpAuthSettings(Section):
     """Bearer-token authentication of the local API, with a scope per token (docs/security.md).
 
     Every source holds token entries in one syntax, ``TOKEN [SCOPE ...]``
-    (``edge/http/tokens.py``), and obeys the same rules.
+    (``edge/access/tokens.py``), and obeys the same rules.
     """
 
     #: A validation error must never echo a token back into a log.
@@ -256,40 +252,6 @@ class GrpcSettings(Section):
         return self.port != 0
 
 
-class RuntimeSettings(Section):
-    """How models are run on this host."""
-
-    backend: Literal["auto", "onnxruntime", "tensorrt"] = Field(
-        "auto",
-        description="'auto' uses native TensorRT when it and a GPU are present, else ONNX Runtime.",
-    )
-    providers: list[str] = Field(
-        default_factory=lambda: list(DEFAULT_PROVIDERS),
-        description="ONNX Runtime execution providers in order of preference; first that works wins.",
-    )
-    intra_op_threads: int = Field(1, ge=0, description="ONNX Runtime intra-op threads (0 = all).")
-    fp16: bool = Field(True, description="Allow FP16 kernels in TensorRT engines.")
-    int8: bool = Field(
-        False, description="Allow INT8 kernels in TensorRT engines (needs calibration)."
-    )
-    engine_cache_dir: Path | None = Field(
-        None, description="Where TensorRT engines are cached (default: <data_dir>/engines)."
-    )
-
-    def options(self, data_dir: Path) -> RuntimeOptions:
-        """The runtime layer's options (engines cached under ``data_dir`` by default)."""
-        return RuntimeOptions(
-            providers=tuple(self.providers),
-            intra_op_threads=self.intra_op_threads,
-            engine_cache_dir=self.engine_cache_dir or data_dir / "engines",
-            fp16=self.fp16,
-            int8=self.int8,
-        )
-
-
-RouteMode = Literal["local", "cloud", "cascade", "local-first", "cloud-first"]
-#: Route modes that need the cloud.
-CLOUD_MODES = frozenset({"cloud", "cascade", "local-first", "cloud-first"})
 ConfidenceMeasure = Literal["max_probability", "margin", "entropy"]
 
 
@@ -304,7 +266,7 @@ class RouteTensor(Section):
 class RouteSettings(Section):
     """How one model name is served: on the device, in the cloud, or a mix (docs/routing.md)."""
 
-    mode: RouteMode = Field("local", description="local, cloud, cascade, local-first, cloud-first.")
+    mode: RouteModeName = Field("local", description=", ".join(ROUTE_MODES) + ".")
     local_model: str | None = Field(
         None, description="The edge model that answers (default: the route's name)."
     )
@@ -580,7 +542,7 @@ class EdgeSettings(BaseSettings):
     def serves_language_models(self) -> bool:
         """Whether a start-up model is a language model (a stream holds its request thread
         for the whole generation, so other requests need threads of their own)."""
-        from edge.model_config import load_model_config
+        from serving.model_config import load_model_config
         from shared.errors import TetherError
 
         for name in self.startup_models():
@@ -594,7 +556,7 @@ class EdgeSettings(BaseSettings):
     def startup_models(self) -> list[str]:
         """The models to load at start: the configured list, or every model on disk except
         those routed to the cloud only (even when their files are here)."""
-        from edge.model_config import list_models
+        from serving.model_config import list_models
 
         if self.models is not None:
             return list(self.models)
@@ -608,7 +570,7 @@ class EdgeSettings(BaseSettings):
 
 def needs_uplink(routes: Mapping[str, RouteSettings]) -> bool:
     """True when some route may send a request to the cloud."""
-    return any(route.mode in CLOUD_MODES for route in routes.values())
+    return any(needs_cloud(route.mode) for route in routes.values())
 
 
 def gpu_runtime_installed() -> bool:
@@ -643,29 +605,6 @@ class ApiTokensVariable(PydanticBaseSettingsSource):
 
 # The TOML file for the settings being built; set only inside load_toml_settings.
 _TOML_FILE: dict[str, Path] = {}
-
-S = TypeVar("S", bound=BaseSettings)
-
-
-def load_toml_settings(
-    cls: type[S], toml_files: dict[str, Path], config_file: Path | None, overrides: dict[str, Any]
-) -> S:
-    """Build ``cls`` from ``config_file`` (TOML), its environment variables and ``overrides``.
-
-    ``toml_files`` is the holder the class's ``settings_customise_sources`` reads the file
-    from. ``overrides`` with the value ``None`` are ignored, so unset command-line flags fall
-    through to the environment and the file.
-    """
-    if config_file is not None and not config_file.is_file():
-        raise FileNotFoundError(f"config file {config_file} does not exist")
-    given = {k: v for k, v in overrides.items() if v is not None}
-    toml_files.clear()
-    if config_file is not None:
-        toml_files["path"] = config_file
-    try:
-        return cls(**given)
-    finally:
-        toml_files.clear()
 
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> EdgeSettings:

@@ -18,8 +18,8 @@ from typing import Protocol
 
 import numpy as np
 
-from edge.dataplane import Observation
 from edge.uplink import Uplink
+from serving.dataplane import Observation
 from shared.errors import TetherError
 
 log = logging.getLogger(__name__)

@@ -18,10 +18,10 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
-from edge.downloader import sha256_file
 from edge.fleet_state import fsync_dir, write_atomic
-from edge.model_config import CONFIG_FILE
+from serving.model_config import CONFIG_FILE
 from shared.errors import InvalidInput
+from shared.hashing import sha256_file
 from shared.model_names import check_model_name
 
 MARKER = ".tether-verified.json"

@@ -26,6 +26,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from shared.netaddr import bracket
+
 log = logging.getLogger(__name__)
 
 READY_PATH = "/v2/health/ready"
@@ -177,7 +179,7 @@ def probe_base_url(sockname: Any, tls: bool = False) -> str:
     elif host == "::":
         host = "::1"
     scheme = "https" if tls else "http"
-    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
+    return f"{scheme}://{bracket(host)}:{port}"
 
 
 class ServerLifecycle:

@@ -27,16 +27,16 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from edge.repository import ModelRepository
-from edge.runtimes.base import Runtime
-from edge.runtimes.generation import (
+from edge.settings import RouteSettings
+from serving.repository import ModelRepository
+from serving.runtimes.base import Runtime
+from serving.runtimes.generation import (
     GenerationEvent,
     GenerationRequest,
     TextEmbedder,
     TextGenerator,
     TextStream,
 )
-from edge.settings import RouteSettings
 from shared.errors import InvalidInput, ModelNotFound, TetherError, Unavailable
 
 log = logging.getLogger(__name__)

@@ -29,14 +29,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edge.runtimes.generation import (
+from edge.uplink import Uplink, cloud_error, outcome
+from serving.runtimes.generation import (
     GenerationEnd,
     GenerationEvent,
     GenerationRequest,
     TextDelta,
     Usage,
 )
-from edge.uplink import Uplink, cloud_error, outcome
 from shared import __version__
 from shared.envelopes import (
     EmbedResponseEnvelope,

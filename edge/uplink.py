@@ -47,9 +47,9 @@ import numpy as np
 
 from edge.breaker import BreakerState, CircuitBreaker
 from edge.broker_check import check_broker
-from edge.metrics import EdgeMetrics
-from edge.runtimes.base import Prediction, Runtime, TensorSpec
 from edge.settings import UplinkSettings
+from serving.metrics import EdgeMetrics
+from serving.runtimes.base import Prediction, Runtime, TensorSpec
 from shared import __version__, topics
 from shared.client_ids import random_client_id
 from shared.codec import OutputRequest, build_request, decode_response_parts

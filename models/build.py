@@ -29,11 +29,11 @@ from typing import Any
 import click
 import numpy as np
 
-from edge.runtimes.flops import count_flops
 from models.digits import DATASET_DESCRIPTION, NUM_CLASSES, NUM_FEATURES, load_split
 from models.onnx_export import INPUT_NAME, OUTPUT_NAME, to_onnx
 from models.text_repository import DEFAULT_TEXT_REPOSITORY, build_text_models
 from models.training import MLP, TrainConfig, train_mlp
+from serving.runtimes.flops import count_flops
 
 TEACHER_NAME = "digits-teacher"
 STUDENT_NAME = "digits-student"
@@ -180,7 +180,7 @@ def _single_threaded_blas() -> Iterator[None]:
 
 
 def model_config(name: str, parameters: dict[str, Any]) -> dict[str, Any]:
-    """The ``config.json`` of a digits model (the shape ``edge.model_config`` parses)."""
+    """The ``config.json`` of a digits model (the shape ``serving.model_config`` parses)."""
     return {
         "name": name,
         "platform": "onnxruntime_onnx",

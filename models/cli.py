@@ -51,8 +51,8 @@ def build_engine_command(
     max_batch: int | None,
 ) -> None:
     """Build (or find cached) the TensorRT engine of MODEL for this GPU and TensorRT."""
-    from edge.model_config import load_model_config
-    from edge.runtimes.tensorrt_engine import EngineOptions, get_or_build_engine
+    from serving.model_config import load_model_config
+    from serving.runtimes.tensorrt_engine import EngineOptions, get_or_build_engine
     from shared.errors import TetherError
 
     config = load_model_config(repository / model)

@@ -66,10 +66,10 @@ def distill(
 ) -> DistillReport:
     """Train a new head for ``student_name`` on ``teacher_name``'s soft labels; write it as
     the student's next version."""
-    from edge.model_config import list_versions
     from models.datasets import load_dataset
     from models.offline import class_names, features, load_model, scores
     from models.onnx_export import to_onnx
+    from serving.model_config import list_versions
 
     config = config or TrainConfig(epochs=100, seed=0, temperature=4.0, alpha=1.0)
     student = load_model(repository, student_name)

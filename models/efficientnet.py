@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from edge.downloader import sha256_file
+from shared.hashing import sha256_file
 
 #: Bump when the exported graph would change (names, opset, wrapper): invalidates the cache.
 EXPORT_REVISION = 1
@@ -262,7 +262,7 @@ def export_onnx(spec: EfficientNetSpec, weights: Path, path: Path) -> dict[str, 
     fold_constants(raw, path)
     raw.unlink()
     _check_against_torch(path, sample.numpy(), expected)
-    from edge.runtimes.flops import count_flops
+    from serving.runtimes.flops import count_flops
 
     return {
         "role": spec.role,

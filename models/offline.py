@@ -10,10 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.model_config import list_versions, load_model_config
-from edge.pipelines.runtime import PipelineRuntime
-from edge.runtimes import Runtime, RuntimeOptions, create_runtime
 from models.datasets import Dataset
+from serving.model_config import list_versions, load_model_config
+from serving.pipelines.runtime import PipelineRuntime
+from serving.runtimes import Runtime, RuntimeOptions, create_runtime
 
 CPU = ("CPUExecutionProvider",)
 #: Rows per call: bounded memory for image batches, few enough calls for small models.

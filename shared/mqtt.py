@@ -138,6 +138,41 @@ class Will:
     retain: bool = True
 
 
+class Delivery:
+    """One published message on its way to the broker (what :meth:`MqttClient.publish` returns).
+
+    At QoS 0 it is delivered once written to the socket, at QoS 1 once the broker's PUBACK
+    is back. A message that can no longer be delivered on this connection (it dropped before
+    the message was sent) never becomes published.
+    """
+
+    __slots__ = ("_info",)
+
+    def __init__(self, info: paho.MQTTMessageInfo) -> None:
+        self._info = info
+
+    @property
+    def mid(self) -> int:
+        """The message's packet id on this connection."""
+        return int(self._info.mid)
+
+    def is_published(self) -> bool:
+        """Whether the broker has it (QoS 1: acknowledged it)."""
+        try:
+            return bool(self._info.is_published())
+        except (RuntimeError, ValueError):  # paho: not queued, or the queue was dropped
+            return False
+
+    def wait_for_publish(self, timeout_s: float | None = None) -> bool:
+        """Wait up to ``timeout_s`` for :meth:`is_published`; returns it. Raises
+        :class:`MqttError` when the message can no longer be delivered on this connection."""
+        try:
+            self._info.wait_for_publish(timeout_s)
+        except (RuntimeError, ValueError) as exc:
+            raise MqttError(f"message {self._info.mid} will not be delivered: {exc}") from None
+        return self.is_published()
+
+
 Handler = Callable[[Message], None]
 ConnectionListener = Callable[[bool], None]
 
@@ -419,10 +454,10 @@ class MqttClient:
         expiry_s: float | None = None,
         user_properties: dict[str, str] | None = None,
         content_type: str | None = None,
-    ) -> paho.MQTTMessageInfo:
+    ) -> Delivery:
         """Publish; raises :class:`MqttError` at once when not connected.
 
-        Returns paho's message info (``wait_for_publish()`` waits for the broker's PUBACK).
+        Returns the :class:`Delivery` (``wait_for_publish()`` waits for the broker's PUBACK).
         """
         if not self.connected:
             raise MqttError(f"not connected to {self.address.url()}: {self._last_error}")
@@ -442,7 +477,7 @@ class MqttClient:
         info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
         if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             raise MqttError(f"publish to {topic} failed: {paho.error_string(info.rc)}")
-        return info
+        return Delivery(info)
 
     def ack(self, message: Message) -> None:
         """Send the PUBACK for a manually acknowledged message."""

@@ -87,13 +87,21 @@ def broker_probe(device: str, client: str) -> str:
     return f"{ROOT}/{check_device(device)}/probe/{check_segment(client, 'client id')}"
 
 
+#: A device's sensor readings (the filter the bridge subscribes to by default).
+SENSOR_DATA_TEMPLATE = ROOT + "/{device}/sensors/+/data"
+#: One sensor's topic of one kind: ``data`` (readings), ``inference`` (results), ``errors``.
+SENSOR_TOPIC_TEMPLATE = ROOT + "/{device}/sensors/{sensor}/{kind}"
+
+
 def sensor_data_filter(device: str) -> str:
-    return f"{ROOT}/{check_device(device)}/sensors/+/data"
+    return SENSOR_DATA_TEMPLATE.format(device=check_device(device))
 
 
 def sensor_topic(device: str, sensor: str, kind: str) -> str:
     """``tether/<device>/sensors/<sensor>/<kind>`` with kind data, inference or errors."""
-    return f"{ROOT}/{check_device(device)}/sensors/{check_segment(sensor, 'sensor id')}/{kind}"
+    return SENSOR_TOPIC_TEMPLATE.format(
+        device=check_device(device), sensor=check_segment(sensor, "sensor id"), kind=kind
+    )
 
 
 def device_status(device: str) -> str:

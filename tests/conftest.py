@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.broker import Broker
+from harness.broker import Broker
 from tests.postgres import PrivatePostgres, ensure_postgres
 
 ROOT = Path(__file__).resolve().parent.parent

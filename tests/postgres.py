@@ -19,7 +19,7 @@ from pathlib import Path
 
 import psycopg
 
-from tests.broker import free_port, wait_for_port
+from harness.broker import free_port, wait_for_port
 
 DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/test"
 

@@ -20,7 +20,7 @@ COMMANDS: dict[str, str] = {
     "cloud": "cloud.cli:cloud_command",
     "up": "tether.up:up_command",
     "models": "models.cli:models_group",
-    "calibrate": "models.calibrate_cli:calibrate_command",
+    "calibrate": "tether.calibrate_cli:calibrate_command",
     "fleet": "cloud.fleet_cli:fleet_group",
     "status": "edge.status:status_command",
     "bridge": "edge.bridge_cli:bridge_command",

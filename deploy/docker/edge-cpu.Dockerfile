@@ -15,6 +15,7 @@ RUN python -m venv /opt/tether
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY shared ./shared
+COPY serving ./serving
 COPY edge ./edge
 COPY cloud ./cloud
 COPY models ./models

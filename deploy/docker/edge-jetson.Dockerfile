@@ -27,6 +27,7 @@ RUN python3 -m venv --system-site-packages /opt/tether \
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY shared ./shared
+COPY serving ./serving
 COPY edge ./edge
 COPY cloud ./cloud
 COPY models ./models

@@ -1,7 +1,7 @@
 """The gRPC server one edge worker runs beside its HTTP app (``grpc.port``, default 8001).
 
-Started in each worker after the fork (gRPC must not cross a fork), over the worker's own
-data plane and security guard, so HTTP and gRPC share models, metrics, tokens and rate
+Started in each worker after the fork (gRPC must not cross a fork) by the agent
+(:func:`edge.worker.worker_app`), over the worker's own data plane and security guard, so HTTP and gRPC share models, metrics, tokens and rate
 limits. With several workers each binds the port with ``SO_REUSEPORT`` and the kernel
 spreads connections, as for HTTP; with one worker the port is bound exclusively, so a
 second agent on the same port fails loudly instead of sharing it.
@@ -12,16 +12,19 @@ from __future__ import annotations
 import atexit
 import logging
 from concurrent import futures
+from typing import TYPE_CHECKING
 
 import grpc
-from flask import Flask
 
 from edge.grpc.grpc_predict_v2_pb2_grpc import add_GRPCInferenceServiceServicer_to_server
 from edge.grpc.service import InferenceService
-from edge.http.auth import GUARD_KEY
-from edge.http.routes import DATAPLANE_KEY, LIMITS_KEY
-from edge.http.server import bracket
 from edge.settings import EdgeSettings
+from serving.dataplane import DataPlane
+from shared.codec import TensorLimits
+from shared.netaddr import bracket
+
+if TYPE_CHECKING:
+    from edge.access.guard import Guard
 
 log = logging.getLogger(__name__)
 
@@ -30,12 +33,13 @@ class GrpcPortUnavailable(RuntimeError):
     """The configured gRPC address could not be bound."""
 
 
-def start_grpc_server(settings: EdgeSettings, app: Flask) -> grpc.Server:
-    """Serve ``GRPCInferenceService`` for ``app``'s data plane; returns the started server."""
+def start_grpc_server(
+    settings: EdgeSettings, plane: DataPlane, guard: Guard | None, limits: TensorLimits
+) -> grpc.Server:
+    """Serve ``GRPCInferenceService`` over ``plane``, checking calls with ``guard`` (the
+    same one the worker's HTTP app asks); returns the started server."""
     http = settings.http
-    service = InferenceService(
-        app.extensions[DATAPLANE_KEY], app.extensions.get(GUARD_KEY), app.extensions[LIMITS_KEY]
-    )
+    service = InferenceService(plane, guard, limits)
     options = [
         ("grpc.max_receive_message_length", http.max_body_bytes),
         ("grpc.max_send_message_length", -1),

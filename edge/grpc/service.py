@@ -1,6 +1,6 @@
 """The Open Inference Protocol's ``GRPCInferenceService``: a thin transport over the data plane.
 
-Each RPC checks the caller with the same :class:`~edge.http.auth.Guard` as HTTP (bearer
+Each RPC checks the caller with the same :class:`~edge.access.guard.Guard` as HTTP (bearer
 token in the ``authorization`` metadata, the route's scope, the rate limit bucket of the
 matching HTTP endpoint), turns the protobuf request into what the data plane takes, and the
 answer back into protobuf. A :class:`~shared.errors.TetherError` becomes the gRPC status
@@ -19,11 +19,11 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 
-from edge.dataplane import DataPlane
+from edge.access.guard import CHALLENGE, Guard
+from edge.access.tokens import ADMIN, INFER, Scope
 from edge.grpc import grpc_predict_v2_pb2 as pb
 from edge.grpc.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceServicer
-from edge.http.auth import CHALLENGE, Guard
-from edge.http.tokens import ADMIN, INFER, Scope
+from serving.dataplane import DataPlane
 from shared.codec import (
     DecodedRequest,
     OutputRequest,

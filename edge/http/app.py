@@ -11,10 +11,10 @@ from typing import Any
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
-from edge.dataplane import DataPlane
-from edge.http.auth import CHALLENGE
+from edge.access.guard import CHALLENGE
 from edge.http.responses import json_response
 from edge.http.routes import DATAPLANE_KEY, LIMITS_KEY, v2
+from serving.dataplane import DataPlane
 from shared.codec import TensorLimits
 from shared.errors import TetherError, TooManyRequests, Unauthorized
 from shared.tracing import clean_request_id, set_request_id

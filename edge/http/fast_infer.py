@@ -22,11 +22,12 @@ from typing import Any
 import orjson
 from flask import Flask
 
-from edge.dataplane import DataPlane
-from edge.http.auth import CHALLENGE, GUARD_KEY, Guard
+from edge.access.guard import CHALLENGE, Guard
+from edge.access.tokens import INFER
+from edge.http.auth import GUARD_KEY
 from edge.http.inference import infer_body
 from edge.http.routes import DATAPLANE_KEY, LIMITS_KEY
-from edge.http.tokens import INFER
+from serving.dataplane import DataPlane
 from shared.codec import BINARY_CONTENT_TYPE, HEADER_LENGTH_HEADER, JSON_CONTENT_TYPE
 from shared.errors import InternalError, TetherError, TooManyRequests, Unauthorized
 

@@ -18,7 +18,7 @@ from edge.systemd_notify import ServerLifecycle, take_notifier
 from shared.tracing import GRANIAN_LOGGING
 
 if TYPE_CHECKING:
-    from edge.http.server import RunState
+    from edge.http.server import RunState, WorkerFactory
 
 log = logging.getLogger(__name__)
 
@@ -26,13 +26,13 @@ log = logging.getLogger(__name__)
 GRACEFUL_TIMEOUT_S = 10
 
 
-def serve_granian(settings: EdgeSettings, state: RunState) -> None:
+def serve_granian(settings: EdgeSettings, state: RunState, worker: WorkerFactory) -> None:
     """Run granian until SIGINT or SIGTERM (blocks)."""
     from granian.constants import HTTPModes, Interfaces
     from granian.log import LogLevels
     from granian.server import Server
 
-    from edge.http.server import worker_app
+    from edge.http.server import load_worker
 
     if sys.platform.startswith("linux"):
         # Workers must inherit the prepared state by fork (granian follows this setting;
@@ -68,4 +68,4 @@ def serve_granian(settings: EdgeSettings, state: RunState) -> None:
 
         server.on_startup(started)
         server.on_shutdown(lifecycle.exiting)
-    server.serve(target_loader=partial(worker_app, settings, state), wrap_loader=False)
+    server.serve(target_loader=partial(load_worker, worker, settings, state), wrap_loader=False)

@@ -10,22 +10,22 @@ from gunicorn.app.base import BaseApplication
 
 from edge.settings import EdgeSettings
 from edge.systemd_notify import gunicorn_hooks
+from shared.netaddr import bracket
 
 if TYPE_CHECKING:
-    from edge.http.server import RunState
+    from edge.http.server import RunState, WorkerFactory
 
 
 class GunicornServer(BaseApplication):
     """gunicorn running the edge app in ``workers`` processes of ``threads`` threads each."""
 
-    def __init__(self, settings: EdgeSettings, state: RunState) -> None:
+    def __init__(self, settings: EdgeSettings, state: RunState, worker: WorkerFactory) -> None:
         self.settings = settings
         self.state = state
+        self.worker = worker
         super().__init__()
 
     def load_config(self) -> None:
-        from edge.http.server import bracket
-
         http = self.settings.http
         metrics_dir = self.state.metrics_dir
 
@@ -66,9 +66,9 @@ class GunicornServer(BaseApplication):
             self.cfg.set(key, value)
 
     def load(self) -> Any:
-        from edge.http.server import worker_app
+        from edge.http.server import load_worker
 
-        return worker_app(self.settings, self.state)
+        return load_worker(self.worker, self.settings, self.state)
 
 
 def _heartbeat_dir(fallback: Path) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from edge.dataplane import DataPlane
+from serving.dataplane import DataPlane
 from shared.codec import HEADER_LENGTH_HEADER, TensorLimits, decode_request, encode_response
 from shared.errors import InvalidInput, PayloadTooLarge, TetherError
 

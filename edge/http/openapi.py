@@ -20,7 +20,7 @@ from typing import Any
 
 from pydantic.json_schema import models_json_schema
 
-from edge.http.auth import PUBLIC_ENDPOINTS
+from edge.access.guard import PUBLIC_ENDPOINTS
 from shared import __version__
 from shared.codec import BINARY_CONTENT_TYPE, HEADER_LENGTH_HEADER, JSON_CONTENT_TYPE
 from shared.protocol import (

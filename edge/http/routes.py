@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, current_app, request
 
-from edge.dataplane import DataPlane
+from edge.access.tokens import ADMIN, INFER
 from edge.http.auth import requires
 from edge.http.inference import infer_body
 from edge.http.responses import json_response, tensor_response
-from edge.http.tokens import ADMIN, INFER
+from serving.dataplane import DataPlane
 
 DATAPLANE_KEY = "tether.dataplane"
 LIMITS_KEY = "tether.limits"

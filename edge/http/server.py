@@ -20,12 +20,13 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from edge.control_file import ControlFile
 from edge.settings import EdgeSettings
+from serving.control_file import ControlFile
 
 if TYPE_CHECKING:
     from flask import Flask
@@ -60,17 +61,16 @@ class RunState:
             self.control.record(name, "load", versions=versions, split=test.split)
 
 
-def worker_app(settings: EdgeSettings, state: RunState) -> Flask:
-    """The app one worker serves, built in the worker after the fork."""
-    from edge.agent import build_app
+#: Builds the app one worker serves, after the fork (the agent's composition root,
+#: :func:`edge.worker.worker_app`, which also starts the worker's other transports).
+WorkerFactory = Callable[[EdgeSettings, RunState], "Flask"]
 
+
+def load_worker(worker: WorkerFactory, settings: EdgeSettings, state: RunState) -> Flask:
+    """Called in each worker process after the fork: forget dead workers' gauges, then build
+    the worker's app."""
     forget_dead_workers(state.metrics_dir)
-    app = build_app(settings, control=state.control, multiprocess_dir=state.metrics_dir)
-    if settings.grpc.enabled:  # the gRPC twin of this worker's API, over the same data plane
-        from edge.grpc.server import start_grpc_server
-
-        app.extensions["tether.grpc"] = start_grpc_server(settings, app)
-    return app
+    return worker(settings, state)
 
 
 def forget_dead_workers(metrics_dir: Path) -> None:
@@ -103,7 +103,7 @@ def _alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
-def serve(settings: EdgeSettings) -> None:
+def serve(settings: EdgeSettings, worker: WorkerFactory) -> None:
     """Run the edge agent's HTTP API until stopped (blocks).
 
     The server process itself stays light: it imports no runtime, model or metrics code
@@ -128,13 +128,8 @@ def serve(settings: EdgeSettings) -> None:
     if http.server == "gunicorn":
         from edge.http.gunicorn_server import GunicornServer
 
-        GunicornServer(settings, state).run()
+        GunicornServer(settings, state, worker).run()
     else:
         from edge.http.granian_server import serve_granian
 
-        serve_granian(settings, state)
-
-
-def bracket(host: str) -> str:
-    """An IPv6 literal in brackets, as it goes into a bind address or URL."""
-    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+        serve_granian(settings, state, worker)

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from edge.runtimes.generation import ChatMessage, GenerationRequest, Usage
+from serving.runtimes.generation import ChatMessage, GenerationRequest, Usage
 from shared.errors import InvalidInput
 
 MAX_STOP_SEQUENCES = 4

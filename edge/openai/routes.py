@@ -15,8 +15,9 @@ from typing import Any
 import orjson
 from flask import Blueprint, Flask, Response, current_app, request
 
-from edge.http.auth import CHALLENGE, requires
-from edge.http.tokens import INFER
+from edge.access.guard import CHALLENGE
+from edge.access.tokens import INFER
+from edge.http.auth import requires
 from edge.openai.errors import error_body, openai_error
 from edge.openai.protocol import OpenAIInvalid
 from edge.openai.serving import Answer, OpenAIServing

@@ -24,8 +24,8 @@ import orjson
 from edge.openai import protocol
 from edge.openai.errors import error_body
 from edge.openai.metrics import TextMetrics
-from edge.runtimes.generation import GenerationEnd, TextDelta, TextStream, collect
 from edge.text_router import TextRouter
+from serving.runtimes.generation import GenerationEnd, TextDelta, TextStream, collect
 from shared.errors import InternalError, TetherError
 
 log = logging.getLogger(__name__)

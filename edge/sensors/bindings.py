@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from edge.sensors.settings import BindingSettings, PayloadFormatName
+from edge.sensor_settings import BindingSettings, PayloadFormatName
 from shared.mqtt import topic_matches
 from shared.topics import check_segment
 

@@ -20,12 +20,12 @@ from dataclasses import dataclass
 import numpy as np
 import orjson
 
-from edge.dataplane import DataPlane
-from edge.runtimes.base import Runtime
 from edge.sensors.outbox import Outbox, StoredEscalation
 from edge.sensors.publisher import ResultPublisher
 from edge.sensors.results import Outgoing, result_payload
 from edge.uplink import Uplink
+from serving.dataplane import DataPlane
+from serving.runtimes.base import Runtime
 from shared.codec import DecodedRequest, decode_request
 from shared.errors import TetherError, Unavailable
 

@@ -33,9 +33,9 @@ from typing import Any
 
 import orjson
 
+from edge.sensor_settings import IntakeSettings
 from edge.sensors.database import SensorDatabase, delete_ids, insert_rows
 from edge.sensors.identity import best_effort_fields, identify
-from edge.sensors.settings import IntakeSettings
 from shared.mqtt import Message
 
 log = logging.getLogger(__name__)

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edge.sensor_settings import OutboxSettings
 from edge.sensors.database import DropListener, SensorDatabase, insert_rows
 from edge.sensors.results import Outgoing
-from edge.sensors.settings import OutboxSettings
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS results (

@@ -11,7 +11,7 @@ A reading arrives in one of the formats of :data:`FORMATS` (docs/sensors.md, "Pa
 A binding's ``format = "auto"`` picks the format whose MQTT 5 content type the message
 carries, else the first whose :attr:`PayloadFormat.sniff` recognises the payload, else
 :data:`FALLBACK`. Adding a format is one entry in :data:`FORMATS` (and its name in
-``edge.sensors.settings.PayloadFormatName``).
+``edge.sensor_settings.PayloadFormatName``).
 
 A flat array of ``k`` times one row's elements is ``k`` rows. Every failure is a
 :class:`~shared.errors.TetherError` whose message names the reason.
@@ -27,9 +27,9 @@ from typing import Any
 import numpy as np
 import orjson
 
-from edge.runtimes.base import TensorSpec
+from edge.sensor_settings import PayloadFormatName
 from edge.sensors.identity import Fields, add_parameters, fields_of
-from edge.sensors.settings import PayloadFormatName
+from serving.runtimes.base import TensorSpec
 from shared.codec import DecodedRequest, TensorLimits, decode_request_parts
 from shared.datatypes import to_numpy_dtype
 from shared.errors import InvalidInput, PayloadTooLarge, Unsupported

@@ -18,8 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import orjson
 
-from edge.dataplane import DataPlane
-from edge.runtimes.base import Runtime
+from edge.sensor_settings import SensorSettings
 from edge.sensors.identity import Fields, best_effort_fields, identify
 from edge.sensors.metrics import SensorMetrics
 from edge.sensors.outbox import Escalation
@@ -32,7 +31,8 @@ from edge.sensors.results import (
     result_message,
     split_rows,
 )
-from edge.sensors.settings import SensorSettings
+from serving.dataplane import DataPlane
+from serving.runtimes.base import Runtime
 from shared.codec import DecodedRequest, encode_request
 from shared.errors import InternalError, InvalidInput, TetherError
 

@@ -13,11 +13,9 @@ import logging
 import threading
 import time
 
-from paho.mqtt.client import MQTTMessageInfo
-
 from edge.sensors.metrics import SensorMetrics
 from edge.sensors.outbox import Outbox
-from shared.mqtt import MqttClient, MqttError
+from shared.mqtt import Delivery, MqttClient, MqttError
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +49,7 @@ class ResultPublisher:
             if not rows:
                 self._wake.wait(0.2)
                 continue
-            sent: list[tuple[int, str, MQTTMessageInfo]] = []
+            sent: list[tuple[int, str, Delivery]] = []
             for row in rows:
                 try:
                     info = self.client.publish(
@@ -78,7 +76,7 @@ class ResultPublisher:
             if len(done) < len(sent):
                 stop.wait(0.2)
 
-    def _acknowledged(self, info: MQTTMessageInfo, stop: threading.Event) -> bool:
+    def _acknowledged(self, info: Delivery, stop: threading.Event) -> bool:
         """Wait for the PUBACK while connected; False when it will not come on this connection."""
         deadline = time.monotonic() + PUBACK_TIMEOUT_S
         while not info.is_published():
@@ -86,6 +84,6 @@ class ResultPublisher:
                 return False
             try:
                 info.wait_for_publish(0.05)
-            except (ValueError, RuntimeError):
+            except MqttError:
                 return False
         return True

@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 import orjson
 
-from edge.runtimes.base import Prediction
 from edge.sensors.bindings import Binding
 from edge.sensors.identity import Scalar
 from edge.sensors.payloads import DecodedReading
+from serving.runtimes.base import Prediction
 from shared.codec import build_response
 from shared.errors import TetherError
 from shared.mqtt import Message

@@ -18,17 +18,17 @@ import pytest
 
 from cloud.settings import CloudSettings
 from cloud.worker import CloudWorker
-from edge.model_config import ModelConfig
-from edge.repository import ModelRepository
-from edge.runtimes import Runtime, RuntimeOptions, create_runtime
-from edge.settings import RuntimeSettings
+from harness.broker import Broker
+from harness.onnx_models import dense_model, write_model
+from serving.model_config import ModelConfig
+from serving.repository import ModelRepository
+from serving.runtimes import Runtime, RuntimeOptions, create_runtime
+from serving.settings import RuntimeSettings
 from shared import topics
 from shared.codec import OutputRequest, build_request, decode_response_parts
 from shared.envelopes import InferRequestEnvelope, decode_envelope, frame
 from shared.mqtt import Message, MqttClient
 from shared.protocol import InferenceRequest
-from tests.broker import Broker
-from tests.onnx_models import dense_model, write_model
 
 CPU = ("CPUExecutionProvider",)
 _ids = itertools.count()

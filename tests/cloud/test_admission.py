@@ -10,8 +10,8 @@ import pytest
 
 from cloud.admission import DeviceAdmission
 from cloud.settings import AdmissionSettings
+from harness.broker import Broker
 from shared.errors import TooManyRequests
-from tests.broker import Broker
 from tests.cloud.conftest import Asker, WorkerFactory
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.broker import Broker
+from harness.broker import Broker
 from tests.cloud.conftest import Asker
 
 ROOT = Path(__file__).resolve().parents[2]

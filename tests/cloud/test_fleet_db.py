@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from cloud.fleet_db import HARDWARE_KEY, FleetDB, sqlite_path
+from harness.fleet import BACKENDS, open_db, policy
 from shared.errors import InvalidInput, NotFound
 from shared.fleet import DeviceStatus, HealthReport, ModelState, RolloutEvent
 from shared.manifest import Manifest, SignedManifest, generate_key, sign_manifest
-from tests.cloud.fleet_harness import BACKENDS, open_db, policy
 
 
 @pytest.fixture(params=BACKENDS)

@@ -29,9 +29,9 @@ from cloud import fleet_migrate
 from cloud.fleet_db import FleetDB, fleet_engine, schema_revision
 from cloud.fleet_schema import VERSION_TABLE
 from cloud.rollout_policy import RolloutPolicy
+from harness.fleet import BACKENDS, POSTGRES_URL
 from shared.errors import Unsupported
 from shared.fleet import HealthReport, RolloutEvent
-from tests.cloud.fleet_harness import BACKENDS, POSTGRES_URL
 
 #: The schema as ``FleetDB.create_schema`` made it before Alembic (release 0.x), verbatim
 #: but for ``{t}`` (the table prefix) and ``{serial_pk}`` (the dialect's identity column).

@@ -1,4 +1,4 @@
-"""The fleet-scale simulator (tests/fleet_swarm.py) speaks the real protocol: a real
+"""The fleet-scale simulator (harness/fleet_swarm.py) speaks the real protocol: a real
 controller rolls a version out to it, and its devices' last wills mark them offline."""
 
 from __future__ import annotations
@@ -6,10 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from cloud.rollout import start_rollout
+from harness.broker import Broker
+from harness.fleet import FleetHarness, open_db, policy, wait_for
+from harness.fleet_swarm import Swarm
 from shared.manifest import public_key_text
-from tests.broker import Broker
-from tests.cloud.fleet_harness import FleetHarness, open_db, policy, wait_for
-from tests.fleet_swarm import Swarm
 
 DEVICES = 24
 

@@ -20,10 +20,10 @@ import pytest
 from cloud.fleet_db import FleetDB
 from cloud.fleet_metrics import FleetMetrics
 from cloud.rollout import RolloutController
+from harness.broker import Broker
+from harness.fleet import BACKENDS, FleetHarness, open_db, policy, wait_for
 from shared.fleet import MAX_REASON_CHARS, DeviceStatus
 from shared.mqtt import MqttClient
-from tests.broker import Broker
-from tests.cloud.fleet_harness import BACKENDS, FleetHarness, open_db, policy, wait_for
 
 GOOD = 20
 

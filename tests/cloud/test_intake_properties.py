@@ -27,12 +27,12 @@ from hypothesis import strategies as st
 
 from cloud.fleet_db import FleetDB
 from cloud.rollout import RolloutController
+from harness.broker import Broker
+from harness.fleet import BACKENDS, open_db, policy, wait_for
 from shared.bounded_json import MAX_REPORT_BYTES, truncate
 from shared.fleet import MAX_REASON_CHARS
 from shared.manifest import generate_key
 from shared.mqtt import Message, MqttClient
-from tests.broker import Broker
-from tests.cloud.fleet_harness import BACKENDS, open_db, policy, wait_for
 from tests.cloud.test_intake import Fleet, nested, with_raw
 
 BURST = 50

@@ -8,7 +8,7 @@ import pytest
 
 from cloud.leadership import Leadership
 from cloud.rollout_policy import RolloutPolicy
-from tests.cloud.fleet_harness import BACKENDS, open_db
+from harness.fleet import BACKENDS, open_db
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -18,6 +18,7 @@ from click.testing import CliRunner
 from cloud.artifacts import ArtifactServer, ArtifactStore, pack_version
 from cloud.fleet_db import FleetDB
 from cloud.registry import Registry
+from harness.fleet import make_version
 from shared.errors import InvalidInput, SignatureError
 from shared.fleet import DeviceStatus
 from shared.manifest import (
@@ -28,7 +29,6 @@ from shared.manifest import (
     save_private_key,
     verify_manifest,
 )
-from tests.cloud.fleet_harness import make_version
 from tether.cli import cli
 
 #: The environment without a configured signing key (click's runner unsets None values).

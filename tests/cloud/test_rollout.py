@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from cloud.rollout import request_abort, request_pause, request_resume, start_rollout
+from harness.broker import Broker
+from harness.fleet import BACKENDS, FleetHarness, open_db, policy, wait_for
+from harness.fleet_sim import Behaviour
 from shared.errors import InvalidInput
-from tests.broker import Broker
-from tests.cloud.fleet_harness import BACKENDS, FleetHarness, open_db, policy, wait_for
-from tests.fleet_sim import Behaviour
 
 
 @pytest.fixture(params=["sqlite"])

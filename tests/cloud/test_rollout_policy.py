@@ -15,8 +15,8 @@ from cloud.rollout_policy import (
     health_verdict,
     order_allowance,
 )
+from harness.fleet import make_version
 from shared.fleet import DeviceStatus, HealthReport
-from tests.cloud.fleet_harness import make_version
 from tether.cli import cli
 
 

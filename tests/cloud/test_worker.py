@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.broker import Broker
+from harness.broker import Broker
 from tests.cloud.conftest import Asker, WorkerFactory, reference
 
 
@@ -210,7 +210,7 @@ def test_made_up_model_names_do_not_grow_the_metrics(
     worker does not serve share one ``unknown`` label, and no device id is a label."""
     import urllib.request
 
-    from tests.broker import free_port
+    from harness.broker import free_port
 
     worker, _ = make_worker(metrics_port=free_port())
     for i in range(40):
@@ -325,7 +325,7 @@ def test_stop_without_drain_answers_queued_requests_503(
 def test_metrics_endpoint_serves_prometheus_text(make_worker: WorkerFactory, asker: Asker) -> None:
     import urllib.request
 
-    from tests.broker import free_port
+    from harness.broker import free_port
 
     worker, _ = make_worker(metrics_port=free_port())
     asker.ask("dense", rows(1))

@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from harness.images import LITE2, REPOSITORY, images_built, sample
 from shared.codec import build_request
 from shared.envelopes import InferRequestEnvelope, frame
 from shared.protocol import InferenceRequest
 from tests.cloud.conftest import Asker, WorkerFactory
-from tests.images import LITE2, REPOSITORY, images_built, sample
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import pytest
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from tests.agent_process import AgentProcess
+from harness.agent_process import AgentProcess
 from tests.conftest import REPOSITORY
 
 MODELS = ("digits-student", "digits-teacher")

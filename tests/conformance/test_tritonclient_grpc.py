@@ -20,8 +20,8 @@ import tritonclient.grpc as grpcclient
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from tests.agent_process import AgentProcess
-from tests.broker import free_port
+from harness.agent_process import AgentProcess
+from harness.broker import free_port
 from tests.conftest import REPOSITORY
 
 MODELS = ("digits-student", "digits-teacher")

@@ -21,7 +21,7 @@ from tests.deploy.env_names import ROOT
 
 DASHBOARD = ROOT / "deploy" / "grafana" / "tether-dashboard.json"
 PROMETHEUS = ROOT / "deploy" / "prometheus" / "prometheus.yml"
-PACKAGES = ("edge", "cloud", "shared")
+PACKAGES = ("serving", "edge", "cloud", "shared")
 #: Rollout metrics the dashboard's rollout panels expect from `tether fleet serve`,
 #: which exports none yet; remove a name here when it lands (the xfail turns strict).
 PENDING: set[str] = set()

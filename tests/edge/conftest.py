@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from flask import Flask
 
-from edge.agent import build_app
 from edge.settings import EdgeSettings, load_settings
-from tests.onnx_models import dense_model, write_model
+from edge.worker import build_app
+from harness.onnx_models import dense_model, write_model
 
 DENSE_CONFIG = {
     "max_batch_size": 8,

@@ -19,9 +19,9 @@ import numpy as np
 from edge.fleet_agent import FleetAgent
 from edge.fleet_target import RepositoryTarget
 from edge.health import HealthRecorder
-from edge.repository import ModelRepository
-from edge.runtimes import RuntimeOptions
 from edge.settings import load_settings
+from serving.repository import ModelRepository
+from serving.runtimes import RuntimeOptions
 
 _SAY = threading.Lock()
 

@@ -14,20 +14,21 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from edge.dataplane import DataPlane
 from edge.fleet_agent import FleetAgent
 from edge.fleet_health import MetricsHealthSource
 from edge.fleet_state import StateStore
 from edge.fleet_target import RepositoryTarget
 from edge.health import HealthRecorder
-from edge.metrics import EdgeMetrics
-from edge.repository import ModelRepository
-from edge.runtimes import RuntimeOptions
 from edge.settings import EdgeSettings, load_settings
 from edge.shadow import ShadowRates, ShadowSampler
+from harness.broker import Broker, free_port
+from harness.onnx_models import dense_model
+from serving.dataplane import DataPlane
+from serving.metrics import EdgeMetrics
+from serving.repository import ModelRepository
+from serving.runtimes import RuntimeOptions
 from shared.codec import DecodedRequest
 from shared.manifest import generate_key, public_key_text
-from tests.broker import Broker, free_port
 from tests.edge.fleet_support import (
     ArtifactServer,
     Controller,
@@ -37,7 +38,6 @@ from tests.edge.fleet_support import (
     signed_order,
     write_repository,
 )
-from tests.onnx_models import dense_model
 
 X = np.random.default_rng(0).standard_normal((2, 4)).astype(np.float32)
 
@@ -511,6 +511,7 @@ def test_many_devices_share_one_process(
 def test_ab_split_from_settings_through_the_http_app(tmp_path: Path) -> None:
     from edge.ab import apply_ab_tests
     from edge.agent import EdgeAgent
+    from edge.worker import http_app
 
     repo = write_repository(tmp_path / "repository", {1: dense_model(seed=1)})
     write_repository(repo, {2: dense_model(seed=2)})
@@ -524,7 +525,7 @@ def test_ab_split_from_settings_through_the_http_app(tmp_path: Path) -> None:
     agent = EdgeAgent(settings)
     agent.start()
     assert apply_ab_tests(agent.repository, settings.ab) == {}
-    client = agent.app().test_client()
+    client = http_app(agent).test_client()
     body = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}
     versions = []
     for _ in range(300):

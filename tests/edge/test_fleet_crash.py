@@ -21,8 +21,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edge.fleet_state import StateStore
 from edge.staging import STAGING_PREFIX, verify_version
+from harness.broker import Broker
+from harness.onnx_models import dense_model
 from shared.manifest import generate_key, public_key_text
-from tests.broker import Broker
 from tests.conftest import ROOT
 from tests.edge.fleet_support import (
     ArtifactServer,
@@ -31,7 +32,6 @@ from tests.edge.fleet_support import (
     signed_order,
     write_repository,
 )
-from tests.onnx_models import dense_model
 
 
 class DeviceProcess:

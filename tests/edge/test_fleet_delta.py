@@ -18,14 +18,14 @@ from cloud.fleet_db import FleetDB
 from cloud.registry import Registry
 from edge.fleet_agent import FleetAgent
 from edge.fleet_target import RepositoryTarget
-from edge.repository import ModelRepository
-from edge.runtimes import RuntimeOptions
 from edge.settings import load_settings
+from harness.broker import Broker
+from harness.onnx_models import headed_classifier
+from serving.repository import ModelRepository
+from serving.runtimes import RuntimeOptions
 from shared.fleet import RolloutOrder
 from shared.manifest import SignedManifest, generate_key, public_key_text
-from tests.broker import Broker
 from tests.edge.fleet_support import DENSE_CONFIG, Controller
-from tests.onnx_models import headed_classifier
 
 
 def write_version(root: Path, version: int, head_seed: int) -> Path:

@@ -137,8 +137,8 @@ def test_unknown_model_version_and_route(client: FlaskClient) -> None:
 
 
 def test_body_over_the_limit_is_413(settings: object) -> None:
-    from edge.agent import build_app
     from edge.settings import EdgeSettings
+    from edge.worker import build_app
 
     assert isinstance(settings, EdgeSettings)
     small = settings.model_copy(

@@ -16,14 +16,16 @@ from flask.testing import FlaskClient
 from PIL import Image, ImageFile
 from pytest_mock import MockerFixture
 
-from edge.agent import EdgeAgent, build_app
-from edge.pipelines.config import ImageInput, TopKLabels
-from edge.pipelines.image import ImageDecoder, encode_image
-from edge.pipelines.labels import TopKLabeller
-from edge.settings import RuntimeSettings, load_settings
+from edge.agent import EdgeAgent
+from edge.settings import load_settings
+from edge.worker import build_app
+from harness.images import LITE0, REPOSITORY, images_built, png_bomb, sample
+from serving.pipelines.config import ImageInput, TopKLabels
+from serving.pipelines.image import ImageDecoder, encode_image
+from serving.pipelines.labels import TopKLabeller
+from serving.settings import RuntimeSettings
 from shared.codec import HEADER_LENGTH_HEADER, decode_response, encode_request
 from shared.errors import InvalidInput, PayloadTooLarge
-from tests.images import LITE0, REPOSITORY, images_built, png_bomb, sample
 
 STAGE = ImageInput(tensor="input", resize=256, crop=224, scale=1.0, mean=(127,) * 3, std=(128,) * 3)
 
@@ -222,7 +224,7 @@ def test_images_need_no_torch_at_run_time() -> None:
     import sys
 
     code = (
-        "import sys, edge.pipelines.runtime, edge.runtimes.onnx, edge.agent; "
+        "import sys, serving.pipelines.runtime, serving.runtimes.onnx, edge.worker; "
         "print('torch' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

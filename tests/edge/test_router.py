@@ -12,16 +12,16 @@ import pytest
 
 from edge.agent import startup_models
 from edge.breaker import CircuitBreaker
-from edge.confidence import confidence
-from edge.dataplane import DataPlane
-from edge.metrics import EdgeMetrics
-from edge.repository import ModelRepository
 from edge.router import Router, read_model_metadata
 from edge.settings import RouteSettings, load_settings
 from edge.uplink import CloudReply, CloudUnreachable
+from harness.onnx_models import dense_model, write_model
+from serving.confidence import confidence
+from serving.dataplane import DataPlane
+from serving.metrics import EdgeMetrics
+from serving.repository import ModelRepository
 from shared.codec import DecodedRequest
 from shared.errors import InternalError, InvalidInput, TetherError
-from tests.onnx_models import dense_model, write_model
 
 CONFIG = {
     "max_batch_size": 16,

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from edge.http.server import forget_dead_workers
-from tests.agent_process import ROOT, AgentProcess
+from harness.agent_process import ROOT, AgentProcess
 
 REPOSITORY = ROOT / "models" / "repository"
 BODY = json.dumps(

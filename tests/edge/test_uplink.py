@@ -16,16 +16,16 @@ import pytest
 
 from edge.breaker import BreakerOpen
 from edge.broker_check import STALL_MS, check_broker
-from edge.metrics import EdgeMetrics
 from edge.settings import UplinkSettings
 from edge.status import Scrape, render_edge
 from edge.uplink import CloudUnreachable, Uplink
+from harness.broker import BROKER_KINDS, Broker
+from serving.metrics import EdgeMetrics
 from shared import topics
 from shared.codec import build_response, decode_request_parts
 from shared.envelopes import ErrorEnvelope, InferRequestEnvelope, decode_envelope, frame
 from shared.errors import DeadlineExceeded, ModelNotFound, TetherError
 from shared.mqtt import Message, MqttClient
-from tests.broker import BROKER_KINDS, Broker
 
 
 class Responder:

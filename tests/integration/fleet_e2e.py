@@ -6,7 +6,7 @@ and its HTTP server (:mod:`cloud.artifacts`), the registry that packs and signs
 (:mod:`cloud.registry`), the fleet database (SQLite or PostgreSQL, :mod:`cloud.fleet_db`)
 and the rollout controller (:mod:`cloud.rollout`). Each :class:`E2EDevice` is one device:
 its own repository folder (``digits-student`` v1 copied from ``models/repository``), its own
-:class:`~edge.repository.ModelRepository`, :class:`~edge.dataplane.DataPlane` with the
+:class:`~serving.repository.ModelRepository`, :class:`~serving.dataplane.DataPlane` with the
 health recorder and shadow sampler as observers, and its own
 :class:`~edge.fleet_agent.FleetAgent` with one MQTT connection. Shadow samples go to the
 cloud teacher (``digits-teacher`` on a real :class:`~cloud.worker.CloudWorker`) through a
@@ -38,15 +38,15 @@ from cloud.fleet_db import FleetDB
 from cloud.registry import PublishOptions, Registry
 from cloud.rollout import RolloutController, start_rollout
 from cloud.rollout_policy import RolloutPolicy
-from edge.dataplane import DataPlane
 from edge.fleet_agent import FleetAgent
 from edge.fleet_target import RepositoryTarget
 from edge.health import HealthRecorder
-from edge.metrics import EdgeMetrics
-from edge.repository import ModelRepository
-from edge.runtimes import RuntimeOptions
 from edge.settings import load_settings
 from edge.shadow import ShadowRates, ShadowSampler, Teacher
+from serving.dataplane import DataPlane
+from serving.metrics import EdgeMetrics
+from serving.repository import ModelRepository
+from serving.runtimes import RuntimeOptions
 from shared.codec import DecodedRequest
 from shared.manifest import SignedManifest, generate_key, public_key_text
 from shared.mqtt import MqttClient

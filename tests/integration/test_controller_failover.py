@@ -1,6 +1,6 @@
 """Two rollout controllers on one PostgreSQL database: the leader is SIGKILLed mid-wave and
 the other one finishes the rollout. Real Mosquitto, PostgreSQL, artifact server, registry
-and controller processes; simulated devices (tests/fleet_sim.py)."""
+and controller processes; simulated devices (harness/fleet_sim.py)."""
 
 from __future__ import annotations
 
@@ -18,10 +18,10 @@ from cloud.artifacts import ArtifactServer, ArtifactStore
 from cloud.leadership import LEASE
 from cloud.registry import Registry
 from cloud.rollout import start_rollout
+from harness.broker import Broker
+from harness.fleet import POSTGRES_URL, make_version, open_db, policy, wait_for
+from harness.fleet_sim import SimDevice
 from shared.manifest import generate_key, save_private_key
-from tests.broker import Broker
-from tests.cloud.fleet_harness import POSTGRES_URL, make_version, open_db, policy, wait_for
-from tests.fleet_sim import SimDevice
 
 ROOT = Path(__file__).resolve().parents[2]
 DEVICES = 20

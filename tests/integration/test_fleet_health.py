@@ -19,7 +19,6 @@ from cloud.artifacts import pack_version
 from cloud.settings import CloudSettings
 from cloud.worker import CloudWorker
 from edge.agent import control_file_path
-from edge.control_file import ControlFile
 from edge.fleet_agent import FleetAgent
 from edge.fleet_health import (
     FileShadowRates,
@@ -29,11 +28,13 @@ from edge.fleet_health import (
 )
 from edge.fleet_target import ControlFileTarget
 from edge.health import HealthCounters
-from edge.settings import RuntimeSettings, load_settings
+from edge.settings import load_settings
+from harness.agent_process import AgentProcess
+from harness.broker import Broker
 from models.digits import load_split
+from serving.control_file import ControlFile
+from serving.settings import RuntimeSettings
 from shared.manifest import generate_key, public_key_text
-from tests.agent_process import AgentProcess
-from tests.broker import Broker
 from tests.conftest import REPOSITORY
 from tests.edge.fleet_support import ArtifactServer, Controller, signed_order
 from tests.integration.fleet_e2e import MODEL, TEACHER, permuted_student, student, wait_for

@@ -27,11 +27,13 @@ from flask.testing import FlaskClient
 
 from cloud.settings import CloudSettings
 from cloud.worker import CloudWorker
-from edge.agent import EdgeAgent, build_app
-from edge.confidence import confidence
-from edge.settings import RuntimeSettings, load_settings
+from edge.agent import EdgeAgent
+from edge.settings import load_settings
+from edge.worker import build_app
+from harness.broker import BROKER_KINDS, Broker
 from models.digits import load_split
-from tests.broker import BROKER_KINDS, Broker
+from serving.confidence import confidence
+from serving.settings import RuntimeSettings
 from tests.conftest import REPOSITORY, ROOT
 
 CPU = ["CPUExecutionProvider"]

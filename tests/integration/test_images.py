@@ -26,13 +26,14 @@ import tritonclient.http as httpclient
 from cloud.settings import CloudSettings
 from cloud.worker import CloudWorker
 from edge.sensors.bridge import SensorBridge
-from edge.settings import RuntimeSettings, load_settings
+from edge.settings import load_settings
+from harness.agent_process import AgentProcess
+from harness.broker import Broker, free_port
+from harness.images import LITE0, LITE2, REPOSITORY, images_built, png_bomb, sample
+from serving.settings import RuntimeSettings
 from shared import topics
 from shared.codec import HEADER_LENGTH_HEADER, encode_request
 from shared.mqtt import Message, MqttClient
-from tests.agent_process import AgentProcess
-from tests.broker import Broker, free_port
-from tests.images import LITE0, LITE2, REPOSITORY, images_built, png_bomb, sample
 
 CPU = ["CPUExecutionProvider"]
 #: Between Lite0's confidence on coffee.png (about 0.95) and on chelsea.png (about 0.40), so

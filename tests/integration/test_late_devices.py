@@ -1,6 +1,6 @@
 """Late devices: 30 % of the fleet is offline when a rollout starts and comes online during
 it. Real Mosquitto (last wills), PostgreSQL, artifact server, registry and controller; the
-fleet is the swarm simulator (tests/fleet_swarm.py) speaking the signed-order protocol."""
+fleet is the swarm simulator (harness/fleet_swarm.py) speaking the signed-order protocol."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import pytest
 
 from cloud.fleet_status import render
 from cloud.rollout import start_rollout
+from harness.broker import Broker
+from harness.fleet import FleetHarness, open_db, policy, wait_for
+from harness.fleet_swarm import Swarm
 from shared.manifest import public_key_text
-from tests.broker import Broker
-from tests.cloud.fleet_harness import FleetHarness, open_db, policy, wait_for
-from tests.fleet_swarm import Swarm
 
 DEVICES = 20
 OFFLINE = 6  # 30 %

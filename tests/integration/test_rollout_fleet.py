@@ -23,14 +23,15 @@ from cloud.rollout import request_abort, start_rollout
 from cloud.settings import CloudSettings
 from cloud.worker import CloudWorker
 from edge.fleet_state import StateStore
-from edge.settings import RuntimeSettings
 from edge.shadow import Teacher, uplink_teacher
 from edge.staging import verify_version
 from edge.uplink import Uplink
+from harness.broker import Broker
+from harness.fleet import BACKENDS, open_db
+from harness.onnx_models import dense_model
 from models.digits import load_split
+from serving.settings import RuntimeSettings
 from shared.manifest import generate_key, public_key_text
-from tests.broker import Broker
-from tests.cloud.fleet_harness import BACKENDS, open_db
 from tests.conftest import REPOSITORY
 from tests.edge.fleet_support import write_repository
 from tests.edge.test_fleet_crash import DeviceProcess
@@ -44,7 +45,6 @@ from tests.integration.fleet_e2e import (
     student,
     wait_for,
 )
-from tests.onnx_models import dense_model
 
 DEVICES = 200
 #: Cumulative waves 1, 10 %, 50 %, 100 % of 200 devices.

@@ -23,11 +23,11 @@ from typing import Any
 
 import pytest
 
+from harness.broker import Broker
+from harness.sensor_stack import BridgeProcess, Collector
 from models.digits import load_split
 from shared.mqtt import MqttClient
-from tests.broker import Broker
 from tests.conftest import REPOSITORY
-from tests.integration.sensor_stack import BridgeProcess, Collector
 
 DEVICE = "hostile-dev"
 GOOD = 2000

@@ -31,10 +31,10 @@ import pytest
 
 from cloud.settings import CloudSettings
 from cloud.worker import CloudWorker
-from edge.settings import RuntimeSettings
+from harness.broker import Broker
 from models.digits import load_split
+from serving.settings import RuntimeSettings
 from shared.mqtt import Message, MqttClient
-from tests.broker import Broker
 from tests.conftest import REPOSITORY, ROOT
 
 DEVICE = "it-dev"

@@ -24,16 +24,16 @@ from pathlib import Path
 
 import pytest
 
-from shared.mqtt import MqttClient
-from tests.broker import Broker
-from tests.conftest import REPOSITORY
-from tests.integration.sensor_stack import (
+from harness.broker import Broker
+from harness.sensor_stack import (
     BridgeProcess,
     CloudWorkerProcess,
     Collector,
     unsure_rows,
     write_cascade_config,
 )
+from shared.mqtt import MqttClient
+from tests.conftest import REPOSITORY
 
 DEVICE = "burst-dev"
 SENSORS = 50

@@ -13,8 +13,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-from tests.agent_process import ROOT, AgentProcess
-from tests.broker import Broker
+from harness.agent_process import ROOT, AgentProcess
+from harness.broker import Broker
 from tests.conftest import REPOSITORY
 
 X = [0, 0, 5, 13, 9, 1, 0, 0, 0, 0, 13, 15, 10, 15, 5, 0] * 4

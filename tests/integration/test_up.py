@@ -27,12 +27,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from edge.confidence import confidence
+from harness.broker import Broker, free_port
+from harness.images import sample
 from models.digits import load_split
+from serving.confidence import confidence
 from shared.mqtt import Message, MqttClient
-from tests.broker import Broker, free_port
 from tests.conftest import REPOSITORY
-from tests.images import sample
 
 pytestmark = pytest.mark.skipif(
     not (REPOSITORY / "digits-teacher" / "1" / "model.onnx").is_file(),

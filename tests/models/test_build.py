@@ -11,8 +11,6 @@ import pytest
 from click.testing import CliRunner
 from pytest_mock import MockerFixture
 
-from edge.model_config import load_model_config
-from edge.runtimes.flops import count_flops
 from models.build import (
     STUDENT_NAME,
     TEACHER_NAME,
@@ -24,6 +22,8 @@ from models.build import (
 from models.cli import models_group
 from models.digits import SplitName, load_split
 from models.training import MLP, TrainConfig, _gradients, softmax, train_mlp
+from serving.model_config import load_model_config
+from serving.runtimes.flops import count_flops
 
 COMMITTED = Path(__file__).resolve().parents[2] / "models" / "repository"
 NAMES = (TEACHER_NAME, STUDENT_NAME)
@@ -265,7 +265,7 @@ def test_serving_imports_do_not_need_sklearn() -> None:
     code = (
         "import sys; sys.modules['sklearn'] = None\n"
         "import models.build, models.cli, models.training, models.onnx_export, models.digits\n"
-        "import edge.runtimes.flops, edge.runtimes.tensorrt, edge.runtimes.tensorrt_engine\n"
+        "import serving.runtimes.flops, serving.runtimes.tensorrt, serving.runtimes.tensorrt_engine\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
 

@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 from pytest_mock import MockerFixture
 
-from edge.downloader import sha256_file
-from edge.model_config import load_model_config
+from harness.images import REPOSITORY, images_built
 from models.efficientnet import (
     LITE0,
     SPECS,
@@ -19,7 +18,8 @@ from models.efficientnet import (
     cache_key,
     weights_path,
 )
-from tests.images import REPOSITORY, images_built
+from serving.model_config import load_model_config
+from shared.hashing import sha256_file
 
 
 @pytest.fixture(scope="module", autouse=True)

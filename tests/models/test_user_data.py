@@ -13,13 +13,13 @@ import pytest
 from click.testing import CliRunner
 
 from edge.settings import load_settings
-from models.calibrate_cli import calibrate_command
+from harness.images import LITE0, LITE2, images_built, sample
 from models.datasets import UNLABELLED, DatasetError, load_dataset
 from models.digits import load_split
 from models.distill import REPORT_FILE, distill_command
 from models.offline import load_model, scores
 from tests.conftest import REPOSITORY
-from tests.images import LITE0, LITE2, images_built, sample
+from tether.calibrate_cli import calibrate_command
 
 
 def _digits_jsonl(path: Path, split: str, labelled: bool = True) -> Path:

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.agent_process import AgentProcess
+from harness.agent_process import AgentProcess
 from tests.conftest import ROOT
 
 TEXT_REPOSITORY = ROOT / "models" / "text-repository"

@@ -8,7 +8,7 @@ from typing import Any
 import openai
 import pytest
 
-from tests.agent_process import AgentProcess
+from harness.agent_process import AgentProcess
 from tests.openai.conftest import http, text_model_dir
 
 MESSAGES = [{"role": "user", "content": "Name three colours."}]

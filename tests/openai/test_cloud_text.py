@@ -23,10 +23,12 @@ import pytest
 
 from cloud.settings import CloudSettings
 from cloud.worker import CloudWorker
-from edge.runtimes.generation import ChatMessage, GenerationEvent, GenerationRequest, TextDelta
 from edge.settings import UplinkSettings
 from edge.text_uplink import UplinkText
 from edge.uplink import Uplink
+from harness.agent_process import AgentProcess
+from harness.broker import Broker
+from serving.runtimes.generation import ChatMessage, GenerationEvent, GenerationRequest, TextDelta
 from shared import topics
 from shared.envelopes import (
     GenerationParams,
@@ -38,8 +40,6 @@ from shared.envelopes import (
 )
 from shared.errors import TetherError
 from shared.mqtt import Message, MqttClient
-from tests.agent_process import AgentProcess
-from tests.broker import Broker
 from tests.openai.conftest import TEXT_REPOSITORY, TOKEN, http, linked_repository, text_model_dir
 
 #: Small, so the suite stays quick on a loaded 2-core machine; enough to compare texts.

@@ -9,8 +9,8 @@ import numpy as np
 import openai
 import pytest
 
+from harness.agent_process import AgentProcess
 from models.pypi_weights import package_dir
-from tests.agent_process import AgentProcess
 from tests.openai.conftest import http
 
 TEXTS = [f"sentence number {i}: the {['red', 'green', 'blue'][i % 3]} fox jumps" for i in range(31)]

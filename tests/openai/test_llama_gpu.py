@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 from pytest_mock import MockerFixture
 
-from edge.model_config import load_model_config
-from edge.runtime_options import RuntimeOptions
-from edge.runtimes.llama import LlamaRuntime
+from serving.model_config import load_model_config
+from serving.runtime_options import RuntimeOptions
+from serving.runtimes.llama import LlamaRuntime
 from tests.openai.conftest import text_model_dir
 
 
@@ -42,7 +42,7 @@ def test_layers_go_to_the_gpu_where_the_build_can_take_them(
     provider: str,
 ) -> None:
     mocker.patch("llama_cpp.llama_supports_gpu_offload", return_value=gpu_build)
-    engine = mocker.patch("edge.runtimes.llama_engine.CountingLlama")
+    engine = mocker.patch("serving.runtimes.llama_engine.CountingLlama")
     model = runtime(parameters)
     model.load()
     assert engine.call_args.kwargs["n_gpu_layers"] == layers

@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 from flask.testing import FlaskClient
 
-from edge.agent import build_app
 from edge.settings import load_settings
-from tests.broker import free_port
+from edge.worker import build_app
+from harness.broker import free_port
 from tests.openai.conftest import linked_repository
 
 CHAT = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "temperature": 0}

@@ -31,7 +31,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from cloud.provision import FleetCA, password_line, provision
-from tests.broker import free_port, wait_for_port
+from harness.broker import free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "deploy" / "mosquitto"

@@ -20,14 +20,14 @@ import pytest
 
 from edge.fleet_agent import FleetAgent
 from edge.fleet_target import RepositoryTarget
-from edge.repository import ModelRepository
 from edge.sensors.bridge import client_id_of
 from edge.settings import EdgeSettings, load_settings
+from harness.onnx_models import dense_model
+from serving.repository import ModelRepository
 from shared import topics
 from shared.manifest import generate_key, public_key_text
 from shared.mqtt import Message, MqttClient
 from tests.edge.fleet_support import write_repository
-from tests.onnx_models import dense_model
 from tests.security.secure_broker import Probe, Refused, SecureBroker
 
 pytestmark = pytest.mark.usefixtures("trust_fleet_ca")

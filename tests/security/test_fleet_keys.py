@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from harness.broker import Broker, free_port
 from shared.manifest import generate_key, public_key_text, save_private_key
-from tests.broker import Broker, free_port
 from tests.conftest import ROOT
 
 SECRET = "hunter2-never-logged"

@@ -24,6 +24,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from harness.agent_process import AgentProcess
+from harness.onnx_models import dense_model, write_model
 from shared.codec import (
     OutputRequest,
     TensorLimits,
@@ -36,8 +38,6 @@ from shared.codec import (
 )
 from shared.datatypes import to_numpy_dtype
 from shared.errors import TetherError
-from tests.agent_process import AgentProcess
-from tests.onnx_models import dense_model, write_model
 from tests.security.hostile import MANY, SOME, decodes_or_refuses, random_json
 
 LIMITS = TensorLimits(max_elements=4096, max_inputs=8)

@@ -19,16 +19,17 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from edge.agent import build_app
+from edge.access.guard import Guard, TokenStore, bearer_token
+from edge.access.ratelimit import RateLimiter, Rule
+from edge.access.tokens import TokenEntry, parse_entry, parse_tokens_text
 from edge.fleet_health import first_token
-from edge.http.auth import TokenStore, bearer_token, install_security
-from edge.http.ratelimit import RateLimiter, Rule
-from edge.http.tokens import TokenEntry, parse_entry, parse_tokens_text
+from edge.http.auth import install_security
 from edge.settings import EdgeSettings, is_loopback_host, load_settings
+from edge.worker import build_app
+from harness.agent_process import ROOT, AgentProcess
+from harness.broker import free_port
+from harness.onnx_models import dense_model, write_model
 from shared.errors import TooManyRequests
-from tests.agent_process import ROOT, AgentProcess
-from tests.broker import free_port
-from tests.onnx_models import dense_model, write_model
 from tests.security.secure_broker import Pki
 
 TOKEN = "t0ken-for-the-edge-api-0001"
@@ -50,7 +51,7 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def secured_app(repository: Path, data_dir: Path, **http: object) -> Flask:
     settings = load_settings(None, repository=repository, data_dir=data_dir, http=http)
     app = build_app(settings)
-    install_security(app, settings.http)
+    install_security(app, Guard.from_settings(settings.http))
     return app
 
 

@@ -9,11 +9,11 @@ import pytest
 from flask import Flask
 from jsonschema import Draft202012Validator
 
-from edge.agent import build_app
-from edge.http.auth import PUBLIC_ENDPOINTS
+from edge.access.guard import PUBLIC_ENDPOINTS
 from edge.http.openapi import OPERATIONS, documented_routes, openapi_document
 from edge.settings import load_settings
-from tests.onnx_models import dense_model, write_model
+from edge.worker import build_app
+from harness.onnx_models import dense_model, write_model
 
 DOCUMENTED_METHODS = {"GET", "POST", "PUT", "PATCH", "DELETE"}
 

@@ -31,8 +31,8 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from edge.http.openapi import OPERATIONS
-from tests.agent_process import AgentProcess
-from tests.onnx_models import dense_model, write_model
+from harness.agent_process import AgentProcess
+from harness.onnx_models import dense_model, write_model
 
 TOKEN = "schemathesis-token-000000000001"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -17,8 +17,11 @@ from flask import Flask
 
 from cloud.settings import CloudSettings
 from cloud.worker import CloudWorker
-from edge.agent import EdgeAgent, build_app
-from edge.settings import MqttTlsSettings, RuntimeSettings, load_settings
+from edge.agent import EdgeAgent
+from edge.settings import MqttTlsSettings, load_settings
+from edge.worker import build_app
+from harness.onnx_models import dense_model, write_model
+from serving.settings import RuntimeSettings
 from shared import topics
 from shared.codec import build_request
 from shared.envelopes import InferRequestEnvelope, decode_envelope, frame
@@ -29,7 +32,6 @@ from shared.mqtt import Message, MqttClient, TlsConfig
 from shared.order_signing import sign_order
 from shared.protocol import InferenceRequest
 from tests.edge.fleet_support import next_seq
-from tests.onnx_models import dense_model, write_model
 from tests.security.secure_broker import Pki, SecureBroker
 
 CPU = ["CPUExecutionProvider"]

@@ -26,16 +26,16 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edge.fleet_agent import UNVERIFIED_ORDER, FleetAgent
 from edge.fleet_target import RepositoryTarget
-from edge.repository import ModelRepository
-from edge.runtimes import RuntimeOptions
 from edge.settings import load_settings
+from harness.onnx_models import dense_model
+from serving.repository import ModelRepository
+from serving.runtimes import RuntimeOptions
 from shared import topics
 from shared.fleet import RolloutEvent, RolloutOrder
 from shared.manifest import generate_key, key_id, public_key_text
 from shared.mqtt import Message, MqttClient
 from shared.order_signing import sign_order, signed_bytes
 from tests.edge.fleet_support import next_seq, write_repository
-from tests.onnx_models import dense_model
 from tests.security.secure_broker import SecureBroker
 
 pytestmark = pytest.mark.usefixtures("trust_fleet_ca")

@@ -37,19 +37,20 @@ from cloud.settings import CloudSettings
 from cloud.worker import CloudWorker
 from edge.fleet_agent import FleetAgent
 from edge.fleet_target import RepositoryTarget
-from edge.repository import ModelRepository
-from edge.runtimes import RuntimeOptions
 from edge.sensors.bridge import SensorBridge
-from edge.settings import RuntimeSettings, load_settings
+from edge.settings import load_settings
 from edge.uplink import Uplink
+from harness.broker import Broker
+from harness.onnx_models import dense_model
+from serving.repository import ModelRepository
+from serving.runtimes import RuntimeOptions
+from serving.settings import RuntimeSettings
 from shared.envelopes import unframe
 from shared.errors import TetherError
 from shared.manifest import generate_key, public_key_text
 from shared.mqtt import Message, MqttClient
-from tests.broker import Broker
 from tests.conftest import REPOSITORY
 from tests.edge.fleet_support import write_repository
-from tests.onnx_models import dense_model
 
 DEVICE = "fixture-device"
 CPU = RuntimeSettings(backend="onnxruntime", providers=["CPUExecutionProvider"])

@@ -105,10 +105,9 @@ def devices(url: str, public_key: str, run: str, count: str) -> None:
 
 def controller(url: str, db_url: str, version_dir: str, run: str, count: str) -> None:
     from cloud.artifacts import ArtifactServer, ArtifactStore
-    from cloud.fleet_db import FleetDB
+    from cloud.fleet_db import FleetDB, RolloutPolicy
     from cloud.registry import Registry
     from cloud.rollout import RolloutController, start_rollout
-    from cloud.rollout_policy import RolloutPolicy
     from shared.manifest import generate_key, public_key_text
     from shared.mqtt import MqttClient
 

@@ -30,8 +30,10 @@ import pytest
 
 from cloud.settings import CloudSettings
 from cloud.worker import CloudWorker
-from edge.settings import RuntimeSettings
 from edge.uplink import Uplink
+from harness.broker import Broker
+from harness.fleet import FleetHarness, make_version, open_db, policy, wait_for
+from serving.settings import RuntimeSettings
 from shared import topics
 from shared.codec import decode_request_parts, decode_response_parts
 from shared.envelopes import (
@@ -59,8 +61,6 @@ from shared.manifest import (
 )
 from shared.mqtt import Message, MqttClient
 from shared.protocol import ErrorResponse, InferenceResponse
-from tests.broker import Broker
-from tests.cloud.fleet_harness import FleetHarness, make_version, open_db, policy, wait_for
 from tests.conftest import REPOSITORY
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -434,7 +434,7 @@ def test_devices_of_today_report_to_a_controller_at_1_0_and_refuse_its_unsigned_
     schema one). Upgrade the controller before the devices."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from tests.fleet_sim import SimDevice
+    from harness.fleet_sim import SimDevice
 
     run = uuid.uuid4().hex[:6]
     folder = make_version(tmp_path / "repo", "digits", 2)

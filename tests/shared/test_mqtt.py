@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 import uuid
 
+from harness.broker import Broker
 from shared.mqtt import MqttClient
-from tests.broker import Broker
 
 
 def open_descriptors() -> int:

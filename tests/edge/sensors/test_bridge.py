@@ -18,9 +18,10 @@ import pytest
 from edge.sensors.bridge import SensorBridge, read_stats
 from edge.sensors.processor import Answer
 from edge.sensors.results import Outgoing, Reading
-from edge.settings import RuntimeSettings, load_settings
+from edge.settings import load_settings
+from harness.broker import Broker
+from serving.settings import RuntimeSettings
 from shared.mqtt import Message, MqttClient
-from tests.broker import Broker
 from tests.conftest import REPOSITORY
 
 pytestmark = pytest.mark.skipif(

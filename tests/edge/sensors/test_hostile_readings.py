@@ -29,10 +29,11 @@ from hypothesis import strategies as st
 
 from edge.sensors.bridge import SensorBridge, lane_key
 from edge.sensors.identity import MAX_IDENTITY_CHARS
-from edge.settings import RuntimeSettings, load_settings
+from edge.settings import load_settings
+from harness.broker import free_port
 from models.digits import load_split
+from serving.settings import RuntimeSettings
 from shared.mqtt import Message
-from tests.broker import free_port
 from tests.conftest import REPOSITORY
 
 pytestmark = [

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from edge.sensor_settings import IntakeSettings
 from edge.sensors.database import SensorDatabase
 from edge.sensors.intake import Intake
 from edge.sensors.outbox import Outbox
 from edge.sensors.results import Outgoing
-from edge.sensors.settings import IntakeSettings
 from shared.mqtt import Message
 
 STOP = threading.Event()

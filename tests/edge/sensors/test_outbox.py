@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from edge.sensor_settings import OutboxSettings
 from edge.sensors.outbox import Escalation, Outbox
 from edge.sensors.results import Outgoing
-from edge.sensors.settings import OutboxSettings
 
 
 def result(n: int, size: int = 10) -> Outgoing:

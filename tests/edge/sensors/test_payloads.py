@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from edge.runtimes.base import TensorSpec
 from edge.sensors.identity import MAX_IDENTITY_CHARS, Fields, identify
 from edge.sensors.payloads import ModelInputs, decode_payload
+from serving.runtimes.base import TensorSpec
 from shared.errors import InvalidInput, PayloadTooLarge, Unsupported
 from shared.mqtt import Message
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from edge.runtimes.base import Prediction
 from edge.sensors.results import split_rows
+from serving.runtimes.base import Prediction
 
 
 def cascade(route: str, served_by: str) -> Prediction:
