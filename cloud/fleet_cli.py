@@ -23,9 +23,11 @@ from typing import Any
 
 import click
 
-from cloud.fleet_db import HARDWARE_KEY, FleetDB, RolloutPolicy
+from cloud import fleet_migrate
+from cloud.fleet_db import HARDWARE_KEY, FleetDB, schema_revision
 from cloud.fleet_settings import FleetSettings, load_fleet_settings
 from cloud.provision import provision_command
+from cloud.rollout_policy import RolloutPolicy
 from shared.client_ids import random_client_id
 from shared.errors import TetherError
 from shared.redaction import redact_url
@@ -352,6 +354,40 @@ def devices_command(
         labels = ",".join(f"{k}={v}" for k, v in sorted(d.labels.items()))
         state = "online" if d.online else "offline"
         click.echo(f"{d.device}\t{state}\t{d.hardware}\t{labels}\t{models}")
+
+
+@fleet_group.group("db")
+def db_group() -> None:
+    """The fleet database's schema (every controller also migrates it when it starts)."""
+
+
+@db_group.command("upgrade")
+@click.pass_context
+def db_upgrade_command(ctx: click.Context) -> None:
+    """Migrate the fleet database to this release's schema (Alembic upgrade head)."""
+    settings = _settings(ctx)
+    try:
+        db = _db(settings)  # opening it migrates it
+        revision = db.schema_revision()
+        db.close()
+    except TetherError as exc:
+        raise _fail(exc) from exc
+    click.echo(f"{redact_url(settings.database)}: schema at revision {revision} (head)")
+
+
+@db_group.command("current")
+@click.pass_context
+def db_current_command(ctx: click.Context) -> None:
+    """Show the fleet database's schema revision and this release's (changes nothing)."""
+    settings = _settings(ctx)
+    try:
+        revision = schema_revision(settings.database, prefix=settings.table_prefix)
+    except TetherError as exc:
+        raise _fail(exc) from exc
+    click.echo(
+        f"{redact_url(settings.database)}: schema at revision {revision or 'none'}"
+        f" (this release: {fleet_migrate.head()})"
+    )
 
 
 @fleet_group.group("rollout")

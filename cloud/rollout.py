@@ -63,11 +63,11 @@ from cloud.fleet_db import (
     FleetDB,
     LeaseTerm,
     RolloutDevice,
-    RolloutPolicy,
     RolloutRecord,
 )
 from cloud.leadership import Leadership
 from cloud.rollout_policy import (
+    RolloutPolicy,
     allowed_failures,
     failure_budget,
     health_verdict,

@@ -6,13 +6,54 @@ Pure functions, so the controller's decisions can be tested without a broker.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
-from cloud.fleet_db import RolloutPolicy
 from shared.errors import InvalidInput
 from shared.fleet import HealthReport
 from shared.health_gate import HealthThresholds, health_gate
+
+
+@dataclass
+class RolloutPolicy:
+    """A rollout's waves and health gate (see docs/rollouts.md)."""
+
+    waves: list[str]
+    window_s: float = 60.0
+    max_failure: str = "5%"
+    max_error_rate: float | None = 0.02
+    max_p99_ratio: float | None = 1.5
+    max_agreement_drop: float | None = 0.05
+    device_timeout_s: float = 120.0
+    shadow_sample_rate: float = 0.1
+    #: The target set stays open this long after the start: a device offline until then
+    #: gets its wave's order when it comes online (then it is marked ``missed``).
+    until_s: float = 86400.0
+    #: ``max_failure`` stops the rollout only once this many devices finished installing
+    #: (committed or failed), so one early failure among few is not a verdict.
+    min_executed: int = 0
+    #: At most this many devices ordered per minute, paced evenly (``None``: no limit),
+    #: multiplied by ``rate_growth`` after every ``growth_every`` committed devices.
+    rate_per_minute: float | None = None
+    rate_growth: float = 1.0
+    growth_every: int = 0
+    #: The health gate judges a wave only on evidence: at least this many requests over
+    #: its committed devices' reports, and (when shadow agreement is checked and sampled)
+    #: this many shadow samples; fewer fail the wave, never pass it.
+    min_requests: int = 1
+    min_shadow_samples: int = 1
+    #: ... and this many shadow samples of the previous version behind the baseline
+    #: agreement (``baseline_shadow_samples``; a report without it counts none).
+    min_baseline_samples: int = 1
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> RolloutPolicy:
+        return cls(**json.loads(text))
 
 
 def parse_count(text: str, total: int) -> int:

@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 
 from cloud.artifacts import ArtifactServer, ArtifactStore
-from cloud.fleet_db import FleetDB, RolloutPolicy
+from cloud.fleet_db import FleetDB
 from cloud.registry import Registry
 from cloud.rollout import RolloutController
+from cloud.rollout_policy import RolloutPolicy
 from harness.fleet_sim import Behaviour, SimDevice
 from shared.errors import Unavailable
 from shared.manifest import SignedManifest, generate_key

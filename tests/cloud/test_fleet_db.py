@@ -221,6 +221,12 @@ def test_fleet_sized_batches_keep_every_device_and_the_order_of_its_reports(
     assert len(db.committed_health("r1", 0)) == 0  # committed, but no health reported
 
 
+def test_of_one_device_s_statuses_in_one_batch_the_last_wins(db: FleetDB) -> None:
+    db.upsert_devices([("d1", status(site="a"), 1.0), ("d1", status(site="b"), 2.0)])
+    d1 = db.get_device("d1")
+    assert d1 is not None and d1.labels == {"site": "b"} and d1.last_seen == 2.0
+
+
 def test_a_hardware_selector_matches_the_reported_hardware(db: FleetDB) -> None:
     db.upsert_device("jetson", status(site="a"), 1.0)
     other = status(site="a").model_copy(update={"hardware": "cpu"})

@@ -21,7 +21,7 @@ def test_empty_fleet_says_how_to_start(tmp_path: Path) -> None:
 
 
 def _fleet(tmp_path: Path) -> FleetDB:
-    from cloud.fleet_db import RolloutPolicy
+    from cloud.rollout_policy import RolloutPolicy
     from shared.fleet import DeviceStatus
 
     db = FleetDB(f"sqlite:///{tmp_path / 'fleet.db'}")

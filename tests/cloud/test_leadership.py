@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from cloud.fleet_db import RolloutPolicy
 from cloud.leadership import Leadership
+from cloud.rollout_policy import RolloutPolicy
 from harness.fleet import BACKENDS, open_db
 
 

@@ -8,8 +8,13 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from cloud.fleet_db import FleetDB, RolloutPolicy
-from cloud.rollout_policy import failure_budget, health_verdict, order_allowance
+from cloud.fleet_db import FleetDB
+from cloud.rollout_policy import (
+    RolloutPolicy,
+    failure_budget,
+    health_verdict,
+    order_allowance,
+)
 from harness.fleet import make_version
 from shared.fleet import DeviceStatus, HealthReport
 from tether.cli import cli

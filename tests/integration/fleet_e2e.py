@@ -34,9 +34,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from onnx import TensorProto, helper, numpy_helper
 
 from cloud.artifacts import ArtifactServer, ArtifactStore
-from cloud.fleet_db import FleetDB, RolloutPolicy
+from cloud.fleet_db import FleetDB
 from cloud.registry import PublishOptions, Registry
 from cloud.rollout import RolloutController, start_rollout
+from cloud.rollout_policy import RolloutPolicy
 from edge.fleet.agent import FleetAgent
 from edge.fleet.target import RepositoryTarget
 from edge.health import HealthRecorder

@@ -29,9 +29,10 @@ import numpy as np
 import orjson
 
 from cloud.artifacts import ArtifactServer, ArtifactStore
-from cloud.fleet_db import FleetDB, RolloutPolicy
+from cloud.fleet_db import FleetDB
 from cloud.registry import PublishOptions, Registry
 from cloud.rollout import RolloutController, request_abort, start_rollout
+from cloud.rollout_policy import RolloutPolicy
 from cloud.settings import CloudSettings
 from cloud.worker import CloudWorker
 from edge.fleet.agent import FleetAgent

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cloud.fleet_db import RolloutPolicy
-from cloud.rollout_policy import health_verdict
+from cloud.rollout_policy import RolloutPolicy, health_verdict
 from edge.fleet.context import FleetContext
 from edge.fleet.health_window import HealthWindow
 from edge.fleet.state import ModelState
