@@ -133,6 +133,17 @@ class CloudSettings(BaseSettings):
     )
     batching: BatchingSettings = Field(default_factory=BatchingSettings)
     worker_threads: int = Field(2, ge=1, le=256, description="Threads that run batches.")
+    inline_max_compute_ms: float = Field(
+        1.0,
+        ge=0,
+        description=(
+            "A request for a model whose recent batch-1 compute is under this many ms runs at "
+            "once on the MQTT network thread when the worker threads are idle, nothing is "
+            "queued and the model is not batched (no hand-off between threads: the lowest "
+            "latency at low load); 0 turns it off. Under load requests queue for the worker "
+            "threads."
+        ),
+    )
     queue_limit: int = Field(
         256, ge=1, description="Requests waiting over all models before answering 503."
     )

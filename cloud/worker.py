@@ -134,6 +134,10 @@ class CloudWorker:
         self._barriers: dict[bytes, threading.Event] = {}
         self._unanswered: list[Delivery] = []
         self._lock = threading.Lock()
+        #: Worker threads running a batch now (an inline run waits for none of them).
+        self._busy = 0
+        #: Recent compute of one request per model (ms, moving average): inline or not.
+        self._compute_ms: dict[str, float] = {}
         self._started = False
         self._stopped = threading.Event()
 
@@ -299,11 +303,27 @@ class CloudWorker:
         if job.expired(arrived):
             self._expire(job)
             return
+        if self._inline(model):
+            self._run(Batch(jobs=[job], formed=time.monotonic()))
+            return
         try:
             self.batcher.put(job)
         except TetherError as exc:
             self._done(request)
             self._fail_unqueued(key, model, envelope.request_id, address, exc)
+
+    def _inline(self, model: str) -> bool:
+        """Whether to run a request for ``model`` here, on the network thread: only while
+        nothing waits and no worker thread runs (so it delays nobody), for a model whose
+        recent compute is short (so the network thread is back at once) and that is not
+        batched (a batched model waits for company, as its policy asks). It saves two
+        hand-offs between threads, which at low load are most of the worker's latency."""
+        limit = self.settings.inline_max_compute_ms
+        if limit <= 0 or self._busy or len(self.batcher):
+            return False
+        if self._batch_policy(model).max_batch_size > 0:
+            return False
+        return self._compute_ms.get(model, limit) < limit
 
     def _accept_text(
         self,
@@ -422,7 +442,13 @@ class CloudWorker:
                 for job in batch.expired:
                     self._expire(job)
                 if batch.jobs:
-                    self._run(batch)
+                    with self._lock:
+                        self._busy += 1
+                    try:
+                        self._run(batch)
+                    finally:
+                        with self._lock:
+                            self._busy -= 1
             except Exception:  # a bug must not take a worker thread down
                 log.exception("worker thread failed on a batch")
 
@@ -523,6 +549,9 @@ class CloudWorker:
         m.compute_time.labels(runtime.name, prediction.model_version).observe(
             prediction.compute_ms / 1000.0
         )
+        if requests == 1:  # what one request costs: decides whether it may run inline
+            last = self._compute_ms.get(runtime.name, prediction.compute_ms)
+            self._compute_ms[runtime.name] = 0.8 * last + 0.2 * prediction.compute_ms
         m.batch_size.labels(runtime.name).observe(rows)
         m.batch_requests.labels(runtime.name).observe(requests)
 

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import os
 import uuid
+from typing import Any
+
+import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from harness.broker import Broker
-from shared.mqtt import MqttClient
+from shared.mqtt import MqttClient, PackedPublishProperties
 
 
 def open_descriptors() -> int:
@@ -35,3 +40,35 @@ def test_a_client_started_again_connects(broker: Broker) -> None:
         assert client.connected
         client.stop()
         assert not client.connected
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        {"response_topic": "tether/reply/dev-1/c-1", "correlation_data": b"\x00\xffid"},
+        {"expiry_s": 70_000, "content_type": "image/jpeg"},
+        {"user_properties": {"k": "v", "ümlaut": "ß" * 300}, "correlation_data": b"x" * 200},
+        {"response_topic": "r", "correlation_data": b"c", "expiry_s": 1, "content_type": "t",
+         "user_properties": {"a": "b"}},
+    ],
+)  # fmt: skip
+def test_packed_publish_properties_read_back_as_paho_writes_them(given: dict[str, Any]) -> None:
+    """What Tether packs itself, paho's own parser reads as the properties that were meant."""
+    packed = PackedPublishProperties(**given).pack()
+    parsed = Properties(PacketTypes.PUBLISH)
+    _props, length = parsed.unpack(packed + b"payload")
+    assert length == len(packed)
+    expected = Properties(PacketTypes.PUBLISH)
+    names = {
+        "response_topic": "ResponseTopic",
+        "correlation_data": "CorrelationData",
+        "expiry_s": "MessageExpiryInterval",
+        "content_type": "ContentType",
+    }
+    for key, value in given.items():
+        if key == "user_properties":
+            expected.UserProperty = list(value.items())
+        else:
+            setattr(expected, names[key], value)
+    assert str(parsed) == str(expected)
+    assert packed == expected.pack()  # byte for byte what paho would have sent
