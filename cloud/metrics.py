@@ -21,7 +21,9 @@ from prometheus_client import (
     start_http_server,
 )
 
+from serving.accounting import Answered
 from serving.metrics import LATENCY_BUCKETS  # one latency scale for edge and cloud
+from shared.errors import TetherError
 
 disable_created_metrics()
 
@@ -91,6 +93,25 @@ class CloudMetrics:
             ["model", "version", "provider"],
             registry=r,
         )
+
+    # ------------------------------------------------------------ the data plane's reports
+    # (serving.accounting.DataPlaneMetrics, under the worker's own metric names)
+
+    def record_success(self, answered: Answered) -> None:
+        self.requests.labels(answered.model, answered.version).inc()
+
+    def record_failure(self, model: str, version: str | None, error: TetherError) -> None:
+        self.failures.labels(model, error.reason).inc()
+
+    def record_run(
+        self, model: str, version: str, compute_s: float, requests: int, rows: int
+    ) -> None:
+        self.compute_time.labels(model, version).observe(compute_s)
+        self.batch_size.labels(model).observe(rows)
+        self.batch_requests.labels(model).observe(requests)
+
+    def set_model_ready(self, model: str, version: str, provider: str, ready: bool) -> None:
+        self.model_ready.labels(model, version, provider).set(1 if ready else 0)
 
     def sample(self, name: str, **labels: str) -> float:
         """One sample's current value (0 when it has not been recorded yet)."""

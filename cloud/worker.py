@@ -8,14 +8,18 @@ with the requester's correlation data, at the QoS the request arrived with (the 
 uplink sends QoS 0: its own deadlines and retries, and this worker's de-duplication, do
 what QoS 1 would, without the PUBACKs that stall on a broker with Nagle's algorithm on).
 
-The MQTT handler (paho's network thread) only decodes the envelope, checks deadline,
-duplicate and model, and queues the request; worker threads take batches from the
-:class:`~cloud.batcher.DynamicBatcher`, decode and validate the tensors, run the model
-once per batch and publish one reply per request. The device id comes from the topic the
-broker authorised, never from the payload (a ``device`` field there is ignored), and a
-reply goes only to a response topic inside that device's own reply namespace
-(``tether/<device>/cloud/replies/<client>``), so one device cannot make the worker
-publish into another's.
+The worker is a transport over the same :class:`~serving.dataplane.DataPlane` as the
+device. The MQTT handler (paho's network thread) only decodes the envelope, checks
+deadline, duplicate and model, and queues the request; worker threads take batches from
+the :class:`~cloud.batcher.DynamicBatcher`, decode the tensors, hand them to
+:meth:`~serving.dataplane.DataPlane.infer_batch` (which validates, runs the batch once,
+splits it back and counts it in :class:`~cloud.metrics.CloudMetrics`) and publish one
+reply per request.
+
+The device id comes from the topic the broker authorised, never from the payload (a
+``device`` field there is ignored), and a reply goes only to a response topic inside that
+device's own reply namespace (``tether/<device>/cloud/replies/<client>``), so one device
+cannot make the worker publish into another's.
 
 Text requests (``/v1`` cloud routes: chat, completions, embeddings) come on the same topics
 as a ``text_request`` envelope; the handler checks them the same way and hands them to
@@ -29,10 +33,8 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable
 from dataclasses import dataclass
-
-import numpy as np
 
 from cloud.admission import Admitted, DeviceAdmission
 from cloud.batcher import Batch, DynamicBatcher, Queued
@@ -40,9 +42,10 @@ from cloud.dedupe import Arrival, Key, ReplyAddress, ReplyCache
 from cloud.metrics import CloudMetrics, MetricsServer
 from cloud.settings import BatchPolicy, CloudSettings
 from cloud.text_serving import TextJob, TextServing
-from serving.dataplane import validate_inputs
+from serving.batching import rows_of_shape
+from serving.dataplane import Batched, DataPlane
 from serving.repository import ModelRepository
-from serving.runtimes import Prediction, Runtime
+from serving.runtimes import Runtime
 from shared import __version__, topics
 from shared.codec import DecodedRequest, TensorLimits, build_response, decode_request_parts
 from shared.envelopes import (
@@ -101,6 +104,8 @@ class CloudWorker:
             settings.repository, settings.runtime_options(), backend=settings.runtime.backend
         )
         self.metrics = metrics or CloudMetrics()
+        #: Validates, runs, splits and counts; the worker keeps transport and batching policy.
+        self.dataplane = DataPlane(self.repository, self.metrics, version=__version__)
         self.limits = TensorLimits(max_elements=settings.max_tensor_elements)
         self.request_filter = topics.cloud_request_filter(settings.share_group)
         self.batcher: DynamicBatcher[CloudRequest] = DynamicBatcher(
@@ -156,7 +161,7 @@ class CloudWorker:
             self.repository.load(name)
         for name in self.settings.text_models:
             self.text.repository.load(name)
-        self._publish_readiness()
+        self.dataplane.publish_readiness(self.text.repository)
         for name in self.settings.models:
             self._policies[name] = self._capped_policy(name)
         if self.settings.metrics_port:
@@ -291,13 +296,15 @@ class CloudWorker:
             )
             return
         try:
-            runtime = self.repository.get(model, envelope.version)
+            runtime = self.dataplane.resolve_for_request(model, envelope.version)
             admitted = self.admission.admit(device, len(message.payload))  # 429 past its share
         except TetherError as exc:
             self._fail_unqueued(key, model, envelope.request_id, address, exc)
             return
         request = CloudRequest(key, device, envelope, tail, runtime, address, admitted)
-        job = Queued(request, model, _batch_key(runtime, envelope), _rows(envelope), arrived)
+        first = envelope.request.inputs
+        rows = rows_of_shape(first[0].shape) if first else 1
+        job = Queued(request, model, _batch_key(runtime, envelope), rows, arrived)
         job.deadline = deadline
         self.metrics.inflight.inc()
         if job.expired(arrived):
@@ -461,7 +468,8 @@ class CloudWorker:
         self._done(request)
 
     def _run(self, batch: Batch[CloudRequest]) -> None:
-        """Decode and validate each request, run the valid ones in one call, reply to each."""
+        """Decode each request, answer the decoded ones through the data plane (validated,
+        run in one call where they allow, split back), reply to each."""
         model = batch.jobs[0].model
         runtime = batch.jobs[0].item.runtime
         ready: list[tuple[Queued[CloudRequest], DecodedRequest]] = []
@@ -471,107 +479,44 @@ class CloudWorker:
                 decoded = decode_request_parts(  # checked against the model first
                     job.item.envelope.request, job.item.tail, self.limits, runtime
                 )
-                _validate(runtime, decoded)
             except TetherError as exc:
                 self._finish_error(job, exc)
                 continue
             ready.append((job, decoded))
         if not ready:
             return
-        try:
-            results = self._predict(runtime, [decoded for _job, decoded in ready])
-        except TetherError as exc:
-            if exc.status < 500 and len(ready) > 1:
-                # one request's bad data (an undecodable image) costs that request only
-                for job, decoded in ready:
-                    self._run_alone(runtime, job, decoded, batch.formed)
-                return
-            for job, _decoded in ready:
-                self._finish_error(job, exc)
-            return
-        except Exception as exc:  # a runtime bug is the request's 500
-            log.exception("model %s failed", model)
-            error = InternalError(f"model {model!r} failed: {type(exc).__name__}")
-            for job, _decoded in ready:
-                self._finish_error(job, error)
-            return
-        rows = sum(_batch_rows(decoded) for _job, decoded in ready)
-        for (job, decoded), (outputs, prediction) in zip(ready, results, strict=True):
-            self._finish_ok(job, decoded, outputs, prediction, batch.formed, rows)
+        answers = self.dataplane.infer_batch(runtime, [decoded for _job, decoded in ready])
+        for (job, decoded), answer in zip(ready, answers, strict=True):
+            if isinstance(answer, TetherError):
+                self._fail(job.item, answer, job.deadline)  # the data plane counted it
+                continue
+            self._observe_run(model, answer)
+            self._finish_ok(job, decoded, answer, batch.formed)
 
-    def _run_alone(
-        self, runtime: Runtime, job: Queued[CloudRequest], decoded: DecodedRequest, formed: float
-    ) -> None:
-        try:
-            [(outputs, prediction)] = self._predict(runtime, [decoded])
-        except TetherError as exc:
-            self._finish_error(job, exc)
-            return
-        except Exception as exc:
-            log.exception("model %s failed", runtime.name)
-            self._finish_error(
-                job, InternalError(f"model {runtime.name!r} failed: {type(exc).__name__}")
-            )
-            return
-        self._finish_ok(job, decoded, outputs, prediction, formed, _batch_rows(decoded))
-
-    def _predict(
-        self, runtime: Runtime, requests: Sequence[DecodedRequest]
-    ) -> list[tuple[dict[str, np.ndarray], Prediction]]:
-        """Run requests in one call when batched; each request's outputs and the run."""
-        wanted = [o.name for o in requests[0].outputs] if requests[0].outputs else None
-        model = runtime.name
-        if len(requests) == 1:
-            prediction = runtime.infer(requests[0].inputs, wanted)
-            self._observe_run(runtime, prediction, 1, _batch_rows(requests[0]))
-            return [(prediction.outputs, prediction)]
-        counts = [_batch_rows(r) for r in requests]
-        total = sum(counts)
-        inputs = {
-            name: np.concatenate([r.inputs[name] for r in requests], axis=0)
-            for name in requests[0].inputs
-        }
-        prediction = runtime.infer(inputs, wanted)
-        if any(a.ndim == 0 or a.shape[0] != total for a in prediction.outputs.values()):
-            log.warning("model %s: outputs are not batch-major; running requests one by one", model)
-            return [self._predict(runtime, [r])[0] for r in requests]
-        self._observe_run(runtime, prediction, len(requests), total)
-        bounds = np.cumsum([0, *counts])
-        return [
-            ({k: v[bounds[i] : bounds[i + 1]] for k, v in prediction.outputs.items()}, prediction)
-            for i in range(len(requests))
-        ]
-
-    def _observe_run(
-        self, runtime: Runtime, prediction: Prediction, requests: int, rows: int
-    ) -> None:
-        m = self.metrics
-        m.compute_time.labels(runtime.name, prediction.model_version).observe(
-            prediction.compute_ms / 1000.0
-        )
-        if requests == 1:  # what one request costs: decides whether it may run inline
-            last = self._compute_ms.get(runtime.name, prediction.compute_ms)
-            self._compute_ms[runtime.name] = 0.8 * last + 0.2 * prediction.compute_ms
-        m.batch_size.labels(runtime.name).observe(rows)
-        m.batch_requests.labels(runtime.name).observe(requests)
+    def _observe_run(self, model: str, answer: Batched) -> None:
+        """Keep the recent compute of one request alone: it decides whether one may run inline."""
+        if answer.requests == 1:
+            compute_ms = answer.prediction.compute_ms
+            last = self._compute_ms.get(model, compute_ms)
+            self._compute_ms[model] = 0.8 * last + 0.2 * compute_ms
 
     def _finish_ok(
         self,
         job: Queued[CloudRequest],
         decoded: DecodedRequest,
-        outputs: Mapping[str, np.ndarray],
-        prediction: Prediction,
+        answer: Batched,
         formed: float,
-        rows: int,
     ) -> None:
         request = job.item
         runtime = request.runtime
+        prediction = answer.prediction
+        rows = answer.rows
         queue_ms = round((formed - job.arrived) * 1000.0, 3)
         compute_ms = round(prediction.compute_ms, 3)
         header, blobs = build_response(
             model_name=prediction.model_name,
             model_version=prediction.model_version,
-            outputs=outputs,
+            outputs=prediction.outputs,
             datatypes={spec.name: spec.datatype for spec in runtime.outputs},
             request_id=decoded.id,
             parameters={
@@ -595,7 +540,6 @@ class CloudWorker:
             response=header,
         )
         payload = frame(envelope.dump(), blobs)
-        self.metrics.requests.labels(job.model, prediction.model_version).inc()
         if self.settings.log_requests:
             with bound_request_id(request.envelope.trace_id or request.request_id):
                 log.info(
@@ -610,7 +554,7 @@ class CloudWorker:
         self._answer(job, payload)
 
     def _finish_error(self, job: Queued[CloudRequest], exc: TetherError) -> None:
-        self.metrics.failures.labels(job.model, exc.reason).inc()
+        self.dataplane.count_failure(job.model, exc)
         self._fail(job.item, exc, job.deadline)
 
     def _fail(self, request: CloudRequest, exc: TetherError, deadline: float | None) -> None:
@@ -666,16 +610,6 @@ class CloudWorker:
             return name
         return UNKNOWN_MODEL
 
-    def _publish_readiness(self) -> None:
-        served = dict(self.repository.served())
-        if self.text.repository is not self.repository:
-            served.update(self.text.repository.served())
-        for name, versions in served.items():
-            for version, runtime in versions.items():
-                self.metrics.model_ready.labels(name, version, runtime.provider).set(
-                    1 if runtime.ready else 0
-                )
-
 
 # ---------------------------------------------------------------------- request facts
 
@@ -708,11 +642,6 @@ def _deadline(
     return min(candidates) if candidates else None
 
 
-def _rows(envelope: InferRequestEnvelope) -> int:
-    inputs = envelope.request.inputs
-    return inputs[0].shape[0] if inputs and inputs[0].shape else 1
-
-
 def _batch_key(runtime: Runtime, envelope: InferRequestEnvelope) -> Hashable | None:
     """What must match for two requests to share one run; ``None`` when it cannot batch."""
     if not runtime.inputs or any(not s.shape or s.shape[0] != -1 for s in runtime.inputs):
@@ -725,22 +654,6 @@ def _batch_key(runtime: Runtime, envelope: InferRequestEnvelope) -> Hashable | N
     )
     outputs = tuple(o.name for o in request.outputs) if request.outputs else None
     return (runtime, inputs, outputs)
-
-
-def _batch_rows(request: DecodedRequest) -> int:
-    for array in request.inputs.values():
-        return int(array.shape[0]) if array.ndim else 1
-    return 1
-
-
-def _validate(runtime: Runtime, request: DecodedRequest) -> None:
-    """The edge data plane's input checks, plus unknown requested outputs."""
-    validate_inputs(runtime, request.inputs, request.datatypes)
-    if request.outputs:
-        known = {spec.name for spec in runtime.outputs}
-        for output in request.outputs:
-            if output.name not in known:
-                raise InvalidInput(f"model {runtime.name!r} has no output {output.name!r}")
 
 
 def _error_payload(request_id: str, exc: TetherError) -> bytes:

@@ -30,6 +30,7 @@ import numpy as np
 from edge.route_modes import ROUTE_MODES
 from edge.settings import RouteSettings
 from edge.uplink import CloudRuntime, Uplink
+from serving.batching import batch_rows
 from serving.confidence import confidence
 from serving.metrics import EdgeMetrics
 from serving.model_config import load_model_config
@@ -159,7 +160,7 @@ class RouteRuntime(Runtime):
             prediction = self.local.infer(inputs, output_names)
         finally:
             self.inflight.leave(key)
-        self.accounting.flops(self.local, _rows(inputs), "edge")
+        self.accounting.flops(self.local, batch_rows(inputs), "edge")
         return prediction
 
     def _run_cloud(
@@ -175,7 +176,7 @@ class RouteRuntime(Runtime):
             prediction = via.escalate(self.cloud, inputs, output_names)
         else:
             prediction = self.cloud.infer(inputs, output_names)
-        self.accounting.flops(self.cloud, _rows(inputs), "cloud")
+        self.accounting.flops(self.cloud, batch_rows(inputs), "cloud")
         return prediction
 
 
@@ -590,12 +591,6 @@ def _merge_rows(
         out[rows] = answer.astype(out.dtype, copy=False)
         merged[name] = out
     return merged
-
-
-def _rows(inputs: Mapping[str, np.ndarray]) -> int:
-    for array in inputs.values():
-        return int(array.shape[0]) if array.ndim else 1
-    return 0
 
 
 def _round(conf: np.ndarray) -> float | list[float]:

@@ -42,11 +42,16 @@ def top1_agreement(local: np.ndarray, teacher: np.ndarray) -> tuple[int, int]:
     return int(flat_local.shape[0]), int(np.sum(flat_local == flat_teacher))
 
 
-def uplink_teacher(uplink: Uplink, cloud_models: Mapping[str, str] | None = None) -> Teacher:
-    """A teacher that asks the cloud through ``uplink`` (``cloud_models`` renames models)."""
+def uplink_teacher(
+    uplink: Uplink, cloud_models: Mapping[str, str] | Callable[[str], str] | None = None
+) -> Teacher:
+    """A teacher that asks the cloud through ``uplink``: the cloud model of the same name,
+    or the one ``cloud_models`` names (a table, or a function of the model's name)."""
+    table = cloud_models if isinstance(cloud_models, Mapping) else {}
+    rename = cloud_models if callable(cloud_models) else None
 
     def ask(model: str, inputs: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
-        name = (cloud_models or {}).get(model, model)
+        name = rename(model) if rename is not None else table.get(model, model)
         return uplink.request(name, inputs).outputs
 
     return ask

@@ -1,18 +1,25 @@
 """The data plane: the one place where inference requests are validated, routed and
-accounted for. Transports (the Flask API, the MQTT sensor bridge) only translate bytes
-to a :class:`~shared.codec.DecodedRequest` and a :class:`Prediction` back to bytes.
+accounted for. Transports (HTTP, gRPC, the MQTT sensor bridge on the device; the cloud
+worker's MQTT transport) only translate bytes to a :class:`~shared.codec.DecodedRequest`
+and a :class:`Prediction` back to bytes.
+
+:meth:`DataPlane.infer` answers one request; :meth:`DataPlane.infer_batch` answers several
+for one runtime in one run (the cloud worker's dynamic batches). Each side counts what
+the data plane reports under its own metric names (:mod:`serving.accounting`).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Generic, TypeVar, cast, overload
 
 import numpy as np
 
+from serving.accounting import Answered, DataPlaneMetrics, ReadinessGauge
+from serving.batching import batch_major, batch_rows, split_outputs, stack_requests
 from serving.metrics import EdgeMetrics
 from serving.repository import ModelRepository
 from serving.runtimes import Prediction, Runtime
@@ -49,23 +56,59 @@ class Observation:
 InferenceObserver = Callable[[Observation], None]
 
 
-class DataPlane:
-    """Validates, runs and accounts for inference requests; answers health and metadata."""
+@dataclass(frozen=True)
+class Batched:
+    """One request's answer from :meth:`DataPlane.infer_batch`, and the run that gave it."""
+
+    prediction: Prediction
+    #: Requests and rows of the runtime call that answered it (1 and its own when alone).
+    requests: int
+    rows: int
+
+
+M = TypeVar("M", bound=DataPlaneMetrics)
+
+
+class DataPlane(Generic[M]):
+    """Validates, runs and accounts for inference requests; answers health and metadata.
+
+    ``metrics`` is the side's own (:class:`~serving.metrics.EdgeMetrics` by default).
+    """
+
+    @overload
+    def __init__(
+        self: DataPlane[EdgeMetrics],
+        repository: ModelRepository,
+        metrics: None = None,
+        *,
+        version: str = "0",
+        resolver: Resolver | None = None,
+    ) -> None: ...
+
+    @overload
+    def __init__(
+        self,
+        repository: ModelRepository,
+        metrics: M,
+        *,
+        version: str = "0",
+        resolver: Resolver | None = None,
+    ) -> None: ...
 
     def __init__(
         self,
         repository: ModelRepository,
-        metrics: EdgeMetrics | None = None,
+        metrics: Any = None,
         *,
         version: str = "0",
         resolver: Resolver | None = None,
     ) -> None:
         self.repository = repository
-        self.metrics = metrics or EdgeMetrics()
+        self.metrics: M = metrics if metrics is not None else cast(M, EdgeMetrics())
         self.version = version
         #: Routing hook: by default every model is served locally from the repository.
         self.resolve: Resolver = resolver or repository.get
-        self._published: dict[tuple[str, str], str] = {}
+        self.readiness = ReadinessGauge(self.metrics)
         #: Hooks that see each inference after it ran (see :class:`Observation`).
         self.observers: list[InferenceObserver] = []
 
@@ -109,44 +152,125 @@ class DataPlane:
         ``runtime`` is the already resolved runtime, when the transport resolved it first.
         """
         started = time.perf_counter() if started is None else started
-        metrics = self.metrics
         try:
             if runtime is None:
                 self.repository.sync()
                 runtime = self.resolve(name, version)
-            validate_inputs(runtime, request.inputs, request.datatypes)
-            wanted = [o.name for o in request.outputs] if request.outputs else None
-            if wanted:
-                known = {spec.name for spec in runtime.outputs}
-                unknown = [n for n in wanted if n not in known]
-                if unknown:
-                    raise InvalidInput(f"model {name!r} has no output {unknown[0]!r}")
-            prediction = runtime.infer(request.inputs, wanted)
+            check_request(runtime, request)
+            prediction = runtime.infer(request.inputs, _wanted(request))
         except TetherError as exc:
-            self.count_failure(name, exc)
-            if runtime is not None and exc.status >= 500:
-                metrics.version_errors.labels(name, runtime.version).inc()
-            if self.observers:
-                self._observe(name, runtime, request, None, exc, started)
+            self._failed(name, runtime, request, exc, started)
             raise
         except Exception:
-            metrics.failures.labels(name, "internal").inc()
-            if runtime is not None:
-                metrics.version_errors.labels(name, runtime.version).inc()
-            if self.observers:
-                self._observe(name, runtime, request, None, InternalError("internal"), started)
+            self._failed(name, runtime, request, InternalError("internal"), started)
             raise
+        rows = batch_rows(request.inputs)
+        self.metrics.record_run(
+            name, prediction.model_version, prediction.compute_ms / 1e3, 1, rows
+        )
+        return self._answered(name, runtime, request, prediction, rows, started)
+
+    def infer_batch(
+        self, runtime: Runtime, requests: Sequence[DecodedRequest]
+    ) -> list[Batched | TetherError]:
+        """Answer several requests for one runtime, in one run where they allow: each
+        request's answer, or the error that failed it, in the order of ``requests``.
+
+        Each request is validated on its own; the valid ones that want the same outputs
+        are stacked along the batch dimension and run once, and the outputs are split
+        back. One request's bad data costs that request only: when the stacked run fails
+        with a client error (an undecodable image), or the model's outputs are not
+        batch-major, the requests run one by one.
+        """
+        started = time.perf_counter()
+        name = runtime.name
+        answers: list[Batched | TetherError | None] = [None] * len(requests)
+        valid: list[int] = []
+        for index, request in enumerate(requests):
+            try:
+                check_request(runtime, request)
+            except TetherError as exc:
+                answers[index] = self._failed(name, runtime, request, exc, started)
+                continue
+            valid.append(index)
+        wanted = _wanted(requests[valid[0]]) if valid else None
+        if any(_wanted(requests[i]) != wanted for i in valid):
+            together: list[Batched | TetherError] = []
+            for index in valid:
+                together += self._run_together(runtime, [requests[index]], started)
+        else:
+            together = self._run_together(runtime, [requests[i] for i in valid], started)
+        for index, answer in zip(valid, together, strict=True):
+            answers[index] = answer
+        done = [answer for answer in answers if answer is not None]
+        assert len(done) == len(requests)
+        return done
+
+    def _run_together(
+        self, runtime: Runtime, requests: Sequence[DecodedRequest], started: float
+    ) -> list[Batched | TetherError]:
+        """Valid requests that want the same outputs, run in one call (see infer_batch)."""
+        if not requests:
+            return []
+        name = runtime.name
+        counts = [batch_rows(r.inputs) for r in requests]
+        try:
+            stacked = stack_requests(requests) if len(requests) > 1 else requests[0]
+            prediction = runtime.infer(stacked.inputs, _wanted(requests[0]))
+        except TetherError as exc:
+            if exc.status < 500 and len(requests) > 1:
+                return self._one_by_one(runtime, requests, started)
+            return [self._failed(name, runtime, r, exc, started) for r in requests]
+        except Exception as exc:  # a runtime bug is each request's 500
+            log.exception("model %s failed", name)
+            error = InternalError(f"model {name!r} failed: {type(exc).__name__}")
+            return [self._failed(name, runtime, r, error, started) for r in requests]
+        rows = sum(counts)
+        if len(requests) > 1 and not batch_major(prediction.outputs, rows):
+            log.warning("model %s: outputs are not batch-major; running requests one by one", name)
+            return self._one_by_one(runtime, requests, started)
+        compute_s = prediction.compute_ms / 1e3
+        self.metrics.record_run(name, prediction.model_version, compute_s, len(requests), rows)
+        if len(requests) == 1:
+            parts = [prediction]
+        else:
+            parts = [
+                replace(prediction, outputs=outputs, parameters=dict(prediction.parameters))
+                for outputs in split_outputs(prediction.outputs, counts)
+            ]
+        return [
+            Batched(self._answered(name, runtime, r, part, n, started), len(requests), rows)
+            for r, part, n in zip(requests, parts, counts, strict=True)
+        ]
+
+    def _one_by_one(
+        self, runtime: Runtime, requests: Sequence[DecodedRequest], started: float
+    ) -> list[Batched | TetherError]:
+        return [answer for r in requests for answer in self._run_together(runtime, [r], started)]
+
+    def _answered(
+        self,
+        name: str,
+        runtime: Runtime,
+        request: DecodedRequest,
+        prediction: Prediction,
+        rows: int,
+        started: float,
+    ) -> Prediction:
+        """Count an answered request and stamp its timings and provenance."""
         elapsed = time.perf_counter() - started
         route = str(prediction.parameters.get("route", "local"))
-        flops = runtime.flops * _batch_size(request.inputs) if runtime.flops else 0
-        metrics.record_success(
-            name,
-            prediction.model_version,
-            prediction.served_by,
-            route,
-            elapsed,
-            prediction.compute_ms / 1000.0,
-            flops,
+        flops = runtime.flops * rows if runtime.flops else 0
+        self.metrics.record_success(
+            Answered(
+                name,
+                prediction.model_version,
+                prediction.served_by,
+                route,
+                elapsed,
+                prediction.compute_ms / 1000.0,
+                flops,
+            )
         )
         params = prediction.parameters
         params.setdefault("served_by", prediction.served_by)
@@ -158,6 +282,20 @@ class DataPlane:
         if self.observers:
             self._observe(name, runtime, request, prediction, None, started)
         return prediction
+
+    def _failed(
+        self,
+        name: str,
+        runtime: Runtime | None,
+        request: DecodedRequest,
+        error: TetherError,
+        started: float,
+    ) -> TetherError:
+        """Count a failed request (against the version chosen for it) and tell observers."""
+        self.metrics.record_failure(name, runtime.version if runtime is not None else None, error)
+        if self.observers:
+            self._observe(name, runtime, request, None, error, started)
+        return error
 
     def _observe(
         self,
@@ -185,7 +323,7 @@ class DataPlane:
 
     def count_failure(self, name: str, exc: TetherError) -> None:
         """Count a failed request (also used by transports for bodies they cannot decode)."""
-        self.metrics.failures.labels(name, exc.reason).inc()
+        self.metrics.record_failure(name, None, exc)
 
     # ------------------------------------------------------------------ repository
 
@@ -201,25 +339,10 @@ class DataPlane:
         self.repository.unload(name)
         self.publish_readiness()
 
-    def publish_readiness(self) -> None:
-        """Set the ``tether_model_ready`` gauge from what this process serves."""
-        current: dict[tuple[str, str], str] = {}
-        for name, versions in self.repository.served().items():
-            for version, runtime in versions.items():
-                current[(name, version)] = runtime.provider
-                self.metrics.model_ready.labels(name, version, runtime.provider).set(
-                    1 if runtime.ready else 0
-                )
-        for (name, version), provider in self._published.items():
-            if (name, version) not in current:
-                self.metrics.model_ready.labels(name, version, provider).set(0)
-        self._published = current
-
-
-def _batch_size(inputs: Mapping[str, np.ndarray]) -> int:
-    for array in inputs.values():
-        return int(array.shape[0]) if array.ndim else 1
-    return 1
+    def publish_readiness(self, *others: ModelRepository) -> None:
+        """Set the model-ready gauge from what this process serves (its repository, and
+        ``others`` it also serves from, such as the cloud worker's text models)."""
+        self.readiness.publish([self.repository, *others])
 
 
 def validate_inputs(
@@ -235,3 +358,18 @@ def validate_inputs(
                 f"input {spec.name!r} contains NaN or infinite values, which model "
                 f"{runtime.name!r} cannot take"
             )
+
+
+def check_request(runtime: Runtime, request: DecodedRequest) -> None:
+    """:func:`validate_inputs`, and that every output the request asks for exists."""
+    validate_inputs(runtime, request.inputs, request.datatypes)
+    if request.outputs:
+        known = {spec.name for spec in runtime.outputs}
+        for output in request.outputs:
+            if output.name not in known:
+                raise InvalidInput(f"model {runtime.name!r} has no output {output.name!r}")
+
+
+def _wanted(request: DecodedRequest) -> list[str] | None:
+    """The outputs a request asks for by name (``None``: all of them)."""
+    return [o.name for o in request.outputs] if request.outputs else None

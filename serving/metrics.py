@@ -24,6 +24,9 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from serving.accounting import Answered
+from shared.errors import TetherError
+
 disable_created_metrics()
 
 LATENCY_BUCKETS = (
@@ -33,7 +36,8 @@ LATENCY_BUCKETS = (
 
 
 class EdgeMetrics:
-    """Every metric the agent exports, registered in a registry of its own."""
+    """Every metric the agent exports, registered in a registry of its own (the data
+    plane reports to it as a :class:`serving.accounting.DataPlaneMetrics`)."""
 
     def __init__(self, multiprocess_dir: Path | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -141,22 +145,14 @@ class EdgeMetrics:
         )
         self.registry.register(OffloadRatioCollector(self.requests))
 
-    def record_success(
-        self,
-        model: str,
-        version: str,
-        served_by: str,
-        route: str,
-        request_s: float,
-        compute_s: float,
-        flops: int,
-    ) -> None:
+    def record_success(self, answered: Answered) -> None:
         """Count one answered request (label children are cached: this is the hot path)."""
-        key = (model, version, served_by, route)
+        model, version, served_by = answered.model, answered.version, answered.served_by
+        key = (model, version, served_by, answered.route)
         children = self._children.get(key)
         if children is None:
             children = (
-                self.requests.labels(model, version, served_by, route),
+                self.requests.labels(*key),
                 self.request_duration.labels(model, version),
                 self.compute_duration.labels(model, version, served_by),
                 self.inference_flops.labels(served_by),
@@ -164,10 +160,24 @@ class EdgeMetrics:
             self._children[key] = children
         requests, request_duration, compute_duration, inference_flops = children
         requests.inc()
-        request_duration.observe(request_s)
-        compute_duration.observe(compute_s)
-        if flops:
-            inference_flops.inc(flops)
+        request_duration.observe(answered.request_s)
+        compute_duration.observe(answered.compute_s)
+        if answered.flops:
+            inference_flops.inc(answered.flops)
+
+    def record_failure(self, model: str, version: str | None, error: TetherError) -> None:
+        """Count one failed request; a server-side one also against the version chosen."""
+        self.failures.labels(model, error.reason).inc()
+        if version is not None and error.status >= 500:
+            self.version_errors.labels(model, version).inc()
+
+    def record_run(
+        self, model: str, version: str, compute_s: float, requests: int, rows: int
+    ) -> None:
+        """Nothing per run: the agent's compute histogram is per request (record_success)."""
+
+    def set_model_ready(self, model: str, version: str, provider: str, ready: bool) -> None:
+        self.model_ready.labels(model, version, provider).set(1 if ready else 0)
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type, merged over worker processes."""

@@ -31,17 +31,15 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
 from edge.access.tokens import ADMIN, read_tokens_file, token_with_scope
 from edge.health import LATENCY_BOUNDS_MS, HealthCounters
 from edge.settings import EdgeSettings
-from edge.shadow import ShadowRates, ShadowSampler, Teacher
+from edge.shadow import ShadowRates, ShadowSampler, Teacher, uplink_teacher
 from serving.metrics import EdgeMetrics
 from serving.model_config import load_model_config
 from shared.errors import TetherError
@@ -161,7 +159,7 @@ def teacher_through(uplink: Uplink | None, root: Path) -> Teacher | None:
         return None
     names: dict[str, str] = {}
 
-    def ask(model: str, inputs: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+    def configured(model: str) -> str:
         name = names.get(model)
         if name is None:
             try:
@@ -169,9 +167,9 @@ def teacher_through(uplink: Uplink | None, root: Path) -> Teacher | None:
             except (OSError, TetherError, ValueError):
                 name = model
             names[model] = name
-        return uplink.request(name, inputs).outputs
+        return name
 
-    return ask
+    return uplink_teacher(uplink, configured)
 
 
 def install_worker_health(

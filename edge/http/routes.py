@@ -9,6 +9,7 @@ from edge.http.auth import requires
 from edge.http.inference import infer_body
 from edge.http.responses import json_response, tensor_response
 from serving.dataplane import DataPlane
+from serving.metrics import EdgeMetrics
 
 DATAPLANE_KEY = "tether.dataplane"
 LIMITS_KEY = "tether.limits"
@@ -16,8 +17,8 @@ LIMITS_KEY = "tether.limits"
 v2 = Blueprint("v2", __name__)
 
 
-def _dataplane() -> DataPlane:
-    plane: DataPlane = current_app.extensions[DATAPLANE_KEY]
+def _dataplane() -> DataPlane[EdgeMetrics]:
+    plane: DataPlane[EdgeMetrics] = current_app.extensions[DATAPLANE_KEY]
     return plane
 
 

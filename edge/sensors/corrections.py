@@ -17,13 +17,13 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import numpy as np
 import orjson
 
 from edge.sensors.outbox import Outbox, StoredEscalation
 from edge.sensors.publisher import ResultPublisher
 from edge.sensors.results import Outgoing, result_payload
 from edge.uplink import Uplink
+from serving.batching import batch_rows, split_outputs, stack_requests
 from serving.dataplane import DataPlane
 from serving.runtimes.base import Runtime
 from shared.codec import DecodedRequest, decode_request
@@ -110,15 +110,11 @@ class CorrectionSender:
     def _corrections(
         self, cloud: Runtime, chunk: list[tuple[StoredEscalation, DecodedRequest]]
     ) -> list[Outgoing]:
-        names = list(chunk[0][1].inputs)
-        inputs = {n: np.concatenate([request.inputs[n] for _, request in chunk]) for n in names}
-        prediction = cloud.infer(inputs, None)
+        requests = [request for _, request in chunk]
+        prediction = cloud.infer(stack_requests(requests).inputs, None)
+        parts = split_outputs(prediction.outputs, [batch_rows(r.inputs) for r in requests])
         corrections: list[Outgoing] = []
-        start = 0
-        for item, request in chunk:
-            rows = _rows(request)
-            outputs = {k: v[start : start + rows] for k, v in prediction.outputs.items()}
-            start += rows
+        for (item, _request), outputs in zip(chunk, parts, strict=True):
             params = dict(prediction.parameters)
             params.update(route="escalated", corrects="degraded")
             esc = item.escalation
@@ -153,11 +149,6 @@ class CorrectionSender:
         return True
 
 
-def _rows(request: DecodedRequest) -> int:
-    array = next(iter(request.inputs.values()))
-    return int(array.shape[0]) if array.ndim else 1
-
-
 def _by_rows(
     items: list[tuple[StoredEscalation, DecodedRequest]], max_rows: int
 ) -> list[list[tuple[StoredEscalation, DecodedRequest]]]:
@@ -165,7 +156,7 @@ def _by_rows(
     chunks: list[list[tuple[StoredEscalation, DecodedRequest]]] = []
     rows = 0
     for item in items:
-        n = _rows(item[1])
+        n = batch_rows(item[1].inputs)
         if chunks and (max_rows <= 0 or rows + n <= max_rows):
             chunks[-1].append(item)
             rows += n

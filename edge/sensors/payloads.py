@@ -29,6 +29,7 @@ import orjson
 
 from edge.sensor_settings import PayloadFormatName
 from edge.sensors.identity import Fields, add_parameters, fields_of
+from serving.batching import batch_rows
 from serving.runtimes.base import TensorSpec
 from shared.codec import DecodedRequest, TensorLimits, decode_request_parts
 from shared.datatypes import to_numpy_dtype
@@ -58,9 +59,7 @@ class DecodedReading:
 
     @property
     def rows(self) -> int:
-        for array in self.request.inputs.values():
-            return int(array.shape[0]) if array.ndim else 1
-        return 0
+        return batch_rows(self.request.inputs)
 
 
 Decoder = Callable[[bytes, ModelInputs, TensorLimits | None], DecodedReading]

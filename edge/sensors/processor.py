@@ -15,7 +15,6 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
 import orjson
 
 from edge.sensor_settings import SensorSettings
@@ -31,9 +30,10 @@ from edge.sensors.results import (
     result_message,
     split_rows,
 )
+from serving.batching import stack_requests
 from serving.dataplane import DataPlane
 from serving.runtimes.base import Runtime
-from shared.codec import DecodedRequest, encode_request
+from shared.codec import encode_request
 from shared.errors import InternalError, InvalidInput, TetherError
 
 log = logging.getLogger(__name__)
@@ -135,7 +135,7 @@ class BatchProcessor:
         binding = chunk[0].binding
         requests = [r.decoded.request for r in chunk if r.decoded is not None]
         try:
-            request = _concat(requests) if len(requests) > 1 else requests[0]
+            request = stack_requests(requests) if len(requests) > 1 else requests[0]
             prediction = self.dataplane.infer(binding.model, binding.version, request)
         except Exception as exc:
             if len(chunk) > 1:  # find the reading at fault; the others still get answers
@@ -216,17 +216,3 @@ def _chunks(readings: list[Reading], max_rows: int) -> list[list[Reading]]:
     if current:
         chunks.append(current)
     return chunks
-
-
-def _concat(requests: list[DecodedRequest]) -> DecodedRequest:
-    """One request whose inputs are the requests' inputs stacked along the batch."""
-    first = requests[0]
-    names = list(first.inputs)
-    for other in requests[1:]:
-        if list(other.inputs) != names or other.datatypes != first.datatypes:
-            raise InvalidInput("readings of one batch differ in inputs or datatypes")
-    try:
-        inputs = {name: np.concatenate([r.inputs[name] for r in requests]) for name in names}
-    except ValueError as exc:
-        raise InvalidInput(f"readings of one batch differ in shape: {exc}") from None
-    return DecodedRequest(inputs=inputs, datatypes=dict(first.datatypes))
