@@ -3,8 +3,8 @@
 Starts ``tether edge`` (its defaults: granian, one worker) from this checkout and from
 ``OLD_TREE`` (a worktree of an earlier commit, run with this checkout's virtual environment
 and ``PYTHONPATH`` pointing at the old tree, so only Tether's own code differs), both on
-``digits-student``, and drives them with ``wrk`` in interleaved rounds (old, new, old,
-new...) at concurrency 1, 8 and 32. Prints requests/s and p50 per side (medians over the
+``digits-student``, and drives them with ``wrk`` in interleaved rounds (old then new, then
+new then old, and so on) at concurrency 1, 8 and 32. Prints requests/s and p50 per side (medians over the
 rounds) and new/old. Used for the "thinner code must not be slower" check of a refactor.
 """
 
@@ -79,9 +79,10 @@ def main() -> None:
             samples: dict[tuple[str, int], list[Result]] = {}
             for name, agent in agents.items():  # warm both up
                 wrk(f"{agent.url}/v2/models/digits-student/infer", script, 8, 1.0)
-            for _ in range(args.rounds):
+            for round_ in range(args.rounds):
+                order = ("old", "new") if round_ % 2 == 0 else ("new", "old")
                 for c in levels:
-                    for name in ("old", "new"):
+                    for name in order:
                         url = f"{agents[name].url}/v2/models/digits-student/infer"
                         samples.setdefault((name, c), []).append(wrk(url, script, c, args.seconds))
         finally:
