@@ -77,7 +77,7 @@ def main() -> None:
         agents = {"old": Agent(args.old_tree.resolve(), work), "new": Agent(ROOT, work)}
         try:
             samples: dict[tuple[str, int], list[Result]] = {}
-            for name, agent in agents.items():  # warm both up
+            for agent in agents.values():  # warm both up
                 wrk(f"{agent.url}/v2/models/digits-student/infer", script, 8, 1.0)
             for round_ in range(args.rounds):
                 order = ("old", "new") if round_ % 2 == 0 else ("new", "old")
@@ -98,7 +98,9 @@ def main() -> None:
         n_rps = statistics.median(r.rps for r in new)
         o_p50 = statistics.median(r.p50_ms for r in old)
         n_p50 = statistics.median(r.p50_ms for r in new)
-        print(f"| {c} | {o_rps:,.0f} | {n_rps:,.0f} | {n_rps / o_rps:.3f} | {o_p50:.3f} | {n_p50:.3f} |")
+        print(
+            f"| {c} | {o_rps:,.0f} | {n_rps:,.0f} | {n_rps / o_rps:.3f} | {o_p50:.3f} | {n_p50:.3f} |"
+        )
 
 
 if __name__ == "__main__":
