@@ -225,20 +225,10 @@ def main() -> None:
         finally:
             agent.stop()
         # The same model with llama_cpp.server's setting: the previous prompt's common
-        # prefix stays in the key/value cache (``parameters.reuse_prefix``).
-        reusing = Path(tmp) / "repository-reuse-prefix"
-        model = reusing / "smollm2-135m"
-        model.mkdir(parents=True)
-        config = json.loads((TEXT_REPOSITORY / "smollm2-135m" / "config.json").read_text())
-        config["parameters"]["reuse_prefix"] = True
-        (model / "config.json").write_text(json.dumps(config))
-        (model / "1").symlink_to(TEXT_REPOSITORY / "smollm2-135m" / "1", target_is_directory=True)
-        agent = AgentProcess(Path(tmp) / "data-reuse", repository=reusing)
-        agent.start(ready_timeout_s=300)
-        try:
-            reuse_gen = measure_generation(agent.url, args.max_tokens, args.repeats)
-        finally:
-            agent.stop()
+        # prefix stays in the key/value cache (``parameters.reuse_prefix``); then also with
+        # four contexts (``slots``), so four streams run at once instead of queueing.
+        reuse_gen = tether_variant(Path(tmp), {"reuse_prefix": True}, args)
+        slots_gen = tether_variant(Path(tmp), {"reuse_prefix": True, "slots": 4}, args)
         port = free_port()
         gguf = TEXT_REPOSITORY / "smollm2-135m" / "1" / "model.gguf"
         server = [
@@ -283,6 +273,7 @@ def main() -> None:
         (1, ", reuse_prefix", reuse_gen),
         (4, "", tether_gen),
         (4, ", reuse_prefix", reuse_gen),
+        (4, ", reuse_prefix, slots 4", slots_gen),
     ):
         ttft, rate = gen[streams]
         streams_label = f"{streams} stream(s){label}"
@@ -304,6 +295,26 @@ def main() -> None:
         )
     rows.append(f"| edge agent RSS with smollm2-135m and minilm-l6, MB | {rss:.0f} | | |")
     print("\n".join(rows))
+
+
+def tether_variant(
+    tmp: Path, parameters: dict[str, object], args: argparse.Namespace
+) -> dict[int, tuple[float, float]]:
+    """Generation figures of ``tether edge`` serving smollm2-135m with ``parameters`` added
+    to its config (the weights file is shared, not copied)."""
+    tag = "-".join(f"{k}-{v}" for k, v in parameters.items())
+    model = tmp / f"repository-{tag}" / "smollm2-135m"
+    model.mkdir(parents=True)
+    config = json.loads((TEXT_REPOSITORY / "smollm2-135m" / "config.json").read_text())
+    config["parameters"].update(parameters)
+    (model / "config.json").write_text(json.dumps(config))
+    (model / "1").symlink_to(TEXT_REPOSITORY / "smollm2-135m" / "1", target_is_directory=True)
+    agent = AgentProcess(tmp / f"data-{tag}", repository=model.parent)
+    agent.start(ready_timeout_s=300)
+    try:
+        return measure_generation(agent.url, args.max_tokens, args.repeats)
+    finally:
+        agent.stop()
 
 
 def _posts(port: int) -> bool:
