@@ -224,6 +224,11 @@ def main() -> None:
             rss = rss_mb(agent.pids())
         finally:
             agent.stop()
+        # The same model with llama_cpp.server's setting: the previous prompt's common
+        # prefix stays in the key/value cache (``parameters.reuse_prefix``); then also with
+        # four contexts (``slots``), so four streams run at once instead of queueing.
+        reuse_gen = tether_variant(Path(tmp), {"reuse_prefix": True}, args)
+        slots_gen = tether_variant(Path(tmp), {"reuse_prefix": True, "slots": 4}, args)
         port = free_port()
         gguf = TEXT_REPOSITORY / "smollm2-135m" / "1" / "model.gguf"
         server = [
@@ -263,19 +268,26 @@ def main() -> None:
             stop(flask)
     rows.append("| measure | Tether | baseline | ratio |")
     rows.append("| --- | ---: | ---: | ---: |")
-    for streams in (1, 4):
-        ttft, rate = tether_gen[streams]
+    for streams, label, gen in (
+        (1, "", tether_gen),
+        (1, ", reuse_prefix", reuse_gen),
+        (4, "", tether_gen),
+        (4, ", reuse_prefix", reuse_gen),
+        (4, ", reuse_prefix, slots 4", slots_gen),
+    ):
+        ttft, rate = gen[streams]
+        streams_label = f"{streams} stream(s){label}"
         if llama_gen is not None:
             b_ttft, b_rate = llama_gen[streams]
             rows.append(
-                f"| tokens/s, {streams} stream(s) (vs llama_cpp.server) | {rate:.1f} | {b_rate:.1f} | {rate / b_rate:.2f} |"
+                f"| tokens/s, {streams_label} (vs llama_cpp.server) | {rate:.1f} | {b_rate:.1f} | {rate / b_rate:.2f} |"
             )
             rows.append(
-                f"| TTFT ms, {streams} stream(s) (vs llama_cpp.server) | {ttft * 1000:.0f} | {b_ttft * 1000:.0f} | {1000 * (ttft - b_ttft):+.0f} ms |"
+                f"| TTFT ms, {streams_label} (vs llama_cpp.server) | {ttft * 1000:.0f} | {b_ttft * 1000:.0f} | {1000 * (ttft - b_ttft):+.0f} ms |"
             )
         else:
-            rows.append(f"| tokens/s, {streams} stream(s) | {rate:.1f} | - | - |")
-            rows.append(f"| TTFT ms, {streams} stream(s) | {ttft * 1000:.0f} | - | - |")
+            rows.append(f"| tokens/s, {streams_label} | {rate:.1f} | - | - |")
+            rows.append(f"| TTFT ms, {streams_label} | {ttft * 1000:.0f} | - | - |")
     for batch in (1, 32):
         ours, theirs = tether_emb[batch], flask_emb[batch]
         rows.append(
@@ -283,6 +295,26 @@ def main() -> None:
         )
     rows.append(f"| edge agent RSS with smollm2-135m and minilm-l6, MB | {rss:.0f} | | |")
     print("\n".join(rows))
+
+
+def tether_variant(
+    tmp: Path, parameters: dict[str, object], args: argparse.Namespace
+) -> dict[int, tuple[float, float]]:
+    """Generation figures of ``tether edge`` serving smollm2-135m with ``parameters`` added
+    to its config (the weights file is shared, not copied)."""
+    tag = "-".join(f"{k}-{v}" for k, v in parameters.items())
+    model = tmp / f"repository-{tag}" / "smollm2-135m"
+    model.mkdir(parents=True)
+    config = json.loads((TEXT_REPOSITORY / "smollm2-135m" / "config.json").read_text())
+    config["parameters"].update(parameters)
+    (model / "config.json").write_text(json.dumps(config))
+    (model / "1").symlink_to(TEXT_REPOSITORY / "smollm2-135m" / "1", target_is_directory=True)
+    agent = AgentProcess(tmp / f"data-{tag}", repository=model.parent)
+    agent.start(ready_timeout_s=300)
+    try:
+        return measure_generation(agent.url, args.max_tokens, args.repeats)
+    finally:
+        agent.stop()
 
 
 def _posts(port: int) -> bool:

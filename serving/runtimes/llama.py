@@ -69,6 +69,12 @@ class LlamaRuntime(TextGenerator):
         #: them where llama.cpp was built with a GPU backend (CUDA on a Jetson), else none.
         gpu_layers = params.get("gpu_layers")
         self.gpu_layers: int | None = int(gpu_layers) if gpu_layers is not None else None
+        #: Reuse the key/value cache of the previous prompt's common prefix on a context
+        #: (``parameters.reuse_prefix``), as llama.cpp's own server does: a shorter time to
+        #: first token for prompts that share a system prompt or chat history, but a greedy
+        #: answer may then differ in rare cases from the one a fresh engine gives. Off: every
+        #: request starts from an empty context, and identical requests get identical text.
+        self.reuse_prefix = bool(params.get("reuse_prefix", False))
         self._free: queue.Queue[Any] = queue.Queue()
         self._engines: list[Any] = []
 
@@ -147,7 +153,7 @@ class LlamaRuntime(TextGenerator):
         }
         engine = self._free.get()
         try:
-            engine.begin()
+            engine.begin(reuse_prefix=self.reuse_prefix)
             if request.messages is not None:
                 messages = [{"role": m.role, "content": m.content} for m in request.messages]
                 chunks = engine.create_chat_completion(messages=messages, **kwargs)

@@ -39,15 +39,18 @@ class CountingLlama(Llama):
                 stop_token_ids=[eos],
             )
 
-    def begin(self) -> None:
-        """Start a new generation from an empty context, and count it.
+    def begin(self, *, reuse_prefix: bool = False) -> None:
+        """Start a new generation, and count it; from an empty context unless
+        ``reuse_prefix``.
 
-        llama.cpp would otherwise reuse the key/value cache of the previous prompt's common
-        prefix; evaluating the rest in a different batch shape changes the logits in their
-        last bits, and so greedy decoding could differ between two identical requests.
-        Every request gets the answer a fresh engine gives.
+        With ``reuse_prefix`` llama.cpp keeps the key/value cache of the previous prompt's
+        common prefix and evaluates only the rest (faster to the first token). Evaluating
+        the rest in a different batch shape changes the logits in their last bits, so a
+        greedy answer could then differ between two identical requests; without it every
+        request gets the answer a fresh engine gives.
         """
-        self.reset()
+        if not reuse_prefix:
+            self.reset()
         self._sampled = 0
         self._last_token = -1
 

@@ -49,6 +49,8 @@ README_PIXELS = [
 #: Six Python processes starting on a loaded 2-core machine take tens of seconds; a stack
 #: that is not up by then is broken, not slow.
 START_S = 120.0
+#: The demo's text routes' deadline (``timeout_s`` of ``assistant`` in deploy/demo/edge.toml).
+DEMO_TEXT_TIMEOUT_S = 15.0
 
 
 def body(pixels: list[float]) -> bytes:
@@ -238,6 +240,34 @@ def test_tether_up_from_anywhere_on_a_stock_broker(
         ).stdout  # fmt: skip
         assert "WARNING" in status_text and "set_tcp_nodelay true" in status_text, status_text
         assert "Sensor bridge: not running" not in status_text
+
+        # The broker dies in the middle of a long answer streamed from the cloud: the client
+        # gets an error event within the route's deadline (timeout_s in the demo config),
+        # never a hang; the offline assistant (cloud-first) then answers on the device.
+        stream = client.chat.completions.create(
+            model="assistant", messages=long, max_tokens=400, temperature=0, stream=True
+        )
+        pieces: list[str] = []
+        killed = float("inf")
+        with pytest.raises(openai.APIError) as broken:
+            for chunk in stream:
+                assert chunk.model_extra["served_by"] == "cloud"
+                if chunk.choices and chunk.choices[0].delta.content:
+                    pieces.append(chunk.choices[0].delta.content)
+                    if len(pieces) == 2:
+                        broker.kill()
+                        killed = time.monotonic()
+        assert len(pieces) >= 2  # the stream had started before the broker went
+        assert time.monotonic() - killed < DEMO_TEXT_TIMEOUT_S
+        assert broken.value.code == "stream_broken", broken.value
+        offline = client.chat.completions.create(
+            model="assistant-cloud-first", messages=[{"role": "user", "content": "Hi"}],
+            max_tokens=2, temperature=0,
+        )  # fmt: skip
+        assert (offline.model_extra["served_by"], offline.model_extra["route"]) == (
+            "edge",
+            "degraded",
+        )
 
         # Ctrl-C stops every child process, and nothing is left listening.
         tree = process_tree(up.pid)
