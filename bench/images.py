@@ -12,7 +12,7 @@ Measures, in one run on one machine, with the baseline in the same run:
    through the ``imagenet`` cascade seen on the broker;
 3. cloud batching on EfficientNet-Lite2: a ``tether cloud`` process without batching vs with
    dynamic batching (max 32), 32 requests in flight from one uplink, images/s;
-4. the edge agent's memory (RSS and PSS of its processes) serving EfficientNet-Lite0.
+4. the edge agent's memory (RSS and PSS of its processes) serving EfficientNet-Lite0 and minilm-l6.
 
 Writes a Markdown table to stdout and ``bench/results/images.md``.
 """
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import json
 import os
 import shutil
 import subprocess
@@ -303,8 +304,13 @@ def batching(workdir: Path, seconds: float, in_flight: int = 32) -> list[tuple[s
 
 
 def memory(workdir: Path) -> tuple[float, float]:
+    """RSS and PSS of the agent serving Lite0 and ``minilm-l6`` (the device's embedding
+    model), after 20 requests to each."""
     repository = workdir / "memory-repository"
     shutil.copytree(REPOSITORY / LITE0, repository / LITE0)
+    (repository / "minilm-l6").symlink_to(
+        REPOSITORY.parent / "text-repository" / "minilm-l6", target_is_directory=True
+    )
     data = workdir / "agent-memory"
     data.mkdir()
     agent = AgentProcess(data, repository=repository)
@@ -320,6 +326,13 @@ def memory(workdir: Path) -> tuple[float, float]:
                 headers={"Inference-Header-Content-Length": str(length)},
             )
             with urllib.request.urlopen(request, timeout=60) as response:
+                response.read()
+            embed = urllib.request.Request(
+                f"{agent.url}/v1/embeddings",
+                data=json.dumps({"model": "minilm-l6", "input": ["a cat on a mat"] * 8}).encode(),
+                headers={"Content-Type": "application/json"},
+            )
+            with urllib.request.urlopen(embed, timeout=60) as response:
                 response.read()
         return memory_of(agent.pids())
     finally:
@@ -360,7 +373,10 @@ def main() -> None:
         gain = batch_rows[1][1].rps / batch_rows[0][1].rps
         lines += ["", f"batching gain: {gain:.2f}x"]
         rss, pss = memory(work)
-        lines += ["", f"edge agent serving {LITE0}: RSS {rss:.0f} MB, PSS {pss:.0f} MB"]
+        lines += [
+            "",
+            f"edge agent serving {LITE0} and minilm-l6: RSS {rss:.0f} MB, PSS {pss:.0f} MB",
+        ]
         lines += [f"machine load average at the end: {os.getloadavg()[0]:.1f}"]
         print("\n".join(lines[-6:]), flush=True)
     text = "\n".join(lines)
