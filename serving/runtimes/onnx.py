@@ -80,7 +80,10 @@ class OnnxRuntime(Runtime):
 
     def _session_options(self) -> ort.SessionOptions:
         opts = ort.SessionOptions()
-        opts.intra_op_num_threads = self.options.intra_op_threads
+        # A model's own ``parameters.intra_op_threads`` (as Triton's per-model thread count)
+        # wins over the host's ``runtime.intra_op_threads``: 0 means all cores.
+        threads = self.config.parameters.get("intra_op_threads", self.options.intra_op_threads)
+        opts.intra_op_num_threads = int(threads)
         opts.inter_op_num_threads = self.options.inter_op_threads
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
