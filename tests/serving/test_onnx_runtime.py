@@ -58,3 +58,26 @@ def test_no_working_provider_names_every_reason(tmp_path: Path) -> None:
         runtime.load()
     assert "TensorrtExecutionProvider: not in this onnxruntime build" in info.value.message
     assert "CUDAExecutionProvider: not in this onnxruntime build" in info.value.message
+
+
+@pytest.mark.parametrize(
+    ("model_threads", "host_threads", "used"), [(None, 1, 1), (0, 1, 0), (2, 0, 2)]
+)
+def test_a_models_own_thread_count_wins_over_the_hosts(
+    tmp_path: Path, model_threads: int | None, host_threads: int, used: int
+) -> None:
+    """A big network's config asks for every core (0) while the host keeps small models on
+    one thread: the session gets the model's count, else the host's."""
+    path = write_model(tmp_path, "m", dense_model())
+    parameters = {} if model_threads is None else {"intra_op_threads": model_threads}
+    runtime = OnnxRuntime(
+        "m",
+        "1",
+        path.parent,
+        ModelConfig(name="m", parameters=parameters),
+        RuntimeOptions(providers=("CPUExecutionProvider",), intra_op_threads=host_threads),
+    )
+    runtime.load()
+    assert runtime._session is not None
+    options = runtime._session.get_session_options()
+    assert options.intra_op_num_threads == used
