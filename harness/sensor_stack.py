@@ -8,10 +8,11 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
-from collections import defaultdict, deque
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -176,7 +177,14 @@ class BridgeProcess:
 
 
 class Collector:
-    """Everything the bridge publishes for ``device`` on the device broker, by reading id."""
+    """Everything the bridge publishes for ``device`` on the device broker, by reading id.
+
+    The subscriber runs in a process of its own (``python -m harness.sensor_stack collect``),
+    which writes each payload as a line to a file. In the test's process its PUBACKs would
+    wait for the GIL behind the test's own publishing loop, and a stock broker keeps at
+    most 20 messages in flight and 1000 queued for a subscriber: what queues past that is
+    dropped at the broker, a loss of the test's subscriber, not of the bridge.
+    """
 
     def __init__(self, url: str, device: str) -> None:
         self.lock = threading.Lock()
@@ -186,22 +194,22 @@ class Collector:
         )
         #: (sensor topic level, kind, seq) in the order they came.
         self.arrivals: list[tuple[str, str, Any]] = []
-        self._pending: deque[bytes] = deque()
-        # A large Receive Maximum: a stock broker queues at most 1000 messages for a slow
-        # subscriber and drops the rest; in flight on the wire they are not dropped.
-        self.client = MqttClient(url, f"collector-{uuid.uuid4().hex[:6]}", receive_maximum=65_535)
-        self.client.subscribe(f"tether/{device}/sensors/+/inference", self._on, qos=1)
-        self.client.subscribe(f"tether/{device}/sensors/+/errors", self._on, qos=1)
-
-    def _on(self, message: Message) -> None:
-        # Only a deque append in paho's thread (thread-safe, no lock): a callback that waits
-        # delays the PUBACKs, and a stock broker drops what queues past 1000 behind them.
-        self._pending.append(message.payload)
+        self.client = CollectorProcess(url, device)
+        self._offset = 0
+        self._partial = b""
 
     def _parse_pending(self) -> None:
-        """Parse what arrived since the last look (under ``self.lock``)."""
-        while self._pending:
-            payload = self._pending.popleft()
+        """Parse what the subscriber wrote since the last look (under ``self.lock``)."""
+        path = self.client.output
+        if not path.exists():
+            return
+        with open(path, "rb") as handle:
+            handle.seek(self._offset)
+            data = handle.read()
+        self._offset += len(data)
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()  # an unfinished last line waits for the next look
+        for payload in lines:
             body = json.loads(payload)
             self.messages[f"{body['kind']}:{body['reading_id']}"].append(payload)
             self.kinds[body["kind"]][body["reading_id"]].append(body)
@@ -222,6 +230,53 @@ class Collector:
         with self.lock:
             self._parse_pending()
             return {k: list(v) for k, v in self.kinds[kind].items()}
+
+
+class CollectorProcess:
+    """The collector's subscriber process: ``start()`` returns once it is subscribed."""
+
+    def __init__(self, url: str, device: str) -> None:
+        self.url = url
+        self.device = device
+        self.output = Path(tempfile.mkdtemp(prefix="collector-")) / "messages.jsonl"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "harness.sensor_stack", "collect", self.url, self.device,
+             str(self.output)],
+            stdout=subprocess.PIPE,
+            cwd=ROOT,
+        )  # fmt: skip
+        assert self.process.stdout is not None
+        if self.process.stdout.readline().strip() != b"subscribed":
+            raise RuntimeError("the collector could not subscribe")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=30)
+
+
+def collect(url: str, device: str, output: str) -> None:
+    """The subscriber: every result and error for ``device``, a line each, flushed at once."""
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with open(output, "ab", buffering=0) as sink:
+
+        def on(message: Message) -> None:
+            sink.write(message.payload + b"\n")
+
+        client = MqttClient(url, f"collector-{uuid.uuid4().hex[:6]}", receive_maximum=65_535)
+        client.subscribe(f"tether/{device}/sensors/+/inference", on, qos=1)
+        client.subscribe(f"tether/{device}/sensors/+/errors", on, qos=1)
+        client.start()
+        for topic in ("inference", "errors"):
+            if not client.wait_subscribed(f"tether/{device}/sensors/+/{topic}", 10):
+                raise SystemExit(f"not subscribed to {topic}")
+        print("subscribed", flush=True)
+        stop.wait()
+        client.stop()
 
 
 class CloudWorkerProcess:
@@ -286,3 +341,8 @@ class CloudWorkerProcess:
             return self.log_path.read_text()[-4000:]
         except OSError:
             return ""
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["collect"]:
+        collect(*sys.argv[2:5])

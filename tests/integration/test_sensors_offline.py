@@ -18,10 +18,8 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
 import uuid
-from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,9 +30,10 @@ import pytest
 from cloud.settings import CloudSettings
 from cloud.worker import CloudWorker
 from harness.broker import Broker
+from harness.sensor_stack import Collector
 from models.digits import load_split
 from serving.settings import RuntimeSettings
-from shared.mqtt import Message, MqttClient
+from shared.mqtt import MqttClient
 from tests.conftest import REPOSITORY, ROOT
 
 DEVICE = "it-dev"
@@ -147,34 +146,6 @@ class BridgeProcess:
             return ""
 
 
-class Collector:
-    """Everything the bridge publishes on the device broker, by reading id."""
-
-    def __init__(self, url: str) -> None:
-        self.lock = threading.Lock()
-        self.messages: dict[str, list[bytes]] = defaultdict(list)
-        self.kinds: dict[str, dict[str, list[dict[str, Any]]]] = defaultdict(
-            lambda: defaultdict(list)
-        )
-        self.client = MqttClient(url, f"collector-{uuid.uuid4().hex[:6]}")
-        self.client.subscribe(f"tether/{DEVICE}/sensors/+/inference", self._on, qos=1)
-        self.client.subscribe(f"tether/{DEVICE}/sensors/+/errors", self._on, qos=1)
-
-    def _on(self, message: Message) -> None:
-        body = json.loads(message.payload)
-        with self.lock:
-            self.messages[f"{body['kind']}:{body['reading_id']}"].append(message.payload)
-            self.kinds[body["kind"]][body["reading_id"]].append(body)
-
-    def ids(self, kind: str) -> set[str]:
-        with self.lock:
-            return set(self.kinds[kind])
-
-    def of(self, kind: str) -> dict[str, list[dict[str, Any]]]:
-        with self.lock:
-            return {k: list(v) for k, v in self.kinds[kind].items()}
-
-
 @pytest.fixture
 def brokers(tmp_path: Path) -> Iterator[tuple[Broker, Broker]]:
     device = Broker(tmp_path / "device-broker").start()
@@ -256,7 +227,7 @@ def test_ten_thousand_readings_survive_cloud_outage_and_agent_crash(
             threshold=THRESHOLD,
         )
     )
-    collector = Collector(device.url)
+    collector = Collector(device.url, DEVICE)
     collector.client.start()
     bridge = BridgeProcess(config, data_dir)
     bridge.start()
