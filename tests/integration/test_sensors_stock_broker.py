@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -124,6 +125,36 @@ def test_a_burst_of_escalated_readings_on_a_stock_broker_loses_nothing(
     events: list[str] = []
     started = time.monotonic()
     infos = []
+
+    def degraded() -> set[str]:
+        return {
+            rid
+            for rid, bodies in collector.of("result").items()
+            if bodies[0]["parameters"]["route"] == "degraded"
+        }
+
+    failed: list[BaseException] = []
+
+    def outage_during_the_burst() -> None:
+        """Kill the cloud broker once 2,000 results are out, while the test is still
+        publishing the burst (the bridge answers faster than one Python loop publishes
+        20,000 messages, so waiting for the loop to end could miss the burst), and start it
+        again once the bridge has answered 1,000 readings without the cloud (each one a
+        correction to send once it is back): a fixed count of results could come before
+        any (escalations already in flight) or long after (every one waits its deadline)."""
+        try:
+            wait_for(lambda: len(collector.ids("result")) >= 2000, 120)
+            cloud.kill()
+            events.append(f"cloud broker killed at {time.monotonic() - started:.1f}s")
+            wait_for(lambda: len(degraded()) >= 1000, 120)
+            cloud.start()
+            events.append(f"cloud broker restarted at {time.monotonic() - started:.1f}s")
+        except BaseException as exc:  # re-raised in the test's thread
+            failed.append(exc)
+
+    watcher = threading.Thread(target=outage_during_the_burst, daemon=True)
+    if outage:
+        watcher.start()
     for i, payload in enumerate(payloads):
         infos.append(
             publisher.publish(f"tether/{DEVICE}/sensors/s{i % SENSORS:02d}/data", payload, qos=1)
@@ -140,23 +171,11 @@ def test_a_burst_of_escalated_readings_on_a_stock_broker_loses_nothing(
                 )
             )
 
-    def degraded() -> set[str]:
-        return {
-            rid
-            for rid, bodies in collector.of("result").items()
-            if bodies[0]["parameters"]["route"] == "degraded"
-        }
-
     if outage:  # the cloud broker is away while the bridge works through the burst
-        wait_for(lambda: len(collector.ids("result")) >= 2000, 120)
-        cloud.kill()
-        events.append(f"cloud broker killed at {time.monotonic() - started:.1f}s")
-        # down until the bridge has answered 1,000 readings without the cloud (each one a
-        # correction to send once it is back); a fixed count of results could come before
-        # any (escalations already in flight) or long after (every one waits its deadline)
-        wait_for(lambda: len(degraded()) >= 1000, 120)
-        cloud.start()
-        events.append(f"cloud broker restarted at {time.monotonic() - started:.1f}s")
+        watcher.join(250)
+        assert not watcher.is_alive(), "the outage did not end"
+        if failed:
+            raise failed[0]
     for info in infos:
         info.wait_for_publish(60)
     published_s = time.monotonic() - started
