@@ -13,11 +13,7 @@ result and recording that it was published, and are then byte-identical.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import sqlite3
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -30,11 +26,11 @@ import pytest
 from cloud.settings import CloudSettings
 from cloud.worker import CloudWorker
 from harness.broker import Broker
-from harness.sensor_stack import Collector
+from harness.sensor_stack import BridgeProcess, Collector
 from models.digits import load_split
 from serving.settings import RuntimeSettings
 from shared.mqtt import MqttClient
-from tests.conftest import REPOSITORY, ROOT
+from tests.conftest import REPOSITORY
 
 DEVICE = "it-dev"
 SENSORS = 50
@@ -83,67 +79,6 @@ batches_in_flight = 4
 max_messages = 64
 max_delay_ms = 5
 """
-
-
-class BridgeProcess:
-    """``python -m edge.bridge_cli --config FILE`` as a real process."""
-
-    def __init__(self, config: Path, data_dir: Path) -> None:
-        self.config = config
-        self.data_dir = data_dir
-        self.process: subprocess.Popen[bytes] | None = None
-        self.log_path = data_dir / "bridge.log"
-
-    def start(self) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")  # noqa: SIM115
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "edge.bridge_cli", "--config", str(self.config)],
-            cwd=ROOT,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
-            stdout=log,
-            stderr=log,
-        )
-
-    def wait_ready(self, timeout_s: float = 30.0) -> None:
-        assert self.process is not None
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"bridge exited with {self.process.returncode}: {self.log()}")
-            stats = self.stats()
-            if stats and stats.get("pid") == self.process.pid and stats.get("connected"):
-                return
-            time.sleep(0.1)
-        raise TimeoutError(f"bridge not ready within {timeout_s}s: {self.log()}")
-
-    def stats(self) -> dict[str, Any] | None:
-        try:
-            data = json.loads((self.data_dir / "run" / "sensor-bridge.json").read_text())
-        except (OSError, ValueError):
-            return None
-        return data if isinstance(data, dict) else None
-
-    def kill(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(timeout=10)
-
-    def stop(self) -> int | None:
-        if self.process is None or self.process.poll() is not None:
-            return None if self.process is None else self.process.returncode
-        self.process.terminate()
-        try:
-            return self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            return self.process.wait()
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text()[-4000:]
-        except OSError:
-            return ""
 
 
 @pytest.fixture
