@@ -26,7 +26,7 @@ import pytest
 from cloud.settings import CloudSettings
 from cloud.worker import CloudWorker
 from harness.broker import Broker
-from harness.sensor_stack import BridgeProcess, Collector
+from harness.sensor_stack import BridgeProcess, Collector, write_cascade_config
 from models.digits import load_split
 from serving.settings import RuntimeSettings
 from shared.mqtt import MqttClient
@@ -43,42 +43,6 @@ pytestmark = pytest.mark.skipif(
     not (REPOSITORY / "digits-teacher" / "1" / "model.onnx").is_file(),
     reason="the digits models are not built (tether models build)",
 )
-
-CONFIG = """\
-device_id = "{device}"
-data_dir = "{data_dir}"
-mqtt_url = "{cloud_url}"
-repository = "{repository}"
-models = ["digits-student"]
-
-[runtime]
-backend = "onnxruntime"
-providers = ["CPUExecutionProvider"]
-
-[uplink]
-timeout_s = 2.0
-attempt_timeout_s = 0.6
-breaker_cooldown_s = 0.5
-
-[routes.digits-teacher]
-mode = "cloud"
-
-[routes.digits]
-mode = "cascade"
-local_model = "digits-student"
-cloud_model = "digits-teacher"
-threshold = {threshold}
-
-[sensors]
-broker_url = "{device_url}"
-corrections = true
-metrics_port = 0
-batches_in_flight = 4
-
-[sensors.batch]
-max_messages = 64
-max_delay_ms = 5
-"""
 
 
 @pytest.fixture
@@ -151,16 +115,13 @@ def test_ten_thousand_readings_survive_cloud_outage_and_agent_crash(
 ) -> None:
     device, cloud = brokers
     data_dir = tmp_path / "bridge"
-    config = tmp_path / "bridge.toml"
-    config.write_text(
-        CONFIG.format(
-            device=DEVICE,
-            data_dir=data_dir,
-            cloud_url=cloud.url,
-            device_url=device.url,
-            repository=REPOSITORY,
-            threshold=THRESHOLD,
-        )
+    config = write_cascade_config(
+        tmp_path / "bridge.toml",
+        device=DEVICE,
+        data_dir=data_dir,
+        device_url=device.url,
+        cloud_url=cloud.url,
+        threshold=THRESHOLD,
     )
     collector = Collector(device.url, DEVICE)
     collector.client.start()
