@@ -23,7 +23,6 @@ import contextlib
 import logging
 import socket
 import ssl
-import struct
 import sys
 import threading
 from collections.abc import Callable
@@ -34,7 +33,7 @@ from urllib.parse import unquote, urlsplit
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
+from paho.mqtt.properties import Properties, VariableByteIntegers, writeBytes, writeInt32, writeUTF
 from paho.mqtt.reasoncodes import ReasonCode
 
 from shared.errors import InvalidInput, Unavailable
@@ -505,7 +504,7 @@ class PackedPublishProperties(Properties):
         # paho's __init__ and __setattr__ build its property table: skipped on purpose
         parts: list[bytes] = []
         if expiry_s is not None:
-            parts.append(b"\x02" + struct.pack("!I", expiry_s))
+            parts.append(b"\x02" + writeInt32(expiry_s))
         if content_type is not None:
             parts.append(b"\x03" + _utf8(content_type))
         if response_topic is not None:
@@ -513,12 +512,12 @@ class PackedPublishProperties(Properties):
         if correlation_data is not None:
             if len(correlation_data) > 0xFFFF:
                 raise InvalidInput("correlation data is over 65,535 bytes")
-            parts.append(b"\x09" + struct.pack("!H", len(correlation_data)) + correlation_data)
+            parts.append(b"\x09" + writeBytes(correlation_data))
         for key, value in (user_properties or {}).items():
             parts.append(b"\x26" + _utf8(key) + _utf8(value))
         body = b"".join(parts)
         object.__setattr__(self, "packetType", PacketTypes.PUBLISH)
-        object.__setattr__(self, "_packed", _varint(len(body)) + body)
+        object.__setattr__(self, "_packed", VariableByteIntegers.encode(len(body)) + body)
 
     def pack(self) -> bytes:
         return self._packed
@@ -528,21 +527,11 @@ class PackedPublishProperties(Properties):
 
 
 def _utf8(text: str) -> bytes:
-    """An MQTT UTF-8 string: two length bytes, then the bytes."""
+    """An MQTT UTF-8 string (two length bytes, then the bytes), refused past 65,535 bytes."""
     data = text.encode("utf-8")
     if len(data) > 0xFFFF:
         raise InvalidInput("an MQTT string is over 65,535 bytes")
-    return struct.pack("!H", len(data)) + data
-
-
-def _varint(value: int) -> bytes:
-    """An MQTT variable byte integer."""
-    out = bytearray()
-    while True:
-        value, digit = divmod(value, 128)
-        out.append(digit | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
+    return bytes(writeUTF(data))
 
 
 def _on_socket_open(client: paho.Client, userdata: Any, sock: Any) -> None:
