@@ -11,13 +11,9 @@ rounds) and new/old. Used for the "thinner code must not be slower" check of a r
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -26,40 +22,21 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.edge_http import Result, digits_script, wrk  # noqa: E402
-from harness.broker import free_port  # noqa: E402
+from harness.agent_process import AgentProcess  # noqa: E402
 
 REPOSITORY = ROOT / "models" / "repository"
 
 
-class Agent:
-    """``python -m tether edge`` from ``tree`` on a free port."""
-
-    def __init__(self, tree: Path, work: Path) -> None:
-        self.port = free_port()
-        env = {
-            **os.environ,
-            "PYTHONPATH": str(tree),
-            "TETHER_DATA_DIR": str(work / f"data-{self.port}"),
-            "TETHER_GRPC__PORT": "0",
-            "TETHER_MODELS": '["digits-student"]',
-        }
-        command = [sys.executable, "-m", "tether", "--log-level", "WARNING", "edge",
-                   "--port", str(self.port), "--repository", str(REPOSITORY)]  # fmt: skip
-        self.process = subprocess.Popen(command, env=env, cwd=tree)
-        self.url = f"http://127.0.0.1:{self.port}"
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(f"{self.url}/v2/health/ready", timeout=2) as reply:
-                    if reply.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.3)
-        raise RuntimeError(f"tether edge from {tree} did not get ready")
-
-    def close(self) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=30)
+def agent(tree: Path, work: Path, name: str) -> AgentProcess:
+    """``tether edge`` serving digits-student from ``tree`` (its own code first on the path)."""
+    process = AgentProcess(
+        work / f"data-{name}",
+        repository=REPOSITORY,
+        env={"PYTHONPATH": str(tree), "TETHER_MODELS": '["digits-student"]'},
+        cwd=tree,
+    )
+    process.start(ready_timeout_s=120)
+    return process
 
 
 def main() -> None:
@@ -74,11 +51,12 @@ def main() -> None:
         work = Path(tmp)
         x = np.random.default_rng(0).integers(0, 17, size=(1, 64)).astype(np.float32)
         script = digits_script(work, x)
-        agents = {"old": Agent(args.old_tree.resolve(), work), "new": Agent(ROOT, work)}
+        agents = {"old": agent(args.old_tree.resolve(), work, "old")}
+        agents["new"] = agent(ROOT, work, "new")
         try:
             samples: dict[tuple[str, int], list[Result]] = {}
-            for agent in agents.values():  # warm both up
-                wrk(f"{agent.url}/v2/models/digits-student/infer", script, 8, 1.0)
+            for process in agents.values():  # warm both up
+                wrk(f"{process.url}/v2/models/digits-student/infer", script, 8, 1.0)
             for round_ in range(args.rounds):
                 order = ("old", "new") if round_ % 2 == 0 else ("new", "old")
                 for c in levels:
@@ -86,8 +64,8 @@ def main() -> None:
                         url = f"{agents[name].url}/v2/models/digits-student/infer"
                         samples.setdefault((name, c), []).append(wrk(url, script, c, args.seconds))
         finally:
-            for agent in agents.values():
-                agent.close()
+            for process in agents.values():
+                process.stop()
     print(f"{args.rounds} interleaved rounds of {args.seconds:g} s, medians\n")
     print("| concurrency | old req/s | new req/s | new/old | old p50 ms | new p50 ms |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: |")

@@ -29,11 +29,15 @@ class AgentProcess:
         env: dict[str, str] | None = None,
         port: int | None = None,
         grpc_port: int = 0,
+        cwd: Path | None = None,
     ) -> None:
         self.port = port or free_port()
         #: The gRPC API's port (0: off, the test default, so agents never share 8001).
         self.grpc_port = grpc_port
         self.data_dir = data_dir
+        #: Where it runs: ``python -m tether`` imports the ``tether`` package found there
+        #: first (another checkout, for a before/after comparison).
+        self.cwd = cwd or ROOT
         self.command = [sys.executable, "-m", "tether", "edge", "--port", str(self.port)]
         self.command += ["--grpc-port", str(grpc_port)]
         if repository is not None:
@@ -55,7 +59,7 @@ class AgentProcess:
         log = open(self.log_path, "ab")  # noqa: SIM115
         started = time.monotonic()
         self.process = subprocess.Popen(
-            self.command, cwd=ROOT, env=self.env, stdout=log, stderr=log, start_new_session=True
+            self.command, cwd=self.cwd, env=self.env, stdout=log, stderr=log, start_new_session=True
         )
         deadline = started + ready_timeout_s
         while time.monotonic() < deadline:
