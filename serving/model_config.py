@@ -114,11 +114,12 @@ class ModelConfig(BaseModel):
         stage = self.pipeline.input if self.pipeline else None
         if stage is None:
             return list(self.input)
+        filled = stage.tensors
+        # the stage's input takes the place of the first tensor it fills; the others go
+        inputs = [t for t in self.input if t.name not in filled[1:]]
         return [
-            TensorConfig(name=stage.name, datatype="BYTES", dims=[])
-            if t.name == stage.tensor
-            else t
-            for t in self.input
+            TensorConfig(name=stage.name, datatype="BYTES", dims=[]) if t.name == filled[0] else t
+            for t in inputs
         ]
 
     def client_outputs(self) -> list[TensorConfig]:

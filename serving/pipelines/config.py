@@ -2,13 +2,13 @@
 model's tensors and its outputs into answers.
 
 Each stage names its ``kind``; adding one is a class here (joined to the stage unions
-below) and its runner in :mod:`serving.pipelines.runtime`. This module
-imports only pydantic: listing a repository needs no imaging library.
+below) and its runner in :mod:`serving.pipelines.runtime` (``INPUT_RUNNERS``). This module
+imports only pydantic: listing a repository needs no imaging or tokenizing library.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -43,6 +43,11 @@ class ImageInput(BaseModel):
     #: Images with more pixels are refused from their header, before any pixel is decoded.
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, gt=0)
 
+    @property
+    def tensors(self) -> tuple[str, ...]:
+        """The model inputs this stage fills."""
+        return (self.tensor,)
+
     @model_validator(mode="after")
     def _crop_fits(self) -> ImageInput:
         if self.crop > self.resize:
@@ -67,8 +72,44 @@ class TopKLabels(BaseModel):
     labels_file: str = "labels.txt"
 
 
-#: Input stages (a union discriminated by ``kind`` once there is more than one).
-InputStage = ImageInput
+#: Tokens a text stage keeps per text unless its config says otherwise.
+DEFAULT_MAX_TOKENS = 128
+#: Largest text (UTF-8 bytes) a text stage accepts: 1 MiB.
+DEFAULT_MAX_TEXT_BYTES = 1 << 20
+
+
+class TextInput(BaseModel):
+    """Texts in (a ``BYTES`` input, one UTF-8 text per row), a transformer's token tensors
+    out: tokenize with the model's ``tokenizer.json``, truncate to ``max_tokens``, pad to
+    the longest text of the batch."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["text"] = "text"
+    #: The client-facing ``BYTES`` input (shape ``[batch]``).
+    name: str = "text"
+    #: The Hugging Face ``tokenizers`` file, relative to the version folder (it belongs to
+    #: the graph's vocabulary, so it travels with each version).
+    tokenizer_file: str = "tokenizer.json"
+    #: Tokens kept per text (special tokens included); longer texts are truncated.
+    max_tokens: int = Field(DEFAULT_MAX_TOKENS, gt=0)
+    #: Texts longer than this (UTF-8 bytes) are refused with a 413 before tokenizing.
+    max_text_bytes: int = Field(DEFAULT_MAX_TEXT_BYTES, gt=0)
+    #: The model inputs filled: token ids, attention mask, and token type ids (for the
+    #: models that take them; ``None`` for those that do not).
+    input_ids: str = "input_ids"
+    attention_mask: str = "attention_mask"
+    token_type_ids: str | None = None
+
+    @property
+    def tensors(self) -> tuple[str, ...]:
+        """The model inputs this stage fills."""
+        names = (self.input_ids, self.attention_mask, self.token_type_ids)
+        return tuple(name for name in names if name is not None)
+
+
+#: Input stages, told apart by ``kind``.
+InputStage = Annotated[ImageInput | TextInput, Field(discriminator="kind")]
 #: Output stages (likewise).
 OutputStage = TopKLabels
 

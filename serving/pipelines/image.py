@@ -18,12 +18,14 @@ import base64
 import binascii
 import io
 import warnings
+from collections.abc import Mapping
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from serving.pipelines.config import ImageInput
-from shared.errors import InvalidInput, PayloadTooLarge
+from serving.runtimes.base import TensorSpec
+from shared.errors import InvalidInput, PayloadTooLarge, Unavailable
 
 #: File signatures of the formats Pillow may be asked to decode (checked before base64).
 _SIGNATURES = (
@@ -59,6 +61,51 @@ class ImageDecoder:
         """One image's tensor shape (without the batch)."""
         c = self.stage.crop
         return (3, c, c) if self.stage.layout == "NCHW" else (c, c, 3)
+
+    @property
+    def tensors(self) -> tuple[str, ...]:
+        return self.stage.tensors
+
+    def client_spec(self, network: Mapping[str, TensorSpec]) -> TensorSpec:
+        """The ``BYTES`` input clients send, once the network's image input is checked."""
+        spec = network.get(self.stage.tensor)
+        if spec is None or tuple(spec.shape[1:]) != self.shape or spec.datatype != "FP32":
+            shown = f"{spec.datatype}{list(spec.shape)}" if spec else "missing"
+            raise Unavailable(
+                f"input {self.stage.tensor!r} is {shown}, but the image pipeline makes "
+                f"FP32{[-1, *self.shape]}"
+            )
+        return TensorSpec(self.stage.name, "BYTES", (spec.shape[0],))
+
+    def feeds(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """A ``BYTES`` array of encoded images -> the network's input tensor."""
+        return {self.stage.tensor: self.batch(images)}
+
+    def wire(self, images: np.ndarray) -> np.ndarray:
+        """Each image as its file's bytes (a JSON client's base64 text decoded): the
+        smallest faithful form, what an escalation sends."""
+        raw = np.empty(images.shape, dtype=object)
+        for index, item in enumerate(images.ravel()):
+            raw.flat[index] = file_bytes(item, index)
+        return raw
+
+    def fits(self, cloud: Mapping[str, TensorSpec]) -> bool:
+        """Whether ``cloud`` takes exactly this stage's tensor (and not the images)."""
+        tensor = cloud.get(self.stage.tensor)
+        return (
+            self.stage.name not in cloud
+            and tensor is not None
+            and tensor.datatype == "FP32"
+            and tuple(tensor.shape[1:]) == self.shape
+        )
+
+    def sample(self, batch: int) -> np.ndarray:
+        """Synthetic JPEGs for a warm-up run (decoding included)."""
+        side = self.stage.resize + 16
+        gradient = np.linspace(0, 255, side * side * 3).reshape(side, side, 3)
+        images = np.empty(batch, dtype=object)
+        images[:] = [encode_image(gradient.astype(np.uint8))] * batch
+        return images
 
     def batch(self, images: np.ndarray) -> np.ndarray:
         """A ``BYTES`` array of encoded images -> FP32 ``[batch, *shape]``."""

@@ -1,25 +1,68 @@
 """A model runtime with its declared pre- and post-processing around it.
 
 :class:`PipelineRuntime` is a :class:`~serving.runtimes.Runtime` like any other, so the data
-plane validates requests against what clients send (a ``BYTES`` image input), the router
-escalates those same bytes (the encoded image, not the much larger tensor) when the cloud
-model shares the pipeline, and the cloud worker batches them like any tensor.
+plane validates requests against what clients send (a ``BYTES`` input of images or texts),
+the router escalates those same bytes (the encoded image, not the much larger tensor; the
+text, not one vocabulary's token ids) when the cloud model shares the pipeline, and the
+cloud worker batches them like any tensor.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
-from serving.pipelines.config import PipelineConfig
-from serving.pipelines.image import ImageDecoder, encode_image, file_bytes
+from serving.pipelines.config import ImageInput, InputStage, PipelineConfig, TextInput
+from serving.pipelines.image import ImageDecoder
 from serving.pipelines.labels import TopKLabeller
 from serving.runtimes.base import Prediction, Runtime, TensorSpec, synthetic_input
 from shared.errors import InternalError, ModelNotReady, Unavailable
+
+
+class InputRunner(Protocol):
+    """What an input stage does at run time (one class per ``kind``: ``INPUT_RUNNERS``)."""
+
+    @property
+    def tensors(self) -> tuple[str, ...]:
+        """The network inputs it fills."""
+
+    def client_spec(self, network: Mapping[str, TensorSpec]) -> TensorSpec:
+        """The input clients send instead, once the network's inputs are checked."""
+
+    def feeds(self, items: np.ndarray) -> dict[str, np.ndarray]:
+        """Client items -> the network's tensors."""
+
+    def wire(self, items: np.ndarray) -> np.ndarray:
+        """Client items in their smallest faithful form (what an escalation sends)."""
+
+    def fits(self, cloud: Mapping[str, TensorSpec]) -> bool:
+        """Whether a cloud model without the stage takes exactly the tensors it makes."""
+
+    def sample(self, batch: int) -> np.ndarray:
+        """Synthetic client items for a warm-up run."""
+
+
+def _image(stage: InputStage, version_dir: Path) -> InputRunner:
+    assert isinstance(stage, ImageInput)
+    return ImageDecoder(stage)
+
+
+def _text(stage: InputStage, version_dir: Path) -> InputRunner:
+    from serving.pipelines.text import TextTokenizer  # tokenizers only for text models
+
+    assert isinstance(stage, TextInput)
+    return TextTokenizer.from_folder(stage, version_dir)
+
+
+#: Input stage ``kind`` -> its runner, built from the stage and the model's version folder.
+INPUT_RUNNERS: dict[str, Callable[[InputStage, Path], InputRunner]] = {
+    "image": _image,
+    "text": _text,
+}
 
 
 class PipelineRuntime(Runtime):
@@ -31,7 +74,8 @@ class PipelineRuntime(Runtime):
         self.pipeline = pipeline
         self.model_dir = model_dir
         self.platform = inner.platform
-        self.decoder = ImageDecoder(pipeline.input) if pipeline.input is not None else None
+        #: The input stage's runner, built at :meth:`load` (it may read files).
+        self.decoder: InputRunner | None = None
         self.labeller: TopKLabeller | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -42,7 +86,7 @@ class PipelineRuntime(Runtime):
         self.provider = inner.provider
         self.flops = inner.flops
         self.max_batch_size = inner.max_batch_size
-        self.inputs = [self._client_input(spec) for spec in inner.inputs]
+        self.inputs = self._client_inputs(inner.inputs)
         self.outputs = list(inner.outputs)
         stage = self.pipeline.output
         if stage is not None:
@@ -56,17 +100,19 @@ class PipelineRuntime(Runtime):
             batch = (-1,) if inner.max_batch_size > 0 else (1,)
             self.outputs.append(TensorSpec(stage.name, "BYTES", (*batch, self.labeller.k)))
 
-    def _client_input(self, spec: TensorSpec) -> TensorSpec:
+    def _client_inputs(self, network: list[TensorSpec]) -> list[TensorSpec]:
+        """The network's inputs with the stage's client input in place of those it fills."""
         stage = self.pipeline.input
-        if stage is None or spec.name != stage.tensor:
-            return spec
-        assert self.decoder is not None
-        if tuple(spec.shape[1:]) != self.decoder.shape or spec.datatype != "FP32":
-            raise Unavailable(
-                f"model {self.name!r}: input {spec.name!r} is {spec.datatype}{list(spec.shape)}, "
-                f"but the image pipeline makes FP32{[-1, *self.decoder.shape]}"
-            )
-        return TensorSpec(stage.name, "BYTES", (spec.shape[0],))
+        if stage is None:
+            return list(network)
+        version_dir = self.model_dir / self.version
+        try:
+            self.decoder = INPUT_RUNNERS[stage.kind](stage, version_dir)
+            client = self.decoder.client_spec({spec.name: spec for spec in network})
+        except Unavailable as exc:
+            raise Unavailable(f"model {self.name!r}: {exc.message}") from None
+        filled = self.decoder.tensors
+        return [client if s.name == filled[0] else s for s in network if s.name not in filled[1:]]
 
     def _inner_output(self, name: str) -> TensorSpec:
         for spec in self.inner.outputs:
@@ -79,19 +125,15 @@ class PipelineRuntime(Runtime):
         super().unload()
 
     def warm_up(self, batch_sizes: Sequence[int] = (1,)) -> None:
-        """Run the whole pipeline (decode included) on a synthetic JPEG at each batch size."""
-        if self.decoder is None:
+        """Run the whole pipeline (decoding or tokenizing included) at each batch size."""
+        if self.decoder is None or self.pipeline.input is None:
             super().warm_up(batch_sizes)
             return
-        side = self.decoder.stage.resize + 16
-        gradient = np.linspace(0, 255, side * side * 3).reshape(side, side, 3)
-        image = encode_image(gradient.astype(np.uint8))
+        name = self.pipeline.input.name
         for batch in batch_sizes:
-            images = np.empty(batch, dtype=object)
-            images[:] = [image] * batch
             feeds = {
-                spec.name: images
-                if spec.name == self.decoder.stage.name
+                spec.name: self.decoder.sample(batch)
+                if spec.name == name
                 else synthetic_input(spec, batch)
                 for spec in self.inputs
             }
@@ -103,12 +145,12 @@ class PipelineRuntime(Runtime):
     # ------------------------------------------------------------------ inference
 
     def prepare(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """The network's feeds: images decoded into its tensor, other inputs as they came."""
+        """The network's feeds: the stage's input made into its tensors, others as they came."""
         stage = self.pipeline.input
         if stage is None or self.decoder is None:
             return dict(inputs)
         feeds = {name: array for name, array in inputs.items() if name != stage.name}
-        feeds[stage.tensor] = self.decoder.batch(inputs[stage.name])
+        feeds.update(self.decoder.feeds(inputs[stage.name]))
         return feeds
 
     def escalate(
@@ -117,25 +159,20 @@ class PipelineRuntime(Runtime):
         inputs: Mapping[str, np.ndarray],
         output_names: Sequence[str] | None = None,
     ) -> Prediction:
-        """Send the smallest faithful form: the image files when ``cloud`` takes images (a
-        JSON client's base64 text turned back into bytes), else the tensor this model's
-        pipeline made, when ``cloud`` takes exactly that; then add the outputs the cloud
-        model lacks and this pipeline makes (the labels, from the cloud's scores)."""
+        """Send the smallest faithful form: the client's items when ``cloud`` takes them
+        (image files, a JSON client's base64 text turned back into bytes; texts as UTF-8),
+        else the tensor this model's pipeline made, when ``cloud`` takes exactly that (images
+        only); then add the outputs the cloud model lacks and this pipeline makes (the
+        labels, from the cloud's scores)."""
         names = list(output_names) if output_names else [spec.name for spec in self.outputs]
         takes = {spec.name: spec for spec in cloud.inputs}
         stage = self.pipeline.input
         sent: Mapping[str, np.ndarray] = inputs
         if stage is not None and self.decoder is not None and stage.name in inputs:
-            tensor = takes.get(stage.tensor)
-            if (
-                stage.name not in takes
-                and tensor is not None
-                and tensor.datatype == "FP32"
-                and tuple(tensor.shape[1:]) == self.decoder.shape
-            ):
+            if self.decoder.fits(takes):
                 sent = self.prepare(inputs)
             else:
-                sent = {**inputs, stage.name: _file_bytes(inputs[stage.name])}
+                sent = {**inputs, stage.name: self.decoder.wire(inputs[stage.name])}
         has = {spec.name for spec in cloud.outputs}
         labels = self.pipeline.output
         labeller = self.labeller
@@ -206,11 +243,3 @@ class PipelineRuntime(Runtime):
         meta["outputs"] = [spec.to_metadata() for spec in self.outputs]
         meta["parameters"]["pipeline"] = self.pipeline.model_dump(exclude_none=True)
         return meta
-
-
-def _file_bytes(images: np.ndarray) -> np.ndarray:
-    """Each image as its file's bytes (base64 text decoded)."""
-    raw = np.empty(images.shape, dtype=object)
-    for index, item in enumerate(images.ravel()):
-        raw.flat[index] = file_bytes(item, index)
-    return raw
