@@ -44,6 +44,7 @@ from cloud.settings import BatchPolicy, CloudSettings
 from cloud.text_serving import TextJob, TextServing
 from serving.batching import rows_of_shape
 from serving.dataplane import Batched, DataPlane
+from serving.provenance import Provenance
 from serving.repository import ModelRepository
 from serving.runtimes import Runtime
 from shared import __version__, topics
@@ -519,14 +520,14 @@ class CloudWorker:
             outputs=prediction.outputs,
             datatypes={spec.name: spec.datatype for spec in runtime.outputs},
             request_id=decoded.id,
-            parameters={
-                "served_by": "cloud",
-                "worker": self.worker_id,
-                "execution_provider": runtime.provider,
-                "queue_ms": queue_ms,
-                "compute_ms": compute_ms,
-                "batch_size": rows,
-            },
+            parameters=Provenance(
+                served_by="cloud",
+                worker=self.worker_id,
+                execution_provider=runtime.provider,
+                queue_ms=queue_ms,
+                compute_ms=compute_ms,
+                batch_size=rows,
+            ).parameters(),
             requested=decoded.outputs,
             binary_default=decoded.binary_output_default,
         )
