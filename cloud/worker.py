@@ -492,7 +492,12 @@ class CloudWorker:
                 self._fail(job.item, answer, job.deadline)  # the data plane counted it
                 continue
             self._observe_run(model, answer)
-            self._finish_ok(job, decoded, answer, batch.formed)
+            try:
+                self._finish_ok(job, decoded, answer, batch.formed)
+            except Exception as exc:  # a reply that cannot be built is that request's 500
+                log.exception("reply to %s of %s failed", job.item.request_id, job.item.device)
+                error = InternalError(f"the cloud worker could not reply: {type(exc).__name__}")
+                self._finish_error(job, error)
 
     def _observe_run(self, model: str, answer: Batched) -> None:
         """Keep the recent compute of one request alone: it decides whether one may run inline."""
