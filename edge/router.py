@@ -70,8 +70,9 @@ class Accounting:
     def __init__(self, metrics: EdgeMetrics | None) -> None:
         self.metrics = metrics
 
-    def flops(self, runtime: Runtime, rows: int, served_by: str) -> None:
-        if self.metrics is not None and runtime.flops and rows:
+    def flops(self, runtime: Runtime, inputs: Mapping[str, np.ndarray], served_by: str) -> None:
+        """Count ``runtime``'s FLOPs for the rows of ``inputs`` (nothing without metrics)."""
+        if self.metrics is not None and runtime.flops and (rows := batch_rows(inputs)):
             self.metrics.inference_flops.labels(served_by).inc(runtime.flops * rows)
 
     def rows(self, route: str, outcome: str, count: int) -> None:
@@ -162,7 +163,7 @@ class RouteRuntime(ComposedRuntime):
             prediction = self.local.infer(inputs, output_names)
         finally:
             self.inflight.leave(key)
-        self.accounting.flops(self.local, batch_rows(inputs), "edge")
+        self.accounting.flops(self.local, inputs, "edge")
         return prediction
 
     def _run_cloud(
@@ -178,7 +179,7 @@ class RouteRuntime(ComposedRuntime):
             prediction = via.escalate(self.cloud, inputs, output_names)
         else:
             prediction = self.cloud.infer(inputs, output_names)
-        self.accounting.flops(self.cloud, batch_rows(inputs), "cloud")
+        self.accounting.flops(self.cloud, inputs, "cloud")
         return prediction
 
 
@@ -231,12 +232,7 @@ class LocalRoute(RouteRuntime):
     def infer(
         self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str] | None = None
     ) -> Prediction:
-        key = self.inflight.enter(self.local)
-        try:
-            prediction = self.local.infer(inputs, output_names)
-        finally:
-            self.inflight.leave(key)
-        return _local_answer(prediction, "local")
+        return _local_answer(self._run_local(inputs, output_names), "local")
 
 
 class CascadeRoute(RouteRuntime):
