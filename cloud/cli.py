@@ -9,14 +9,13 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import threading
 from pathlib import Path
-from types import FrameType
 
 import click
 
 from cloud.settings import CloudSettings, load_cloud_settings
 from shared.errors import TetherError
+from shared.shutdown import ShutdownSignals
 
 log = logging.getLogger(__name__)
 
@@ -71,25 +70,20 @@ def run_worker(settings: CloudSettings) -> None:
     """Start a worker, wait for SIGTERM/SIGINT, drain it; a second signal exits at once."""
     from cloud.worker import CloudWorker
 
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        if stop.is_set():
-            log.warning("second %s: exiting without draining", signal.Signals(signum).name)
+    def on_signal(signum: int, count: int) -> None:
+        if count > 1:  # no logging here: a handler must not take locks (shared/shutdown.py)
+            os.write(
+                2, f"second {signal.Signals(signum).name}: exiting without draining\n".encode()
+            )
             os._exit(128 + signum)
-        log.info("%s: draining", signal.Signals(signum).name)
-        stop.set()
 
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     worker = CloudWorker(settings)
-    try:
+    with ShutdownSignals(on_signal=on_signal) as stop:
         worker.start()
-        while not stop.wait(1.0):
-            pass
+        stop.wait()
+        if stop.last is not None:
+            log.info("%s: draining", signal.Signals(stop.last).name)
         worker.stop(drain=True)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

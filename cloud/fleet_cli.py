@@ -11,14 +11,11 @@ import json
 import logging
 import os
 import re
-import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import click
@@ -31,6 +28,7 @@ from cloud.rollout_policy import RolloutPolicy
 from shared.client_ids import random_client_id
 from shared.errors import TetherError
 from shared.redaction import redact_url
+from shared.shutdown import ShutdownSignals
 
 log = logging.getLogger(__name__)
 
@@ -240,12 +238,8 @@ def _run_controller(settings: FleetSettings, on_tick: Callable[[], None] | None)
     from cloud.rollout import RolloutController
     from shared.mqtt import MqttClient
 
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    stop = ShutdownSignals()
+    stop.install()
     try:
         key = load_signing_key(settings)
         db = _db(settings)
@@ -274,8 +268,7 @@ def _run_controller(settings: FleetSettings, on_tick: Callable[[], None] | None)
     except TetherError as exc:
         raise _fail(exc) from exc
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        stop.restore()
 
 
 @fleet_group.command("serve")

@@ -8,7 +8,8 @@ One process migrates at a time: the whole upgrade is one transaction that first 
 PostgreSQL advisory lock (or SQLite's write lock), so two controllers starting together
 do not race; the second finds the database at head and does nothing. A database that the
 code before Alembic created (all tables of revision 0001, no version table) is stamped
-with 0001 instead of being created again.
+with 0001 instead of being created again; one that an older release left with only some of
+those tables gets the missing ones from revision 0001, which leaves existing tables alone.
 """
 
 from __future__ import annotations
@@ -99,18 +100,28 @@ def upgrade(connection: Connection, prefix: str, revision: str = "head") -> None
                 f"the fleet database's schema is at revision {found}, which this release does "
                 "not know (a newer release migrated it): run that release or a newer one"
             )
-        if _made_before_migrations(connection, prefix):
+        legacy = _tables_before_migrations(connection, prefix)
+        if len(legacy) == len(BASELINE_TABLES):
             log.info("fleet database from before migrations: stamping revision %s", BASELINE)
             command.stamp(config, BASELINE)
             found = BASELINE
+        elif legacy:
+            missing = sorted(set(BASELINE_TABLES) - legacy)
+            log.info(
+                "fleet database from an older release without %s: revision %s adds them",
+                ", ".join(missing),
+                BASELINE,
+            )
         command.upgrade(config, revision)
         now = current(connection, prefix)
         if now != found:
             log.info("fleet database schema migrated from %s to %s", found or "nothing", now)
 
 
-def _made_before_migrations(connection: Connection, prefix: str) -> bool:
+def _tables_before_migrations(connection: Connection, prefix: str) -> set[str]:
+    """The tables of revision 0001 (unprefixed) in a database never migrated; none once it
+    has a version table."""
     names = set(inspect(connection).get_table_names())
     if f"{prefix}{VERSION_TABLE}" in names:
-        return False
-    return all(f"{prefix}{name}" in names for name in BASELINE_TABLES)
+        return set()
+    return {name for name in BASELINE_TABLES if f"{prefix}{name}" in names}

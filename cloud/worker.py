@@ -44,6 +44,7 @@ from cloud.settings import BatchPolicy, CloudSettings
 from cloud.text_serving import TextJob, TextServing
 from serving.batching import rows_of_shape
 from serving.dataplane import Batched, DataPlane
+from serving.provenance import Provenance
 from serving.repository import ModelRepository
 from serving.runtimes import Runtime
 from shared import __version__, topics
@@ -491,7 +492,12 @@ class CloudWorker:
                 self._fail(job.item, answer, job.deadline)  # the data plane counted it
                 continue
             self._observe_run(model, answer)
-            self._finish_ok(job, decoded, answer, batch.formed)
+            try:
+                self._finish_ok(job, decoded, answer, batch.formed)
+            except Exception as exc:  # a reply that cannot be built is that request's 500
+                log.exception("reply to %s of %s failed", job.item.request_id, job.item.device)
+                error = InternalError(f"the cloud worker could not reply: {type(exc).__name__}")
+                self._finish_error(job, error)
 
     def _observe_run(self, model: str, answer: Batched) -> None:
         """Keep the recent compute of one request alone: it decides whether one may run inline."""
@@ -519,14 +525,14 @@ class CloudWorker:
             outputs=prediction.outputs,
             datatypes={spec.name: spec.datatype for spec in runtime.outputs},
             request_id=decoded.id,
-            parameters={
-                "served_by": "cloud",
-                "worker": self.worker_id,
-                "execution_provider": runtime.provider,
-                "queue_ms": queue_ms,
-                "compute_ms": compute_ms,
-                "batch_size": rows,
-            },
+            parameters=Provenance(
+                served_by="cloud",
+                worker=self.worker_id,
+                execution_provider=runtime.provider,
+                queue_ms=queue_ms,
+                compute_ms=compute_ms,
+                batch_size=rows,
+            ).parameters(),
             requested=decoded.outputs,
             binary_default=decoded.binary_output_default,
         )

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import logging
-import signal
-import threading
 from pathlib import Path
-from types import FrameType
 
 import click
 
 from edge.settings import load_settings
+from shared.shutdown import ShutdownSignals
 
 
 @click.command("bridge")
@@ -29,13 +27,8 @@ def bridge_command(config_file: Path | None) -> None:
     except (FileNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
     bridge = SensorBridge(settings)
-    stopping = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stopping.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stopping = ShutdownSignals()
+    stopping.install()
     bridge.start()
     click.echo(f"sensor bridge running (metrics port {bridge.metrics_port})", err=True)
     stopping.wait()

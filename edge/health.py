@@ -103,8 +103,8 @@ class HealthRecorder:
 
     def __call__(self, seen: Observation) -> None:
         """The data-plane observer: count one finished inference."""
-        if seen.version is None:
-            return
+        if seen.version is None or seen.served_by != "edge":
+            return  # a cloud-only answer says nothing about the device's version
         if seen.error is not None and seen.error.status < 500:
             return  # the caller's mistake says nothing about the version
         with self._lock:

@@ -35,7 +35,7 @@ from serving.confidence import confidence
 from serving.metrics import EdgeMetrics
 from serving.model_config import load_model_config
 from serving.repository import ModelRepository
-from serving.runtimes.base import Prediction, Runtime, TensorSpec, model_flops
+from serving.runtimes.base import ComposedRuntime, Prediction, Runtime, TensorSpec, model_flops
 from shared.datatypes import from_numpy_dtype
 from shared.errors import InternalError, InvalidInput, TetherError, Unavailable
 
@@ -70,8 +70,9 @@ class Accounting:
     def __init__(self, metrics: EdgeMetrics | None) -> None:
         self.metrics = metrics
 
-    def flops(self, runtime: Runtime, rows: int, served_by: str) -> None:
-        if self.metrics is not None and runtime.flops and rows:
+    def flops(self, runtime: Runtime, inputs: Mapping[str, np.ndarray], served_by: str) -> None:
+        """Count ``runtime``'s FLOPs for the rows of ``inputs`` (nothing without metrics)."""
+        if self.metrics is not None and runtime.flops and (rows := batch_rows(inputs)):
             self.metrics.inference_flops.labels(served_by).inc(runtime.flops * rows)
 
     def rows(self, route: str, outcome: str, count: int) -> None:
@@ -79,7 +80,7 @@ class Accounting:
             self.metrics.escalations.labels(route, outcome).inc(count)
 
 
-class RouteRuntime(Runtime):
+class RouteRuntime(ComposedRuntime):
     """Base of the composite routes: metadata of the local model, no loading of its own."""
 
     platform = "tether_route"
@@ -105,6 +106,7 @@ class RouteRuntime(Runtime):
         self.provider = local.provider
         #: FLOPs are recorded by the route itself, per side (see :class:`Accounting`).
         self.flops = None
+        self._late: LateEscalation | None = None
 
     @classmethod
     def build(
@@ -131,13 +133,14 @@ class RouteRuntime(Runtime):
     def ready(self) -> bool:
         return self.local.ready
 
-    def load(self) -> None:
-        """Nothing to load: the parts are loaded by the repository and the uplink."""
-
-    def predict(
-        self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str] | None = None
-    ) -> dict[str, np.ndarray]:
-        return self.infer(inputs, output_names).outputs
+    def escalation(self) -> Runtime | None:
+        """The cloud half of the route, for answers the cloud could not give at the time
+        (``degraded`` ones): see :class:`LateEscalation`."""
+        if self.cloud is None:
+            return None
+        if self._late is None:
+            self._late = LateEscalation(self, self.cloud)
+        return self._late
 
     def metadata(self) -> dict[str, Any]:
         meta = super().metadata()
@@ -160,7 +163,7 @@ class RouteRuntime(Runtime):
             prediction = self.local.infer(inputs, output_names)
         finally:
             self.inflight.leave(key)
-        self.accounting.flops(self.local, batch_rows(inputs), "edge")
+        self.accounting.flops(self.local, inputs, "edge")
         return prediction
 
     def _run_cloud(
@@ -176,7 +179,36 @@ class RouteRuntime(Runtime):
             prediction = via.escalate(self.cloud, inputs, output_names)
         else:
             prediction = self.cloud.infer(inputs, output_names)
-        self.accounting.flops(self.cloud, batch_rows(inputs), "cloud")
+        self.accounting.flops(self.cloud, inputs, "cloud")
+        return prediction
+
+
+class LateEscalation(ComposedRuntime):
+    """A route's cloud half as a runtime of its own: what the cloud answers, now, for
+    inputs the device answered alone because the cloud was away. Sent the way the route
+    sends escalations (through the local model, which picks the smallest form); the
+    answer is route ``escalated`` and says it ``corrects`` a ``degraded`` one."""
+
+    platform = "tether_route"
+    served_by = "cloud"
+
+    def __init__(self, route: RouteRuntime, cloud: CloudRuntime) -> None:
+        super().__init__(route.name, route.version)
+        self.route = route
+        self.inputs = list(route.inputs)
+        self.outputs = list(route.outputs)
+        self.max_batch_size = cloud.max_batch_size
+        self.provider = "cloud"
+
+    @property
+    def ready(self) -> bool:
+        return self.route.cloud is not None and self.route.cloud.ready
+
+    def infer(
+        self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str] | None = None
+    ) -> Prediction:
+        prediction = self.route._run_cloud(inputs, output_names, via=self.route.local)
+        prediction.provenance.route, prediction.provenance.corrects = "escalated", "degraded"
         return prediction
 
 
@@ -200,12 +232,7 @@ class LocalRoute(RouteRuntime):
     def infer(
         self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str] | None = None
     ) -> Prediction:
-        key = self.inflight.enter(self.local)
-        try:
-            prediction = self.local.infer(inputs, output_names)
-        finally:
-            self.inflight.leave(key)
-        return _local_answer(prediction, "local")
+        return _local_answer(self._run_local(inputs, output_names), "local")
 
 
 class CascadeRoute(RouteRuntime):
@@ -257,17 +284,14 @@ class CascadeRoute(RouteRuntime):
                 f"{self.confidence_output!r} to measure confidence on"
             )
         conf = confidence(scores, self.measure)
-        low = np.flatnonzero(conf < self.threshold)
+        below = conf < self.threshold
+        low = np.flatnonzero(below)
         outputs = {name: local.outputs[name] for name in wanted}
-        params: dict[str, Any] = {
-            "confidence": _round(conf),
-            "threshold": self.threshold,
-        }
         total = len(conf)
         if low.size == 0:
             self.accounting.rows(self.name, "local", total)
             answer = _local_answer(local, "local", outputs)
-            answer.parameters.update(params)
+            answer.provenance.confidence, answer.provenance.threshold = conf, self.threshold
             return answer
         sub = {key: np.ascontiguousarray(value[low]) for key, value in inputs.items()}
         try:
@@ -277,21 +301,24 @@ class CascadeRoute(RouteRuntime):
             self.accounting.rows(self.name, "local", total - low.size)
             self.accounting.rows(self.name, "degraded", low.size)
             answer = _local_answer(local, "degraded", outputs)
-            answer.parameters.update(params, cloud_error=exc.message, escalated_rows=int(low.size))
+            prov = answer.provenance
+            prov.confidence, prov.threshold, prov.escalated = conf, self.threshold, below
+            prov.cloud_error = exc.message
             return answer
         self.accounting.rows(self.name, "local", total - low.size)
         self.accounting.rows(self.name, "escalated", low.size)
         merged = _merge_rows(outputs, remote.outputs, low, total)
-        remote.parameters.update(params, route="escalated", escalated_rows=int(low.size))
-        if low.size < total:
-            remote.parameters["edge_model"] = self.local.name
+        prov = remote.provenance
+        prov.route, prov.confidence, prov.threshold, prov.escalated = (
+            "escalated", conf, self.threshold, below,
+        )  # fmt: skip
+        prov.edge_model, prov.edge_version = local.model_name, local.model_version
         return Prediction(
             outputs=merged,
             model_name=remote.model_name,
             model_version=remote.model_version,
-            served_by="cloud",
             compute_ms=local.compute_ms + remote.compute_ms,
-            parameters=remote.parameters,
+            provenance=prov,
         )
 
 
@@ -327,7 +354,7 @@ class LocalFirstRoute(RouteRuntime):
             except TetherError as exc:
                 log.debug("local-first %s: queue full and cloud failed (%s)", self.name, exc)
             else:
-                remote.parameters.update(route="overflow", local_queue=queued)
+                remote.provenance.route, remote.provenance.local_queue = "overflow", queued
                 return remote
         try:
             local = self._run_local(inputs, output_names)
@@ -346,7 +373,8 @@ class LocalFirstRoute(RouteRuntime):
                 f"model {self.local.name!r} failed locally ({_describe(local_error)}) and in "
                 f"the cloud ({exc.message})"
             ) from exc
-        remote.parameters.update(route="fallback", local_error=_describe(local_error))
+        remote.provenance.route = "fallback"
+        remote.provenance.local_error = _describe(local_error)
         return remote
 
 
@@ -369,9 +397,9 @@ class CloudFirstRoute(RouteRuntime):
                 raise
             local = self._run_local(inputs, output_names)
             answer = _local_answer(local, "degraded")
-            answer.parameters["cloud_error"] = exc.message
+            answer.provenance.cloud_error = exc.message
             return answer
-        remote.parameters["route"] = "cloud"
+        remote.provenance.route = "cloud"
         return remote
 
 
@@ -556,15 +584,11 @@ def _onnx_specs(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
 def _local_answer(
     prediction: Prediction, route: str, outputs: dict[str, np.ndarray] | None = None
 ) -> Prediction:
-    prediction.parameters.update(
-        served_by="edge",
-        model=prediction.model_name,
-        model_version=prediction.model_version,
-        route=route,
-    )
+    prov = prediction.provenance
+    prov.served_by, prov.route = "edge", route
+    prov.model, prov.model_version = prediction.model_name, prediction.model_version
     if outputs is not None:
         prediction.outputs = outputs
-    prediction.served_by = "edge"
     return prediction
 
 
@@ -591,11 +615,6 @@ def _merge_rows(
         out[rows] = answer.astype(out.dtype, copy=False)
         merged[name] = out
     return merged
-
-
-def _round(conf: np.ndarray) -> float | list[float]:
-    values = [round(float(c), 4) for c in conf]
-    return values[0] if len(values) == 1 else values
 
 
 def _describe(exc: Exception) -> str:

@@ -23,11 +23,12 @@ import logging
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 
 from edge.settings import RouteSettings
+from serving.provenance import Provenance
 from serving.repository import ModelRepository
 from serving.runtimes.base import Runtime
 from serving.runtimes.generation import (
@@ -189,7 +190,7 @@ class TextRouter:
             if exc.status < 500:
                 raise
             stream = self._run_cloud(name, route, request, "fallback")
-            stream.parameters["local_error"] = exc.message
+            stream.provenance.local_error = exc.message
             return stream
 
     def _cloud_first(
@@ -206,7 +207,7 @@ class TextRouter:
         self, local: TextGenerator, request: GenerationRequest, exc: TetherError
     ) -> TextStream:
         stream = self._run_local(local, request, "degraded")
-        stream.parameters["cloud_error"] = exc.message
+        stream.provenance.cloud_error = exc.message
         return stream
 
     def _run_local(
@@ -215,12 +216,9 @@ class TextRouter:
         events = local.generate(request)  # raises on a request the model cannot take
         return TextStream(
             self._counted(local.name, events),
-            {
-                "served_by": "edge",
-                "route": route,
-                "model": local.name,
-                "model_version": local.version,
-            },
+            Provenance(
+                served_by="edge", route=route, model=local.name, model_version=local.version
+            ),
         )
 
     def _counted(self, name: str, events: Iterator[GenerationEvent]) -> Iterator[GenerationEvent]:
@@ -242,11 +240,11 @@ class TextRouter:
             raise Unavailable(f"model {name!r} is routed to the cloud but the uplink is off")
         model = route.cloud_model or name
         events = self.cloud.generate(model, request, route.timeout_s)
-        return TextStream(events, {"served_by": "cloud", "route": label, "model": model})
+        return TextStream(events, Provenance(served_by="cloud", route=label, model=model))
 
     # ------------------------------------------------------------------ embeddings
 
-    def embed(self, name: str, texts: Sequence[str]) -> tuple[np.ndarray, int, dict[str, Any]]:
+    def embed(self, name: str, texts: Sequence[str]) -> tuple[np.ndarray, int, Provenance]:
         """Embed ``texts`` with the model or route ``name``: vectors, tokens, provenance."""
         route = self.routes.get(name)
         if route is not None and route.mode == "cloud":
@@ -255,7 +253,7 @@ class TextRouter:
         if route is None or route.mode == "local":
             local = self._embedder(local_name)
             vectors, tokens = local.embed(texts)
-            return vectors, tokens, {"served_by": "edge", "route": "local", "model": local.name}
+            return vectors, tokens, Provenance(route="local", model=local.name)
         local = self._embedder(local_name)
         if route.mode == "cloud-first":
             try:
@@ -264,24 +262,24 @@ class TextRouter:
                 if exc.status < 500:
                     raise
                 vectors, tokens = local.embed(texts)
-                params = {"served_by": "edge", "route": "degraded", "model": local.name}
-                return vectors, tokens, {**params, "cloud_error": exc.message}
+                degraded = Provenance(route="degraded", model=local.name, cloud_error=exc.message)
+                return vectors, tokens, degraded
         try:
             vectors, tokens = local.embed(texts)
         except TetherError as exc:
             if exc.status < 500:
                 raise
             return self._embed_cloud(name, route, texts, "fallback")
-        return vectors, tokens, {"served_by": "edge", "route": "local", "model": local.name}
+        return vectors, tokens, Provenance(route="local", model=local.name)
 
     def _embed_cloud(
         self, name: str, route: RouteSettings, texts: Sequence[str], label: str
-    ) -> tuple[np.ndarray, int, dict[str, Any]]:
+    ) -> tuple[np.ndarray, int, Provenance]:
         if self.cloud is None:
             raise Unavailable(f"model {name!r} is routed to the cloud but the uplink is off")
         model = route.cloud_model or name
         vectors, tokens = self.cloud.embed(model, texts, route.timeout_s)
-        return vectors, tokens, {"served_by": "cloud", "route": label, "model": model}
+        return vectors, tokens, Provenance(served_by="cloud", route=label, model=model)
 
 
 def _task(runtime: Runtime | None) -> str | None:

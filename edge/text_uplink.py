@@ -150,20 +150,19 @@ class UplinkText:
         model = exchange.model
         chunks = ChunkReassembler()
         ready = chunks.add(first)
-        params: dict[str, object] = {}
+        worker: str | None = None
+        version: str | None = None
         result = "error"
         try:
             while True:
                 for chunk in ready:
-                    if chunk.worker:
-                        params["cloud_worker"] = chunk.worker
-                    if chunk.model_version:
-                        params["model_version"] = chunk.model_version
+                    worker = chunk.worker or worker
+                    version = chunk.model_version or version
                     if chunk.text:
                         yield TextDelta(chunk.text)
                     if chunk.final:
                         result = "ok"
-                        yield _end(chunk, params)
+                        yield _end(chunk, version, worker)
                         return
                 ready = chunks.add(self._next_chunk(exchange, chunks, timeout_s))
         except GeneratorExit:
@@ -349,8 +348,8 @@ def _decode(message: Message) -> tuple[Envelope, bytes]:
     return envelope, bytes(tail)
 
 
-def _end(chunk: TextChunkEnvelope, params: dict[str, object]) -> GenerationEnd:
+def _end(chunk: TextChunkEnvelope, version: str | None, worker: str | None) -> GenerationEnd:
     if chunk.usage is None or chunk.finish_reason is None:
         raise InternalError("the cloud's final chunk has no usage or finish reason")
     usage = Usage(chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
-    return GenerationEnd(chunk.finish_reason, usage, dict(params))
+    return GenerationEnd(chunk.finish_reason, usage, model_version=version, cloud_worker=worker)

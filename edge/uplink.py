@@ -49,7 +49,8 @@ from edge.breaker import BreakerState, CircuitBreaker
 from edge.broker_check import check_broker
 from edge.settings import UplinkSettings
 from serving.metrics import EdgeMetrics
-from serving.runtimes.base import Prediction, Runtime, TensorSpec
+from serving.provenance import Provenance
+from serving.runtimes.base import ComposedRuntime, Prediction, TensorSpec
 from shared import __version__, topics
 from shared.client_ids import random_client_id
 from shared.codec import OutputRequest, build_request, decode_response_parts
@@ -446,7 +447,7 @@ def _decode_reply(message: Message, model: str, version: str | None) -> CloudRep
     )
 
 
-class CloudRuntime(Runtime):
+class CloudRuntime(ComposedRuntime):
     """A cloud model behind the runtime interface: ``infer()`` goes up the uplink.
 
     Its metadata (inputs, outputs, FLOPs) comes from the route's declaration or from the
@@ -492,11 +493,6 @@ class CloudRuntime(Runtime):
     def load(self) -> None:
         self.mark_ready()
 
-    def predict(
-        self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str] | None = None
-    ) -> dict[str, np.ndarray]:
-        return self.infer(inputs, output_names).outputs
-
     def infer(
         self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str] | None = None
     ) -> Prediction:
@@ -517,24 +513,20 @@ class CloudRuntime(Runtime):
             outputs=reply.outputs,
             model_name=reply.model_name,
             model_version=reply.model_version,
-            served_by="cloud",
             compute_ms=reply.compute_ms,
-            parameters=cloud_parameters(reply),
+            provenance=cloud_provenance(reply),
         )
 
 
-def cloud_parameters(reply: CloudReply) -> dict[str, Any]:
-    """The provenance parameters of a cloud answer."""
-    params: dict[str, Any] = {
-        "served_by": "cloud",
-        "route": "cloud",
-        "model": reply.model_name,
-        "model_version": reply.model_version,
-        "network_ms": round(reply.network_ms, 3),
-        "cloud_ms": round(reply.cloud_ms, 3),
-    }
-    if reply.worker:
-        params["cloud_worker"] = reply.worker
-    if reply.attempts > 1:
-        params["cloud_attempts"] = reply.attempts
-    return params
+def cloud_provenance(reply: CloudReply) -> Provenance:
+    """The provenance of a cloud answer."""
+    return Provenance(
+        served_by="cloud",
+        route="cloud",
+        model=reply.model_name,
+        model_version=reply.model_version,
+        network_ms=reply.network_ms,
+        cloud_ms=reply.cloud_ms,
+        cloud_worker=reply.worker or None,
+        cloud_attempts=reply.attempts,
+    )

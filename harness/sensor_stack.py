@@ -22,6 +22,7 @@ import onnxruntime as ort
 from models.digits import load_split
 from serving.confidence import confidence
 from shared.mqtt import Message, MqttClient
+from shared.shutdown import ShutdownSignals
 
 ROOT = Path(__file__).resolve().parent.parent
 REPOSITORY = ROOT / "models" / "repository"
@@ -260,8 +261,8 @@ class CollectorProcess:
 
 def collect(url: str, device: str, output: str) -> None:
     """The subscriber: every result and error for ``device``, a line each, flushed at once."""
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop = ShutdownSignals((signal.SIGTERM,))
+    stop.install()
     with open(output, "ab", buffering=0) as sink:
 
         def on(message: Message) -> None:

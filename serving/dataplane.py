@@ -25,7 +25,7 @@ from serving.repository import ModelRepository
 from serving.runtimes import Prediction, Runtime
 from shared.codec import DecodedRequest
 from shared.datatypes import FLOAT_DATATYPES
-from shared.errors import InternalError, InvalidInput, TetherError
+from shared.errors import InternalError, InvalidInput, TetherError, Unavailable
 from shared.signature import check_inputs
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,10 @@ class Observation:
     prediction: Prediction | None
     error: TetherError | None
     seconds: float
+    #: Where the runtime that answered computes: ``cloud`` for a cloud-only runtime (a
+    #: ``cloud`` route, a cascade's late escalation), which says nothing of the device's
+    #: own model version.
+    served_by: str = "edge"
 
 
 #: Called after every inference; must be quick (hand real work to a queue).
@@ -235,7 +239,7 @@ class DataPlane(Generic[M]):
             parts = [prediction]
         else:
             parts = [
-                replace(prediction, outputs=outputs, parameters=dict(prediction.parameters))
+                replace(prediction, outputs=outputs, provenance=prediction.provenance.copy())
                 for outputs in split_outputs(prediction.outputs, counts)
             ]
         return [
@@ -259,7 +263,10 @@ class DataPlane(Generic[M]):
     ) -> Prediction:
         """Count an answered request and stamp its timings and provenance."""
         elapsed = time.perf_counter() - started
-        route = str(prediction.parameters.get("route", "local"))
+        prov = prediction.provenance
+        if prov.route is None:
+            prov.route = "local"
+        route = prov.route
         flops = runtime.flops * rows if runtime.flops else 0
         self.metrics.record_success(
             Answered(
@@ -272,13 +279,11 @@ class DataPlane(Generic[M]):
                 flops,
             )
         )
-        params = prediction.parameters
-        params.setdefault("served_by", prediction.served_by)
-        params.setdefault("route", route)
         # Time on the device itself: all of it, less what the network and the cloud took.
-        remote_ms = params.get("network_ms", 0.0) + params.get("cloud_ms", 0.0)
-        params["edge_ms"] = round(max(0.0, elapsed * 1000.0 - remote_ms), 3)
-        params.setdefault("compute_ms", round(prediction.compute_ms, 3))
+        remote_ms = (prov.network_ms or 0.0) + (prov.cloud_ms or 0.0)
+        prov.edge_ms = max(0.0, elapsed * 1000.0 - remote_ms)
+        if prov.compute_ms is None:
+            prov.compute_ms = prediction.compute_ms
         if self.observers:
             self._observe(name, runtime, request, prediction, None, started)
         return prediction
@@ -308,13 +313,28 @@ class DataPlane(Generic[M]):
     ) -> None:
         version = runtime.version if runtime is not None else None
         seen = Observation(
-            name, version, request.inputs, prediction, error, time.perf_counter() - started
+            name,
+            version,
+            request.inputs,
+            prediction,
+            error,
+            time.perf_counter() - started,
+            runtime.served_by if runtime is not None else "edge",
         )
         for observer in self.observers:
             try:
                 observer(seen)
             except Exception:  # an observer never fails a request
                 log.exception("inference observer failed")
+
+    def resolve_escalation(self, name: str, version: str | None) -> Runtime:
+        """The cloud half of ``name``'s route as a runtime for :meth:`infer_batch`: the
+        answers its rows would have had when the cloud was away (the sensor bridge's
+        corrections), counted as requests of ``name`` served by the cloud."""
+        late = self.resolve_for_request(name, version).escalation()
+        if late is None:
+            raise Unavailable(f"model {name!r} has no cloud route any more")
+        return late
 
     def resolve_for_request(self, name: str, version: str | None) -> Runtime:
         """Apply pending repository orders, then resolve (404/503 before the body is read)."""

@@ -7,10 +7,11 @@ import logging
 import os
 import signal
 import subprocess
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from shared.shutdown import ShutdownSignals
 
 log = logging.getLogger("tether.up")
 
@@ -34,7 +35,7 @@ class Supervisor:
 
     def __init__(self, services: list[Service]) -> None:
         self.services = services
-        self._stop = threading.Event()
+        self._stop = ShutdownSignals((signal.SIGINT, signal.SIGTERM))
 
     def start_all(self) -> None:
         for service in self.services:
@@ -62,10 +63,7 @@ class Supervisor:
 
     def run(self) -> None:
         """Start everything, then watch until SIGINT/SIGTERM; always stops what it started."""
-        previous = {
-            sig: signal.signal(sig, lambda *_: self._stop.set())
-            for sig in (signal.SIGINT, signal.SIGTERM)
-        }
+        self._stop.install()
         try:
             self.start_all()
             log.info("stack is up; Ctrl-C stops it")
@@ -84,8 +82,7 @@ class Supervisor:
                         self._start(service)
         finally:
             self.stop_all()
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+            self._stop.restore()
 
     def stop(self) -> None:
         self._stop.set()

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import logging
-import signal
-import threading
 from pathlib import Path
 
 import click
 
 from edge.settings import control_file_path, load_settings, needs_uplink
 from shared.redaction import redact_url
+from shared.shutdown import ShutdownSignals
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +38,8 @@ def fleet_agent_command(config_file: Path | None) -> None:
         raise click.ClickException(str(exc)) from exc
     if not settings.fleet.public_keys():
         raise click.ClickException("fleet.trusted_keys is empty: no manifest could be trusted")
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
+    stop = ShutdownSignals()
+    stop.install()
     target = ControlFileTarget(ControlFile(control_file_path(settings)), settings.repository)
     # The workers answer the requests: their /metrics carry each version's health, and
     # the shadow rates reach them through a file (edge/fleet/health_figures.py). Only workers with

@@ -151,7 +151,7 @@ class InferenceService(GRPCInferenceServiceServicer):
             prediction = self.plane.infer(name, version, decoded, started, runtime)
             return encode_infer_response(
                 name, prediction.model_version, request.id, prediction.outputs,
-                prediction.parameters, decoded.outputs,
+                prediction.provenance.parameters(), decoded.outputs,
             )  # fmt: skip
 
         return self._call(context, "infer", INFER, answer)

@@ -39,7 +39,7 @@ def infer_body(
         model_version=prediction.model_version,
         outputs=prediction.outputs,
         request_id=decoded.id,
-        parameters=prediction.parameters,
+        parameters=prediction.provenance.parameters(),
         requested=decoded.outputs,
         binary_default=decoded.binary_output_default,
     )

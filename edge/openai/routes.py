@@ -50,8 +50,8 @@ def _json_body() -> Any:
 
 def _send(answer: Answer) -> Response:
     headers = {
-        SERVED_BY_HEADER: str(answer.parameters.get("served_by", "edge")),
-        ROUTE_HEADER: str(answer.parameters.get("route", "local")),
+        SERVED_BY_HEADER: answer.provenance.served_by,
+        ROUTE_HEADER: answer.provenance.route or "local",
     }
     if answer.stream is not None:
         headers["Cache-Control"] = "no-cache"

@@ -25,6 +25,7 @@ from edge.openai import protocol
 from edge.openai.errors import error_body
 from edge.openai.metrics import TextMetrics
 from edge.text_router import TextRouter
+from serving.provenance import Provenance
 from serving.runtimes.generation import GenerationEnd, TextDelta, TextStream, collect
 from shared.errors import InternalError, TetherError
 
@@ -44,7 +45,7 @@ class Answer:
 
     body: dict[str, Any] | None
     stream: Iterator[bytes] | None
-    parameters: dict[str, Any]
+    provenance: Provenance
 
 
 class OpenAIServing:
@@ -91,12 +92,13 @@ class OpenAIServing:
         timed = self._timed(stream, request.model, endpoint, started)
         if request.stream:
             render = self._chat_events if endpoint == "chat" else self._completion_events
-            return Answer(None, render(request, stream, timed), stream.parameters)
+            return Answer(None, render(request, stream, timed), stream.provenance)
         try:
             result = collect(timed)
         finally:
             stream.close()
-        params = {**stream.parameters, **result.end.parameters, **_route_of(stream)}
+        provenance = stream.finished(result.end)
+        params = provenance.parameters()
         if endpoint == "chat":
             body = protocol.chat_completion(
                 protocol.new_id("chatcmpl"),
@@ -116,13 +118,13 @@ class OpenAIServing:
                 params,
                 result.end.usage,
             )
-        return Answer(body, None, params)
+        return Answer(body, None, provenance)
 
     def _timed(
         self, stream: TextStream, model: str, endpoint: str, started: float
     ) -> Iterator[TextDelta | GenerationEnd]:
         """The stream's events, with the time to first token and tokens/s recorded."""
-        served_by = str(stream.parameters.get("served_by", "edge"))
+        served_by = stream.provenance.served_by
         first: float | None = None
         try:
             for event in stream.events:
@@ -142,7 +144,7 @@ class OpenAIServing:
                     if elapsed > 0:
                         rate = (usage.completion_tokens - 1) / elapsed
                         self.metrics.tokens_per_second.labels(model, served_by).observe(rate)
-                route = str(stream.parameters.get("route", "local"))
+                route = stream.provenance.route or "local"
                 self.metrics.requests.labels(model, endpoint, served_by, route).inc()
                 yield event
                 return
@@ -159,7 +161,7 @@ class OpenAIServing:
     ) -> Iterator[bytes]:
         completion_id = protocol.new_id("chatcmpl")
         created = int(time.time())
-        params = {**stream.parameters, **_route_of(stream)}
+        params = stream.provenance.parameters()
         model = request.model
         try:
             yield sse(
@@ -208,7 +210,7 @@ class OpenAIServing:
     ) -> Iterator[bytes]:
         completion_id = protocol.new_id("cmpl")
         created = int(time.time())
-        params = {**stream.parameters, **_route_of(stream)}
+        params = stream.provenance.parameters()
         model = request.model
         try:
             for event in events:
@@ -253,7 +255,7 @@ class OpenAIServing:
         request: protocol.EmbeddingRequest = protocol.parse(protocol.EmbeddingRequest, body)
         texts = request.texts()
         try:
-            vectors, tokens, params = self.router.embed(request.model, texts)
+            vectors, tokens, provenance = self.router.embed(request.model, texts)
         except TetherError as exc:
             self.metrics.failures.labels(request.model, "embeddings", exc.reason).inc()
             raise
@@ -263,19 +265,12 @@ class OpenAIServing:
                 f"{request.dimensions} cannot be served",
                 param="dimensions",
             )
-        served_by = str(params.get("served_by", "edge"))
+        served_by = provenance.served_by
         self.metrics.prompt_tokens.labels(request.model, served_by).inc(tokens)
         self.metrics.requests.labels(
-            request.model, "embeddings", served_by, str(params.get("route"))
+            request.model, "embeddings", served_by, str(provenance.route)
         ).inc()
         body_out = protocol.embeddings_list(
-            request.model, vectors, request.encoding_format, tokens, params
+            request.model, vectors, request.encoding_format, tokens, provenance.parameters()
         )
-        return Answer(body_out, None, params)
-
-
-def _route_of(stream: TextStream) -> dict[str, Any]:
-    return {
-        "served_by": stream.parameters.get("served_by"),
-        "route": stream.parameters.get("route"),
-    }
+        return Answer(body_out, None, provenance)

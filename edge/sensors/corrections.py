@@ -23,11 +23,11 @@ from edge.sensors.outbox import Outbox, StoredEscalation
 from edge.sensors.publisher import ResultPublisher
 from edge.sensors.results import Outgoing, result_payload
 from edge.uplink import Uplink
-from serving.batching import batch_rows, split_outputs, stack_requests
+from serving.batching import batch_rows
 from serving.dataplane import DataPlane
 from serving.runtimes.base import Runtime
 from shared.codec import DecodedRequest, decode_request
-from shared.errors import TetherError, Unavailable
+from shared.errors import TetherError
 
 log = logging.getLogger(__name__)
 
@@ -93,36 +93,34 @@ class CorrectionSender:
         first = group[0].escalation
         corrections: list[Outgoing] = []
         try:
-            runtime = self.dataplane.resolve(first.model, first.version)
-            cloud = getattr(runtime, "cloud", None)
-            if not isinstance(cloud, Runtime):
-                raise Unavailable(f"model {first.model!r} has no cloud route any more")
+            late = self.dataplane.resolve_escalation(first.model, first.version)
             items = [
                 (item, decode_request(item.escalation.request, item.escalation.header_length))
                 for item in group
             ]
-            for chunk in _by_rows(items, cloud.max_batch_size):
-                corrections.extend(self._corrections(cloud, chunk))
+            for chunk in _by_rows(items, late.max_batch_size):
+                corrections.extend(self._corrections(late, chunk))
         except TetherError as exc:
             return _Asked([], exc)
         return _Asked(corrections)
 
     def _corrections(
-        self, cloud: Runtime, chunk: list[tuple[StoredEscalation, DecodedRequest]]
+        self, late: Runtime, chunk: list[tuple[StoredEscalation, DecodedRequest]]
     ) -> list[Outgoing]:
-        requests = [request for _, request in chunk]
-        prediction = cloud.infer(stack_requests(requests).inputs, None)
-        parts = split_outputs(prediction.outputs, [batch_rows(r.inputs) for r in requests])
+        """One run of the route's cloud half for a chunk; a request the cloud refused fails
+        the whole chunk (its error decides whether the group waits or is dropped)."""
+        answers = self.dataplane.infer_batch(late, [request for _, request in chunk])
         corrections: list[Outgoing] = []
-        for (item, _request), outputs in zip(chunk, parts, strict=True):
-            params = dict(prediction.parameters)
-            params.update(route="escalated", corrects="degraded")
+        for (item, _request), answer in zip(chunk, answers, strict=True):
+            if isinstance(answer, TetherError):
+                raise answer
+            prediction = answer.prediction
             esc = item.escalation
             payload = result_payload(
                 esc.model,
                 prediction.model_version,
-                outputs,
-                params,
+                prediction.outputs,
+                prediction.provenance,
                 orjson.loads(esc.identity),
                 "correction",
             )

@@ -28,7 +28,6 @@ from edge.sensors.results import (
     error_message,
     last_resort_error,
     result_message,
-    split_rows,
 )
 from serving.batching import stack_requests
 from serving.dataplane import DataPlane
@@ -74,7 +73,7 @@ class BatchProcessor:
         binding = batch[0].binding
         self.metrics.batch_size.labels(binding.model).observe(len(batch))
         try:
-            runtime = self.dataplane.resolve(binding.model, binding.version)
+            runtime = self.dataplane.resolve_for_request(binding.model, binding.version)
             shape = model_inputs(runtime.inputs, runtime.max_batch_size)
         except Exception as exc:
             answer.outgoing.extend(self.failed(reading, exc) for reading in batch)
@@ -136,7 +135,9 @@ class BatchProcessor:
         requests = [r.decoded.request for r in chunk if r.decoded is not None]
         try:
             request = stack_requests(requests) if len(requests) > 1 else requests[0]
-            prediction = self.dataplane.infer(binding.model, binding.version, request)
+            prediction = self.dataplane.infer(
+                binding.model, binding.version, request, runtime=runtime
+            )
         except Exception as exc:
             if len(chunk) > 1:  # find the reading at fault; the others still get answers
                 for reading in chunk:
@@ -146,19 +147,18 @@ class BatchProcessor:
                 log.exception("model %s failed on reading %r", binding.model, chunk[0].reading_id)
             answer.outgoing.append(self._error(chunk[0], _tether_error(exc)))
             return
-        local = getattr(runtime, "local", None)
-        local_id = (local.name, local.version) if isinstance(local, Runtime) else None
-        total = sum(r.decoded.rows for r in chunk if r.decoded is not None)
         start = 0
         for reading in chunk:
             assert reading.decoded is not None
             stop = start + reading.decoded.rows
             try:
-                outputs, params, version = split_rows(prediction, start, stop, total, local_id)
+                outputs = {name: array[start:stop] for name, array in prediction.outputs.items()}
+                share = prediction.provenance.rows(start, stop)
+                version = share.model_version or prediction.model_version
                 result = result_message(
-                    reading, binding.model, outputs, params, version, device=self.device
+                    reading, binding.model, outputs, share, version, device=self.device
                 )
-                degraded = params.get("route") == "degraded"
+                degraded = share.route == "degraded"
                 escalation = (
                     self._escalation(reading) if degraded and self.settings.corrections else None
                 )

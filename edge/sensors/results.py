@@ -20,15 +20,13 @@ import orjson
 from edge.sensors.bindings import Binding
 from edge.sensors.identity import Scalar
 from edge.sensors.payloads import DecodedReading
-from serving.runtimes.base import Prediction
+from serving.provenance import Provenance
 from shared.codec import build_response
 from shared.errors import TetherError
 from shared.mqtt import Message
 
 RESULT_SCHEMA = "1.0"
 _DUMPS = orjson.OPT_SERIALIZE_NUMPY
-#: Provenance that only describes the cloud part of an answer.
-_CLOUD_KEYS = ("network_ms", "cloud_ms", "cloud_worker", "cloud_attempts", "edge_model")
 
 
 @dataclass
@@ -79,7 +77,7 @@ def result_message(
     reading: Reading,
     model: str,
     outputs: Mapping[str, np.ndarray],
-    parameters: dict[str, Any],
+    provenance: Provenance,
     model_version: str,
     *,
     device: str,
@@ -90,7 +88,7 @@ def result_message(
     return Outgoing(
         kind=kind,
         topic=reading.binding.results_topic(device, reading.sensor),
-        payload=result_payload(model, model_version, outputs, parameters, reading.identity(), kind),
+        payload=result_payload(model, model_version, outputs, provenance, reading.identity(), kind),
         reading_id=reading.reading_id,
         correlation=reading.message.correlation_data,
     )
@@ -100,7 +98,7 @@ def result_payload(
     model: str,
     model_version: str,
     outputs: Mapping[str, np.ndarray],
-    parameters: dict[str, Any],
+    provenance: Provenance,
     identity: dict[str, Any],
     kind: str,
 ) -> bytes:
@@ -110,7 +108,7 @@ def result_payload(
         model_version=model_version,
         outputs=outputs,
         request_id=str(identity["reading_id"]),
-        parameters=parameters,
+        parameters=provenance.parameters(),
     )
     body.update(identity, kind=kind)
     body["schema_version"] = RESULT_SCHEMA
@@ -157,45 +155,3 @@ def last_resort_error(reading: Reading, exc: TetherError, *, device: str) -> Out
         reading_id=reading.reading_id,
         correlation=reading.message.correlation_data,
     )
-
-
-def split_rows(
-    prediction: Prediction, start: int, stop: int, total: int, local: tuple[str, str] | None
-) -> tuple[dict[str, np.ndarray], dict[str, Any], str]:
-    """One reading's rows ``[start, stop)`` of a batched prediction: outputs, provenance, version.
-
-    Per-row lists (a cascade's ``confidence``) are cut to the reading's rows. In a cascade
-    batch, a reading none of whose rows was below the threshold was answered by the local
-    model: its provenance says so (``route`` local, ``served_by`` edge, the local model),
-    whatever the other readings of the batch needed.
-    """
-    outputs = {name: array[start:stop] for name, array in prediction.outputs.items()}
-    params: dict[str, Any] = {}
-    for key, value in prediction.parameters.items():
-        if isinstance(value, list) and len(value) == total and total > 1:
-            part = value[start:stop]
-            params[key] = part[0] if len(part) == 1 else part
-        else:
-            params[key] = value
-    version = str(params.get("model_version") or prediction.model_version)
-    route = params.get("route")
-    threshold = params.get("threshold")
-    conf = params.get("confidence")
-    if route not in ("escalated", "degraded") or threshold is None or conf is None:
-        return outputs, params, version
-    values = conf if isinstance(conf, list) else [conf]
-    low = sum(1 for c in values if c is not None and float(c) < float(threshold))
-    params["escalated_rows"] = low
-    if low == len(values):
-        params.pop("edge_model", None)
-    if low:
-        return outputs, params, version
-    params["route"] = "local"
-    params["served_by"] = "edge"
-    params.pop("cloud_error", None)
-    for key in _CLOUD_KEYS:
-        params.pop(key, None)
-    if local is not None:
-        params["model"], params["model_version"] = local
-        version = local[1]
-    return outputs, params, version

@@ -19,6 +19,7 @@ import numpy as np
 from serving.pipelines.config import ImageInput, InputStage, PipelineConfig, TextInput
 from serving.pipelines.image import ImageDecoder
 from serving.pipelines.labels import TopKLabeller
+from serving.provenance import Provenance
 from serving.runtimes.base import Prediction, Runtime, TensorSpec, synthetic_input
 from shared.errors import InternalError, ModelNotReady, Unavailable
 
@@ -232,9 +233,10 @@ class PipelineRuntime(Runtime):
             outputs=outputs,
             model_name=self.name,
             model_version=self.version,
-            served_by=self.served_by,
             compute_ms=(finished - prepared) * 1000.0,
-            parameters={"preprocess_ms": round((prepared - started) * 1000.0, 3)},
+            provenance=Provenance(
+                served_by=self.served_by, preprocess_ms=(prepared - started) * 1000.0
+            ),
         )
 
     def metadata(self) -> dict[str, Any]:

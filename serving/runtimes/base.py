@@ -18,12 +18,14 @@ from typing import Any
 
 import numpy as np
 
+from serving.provenance import Provenance
 from serving.runtime_options import DEFAULT_PROVIDERS, RuntimeOptions
 from shared.datatypes import FLOAT_DATATYPES, to_numpy_dtype
 from shared.errors import InternalError, ModelNotReady
 
 __all__ = [
     "DEFAULT_PROVIDERS",
+    "ComposedRuntime",
     "Prediction",
     "Runtime",
     "RuntimeOptions",
@@ -52,10 +54,14 @@ class Prediction:
     outputs: dict[str, np.ndarray]
     model_name: str
     model_version: str
-    served_by: str = "edge"
     compute_ms: float = 0.0
-    #: Extra provenance (network and cloud time, cloud model, escalation facts).
-    parameters: dict[str, Any] = field(default_factory=dict)
+    #: Where, by what and by which route it was produced (rendered by each transport).
+    provenance: Provenance = field(default_factory=Provenance)
+
+    @property
+    def served_by(self) -> str:
+        """``edge`` or ``cloud`` (the provenance's)."""
+        return self.provenance.served_by
 
 
 class Runtime(ABC):
@@ -125,8 +131,8 @@ class Runtime(ABC):
             outputs=outputs,
             model_name=self.name,
             model_version=self.version,
-            served_by=self.served_by,
             compute_ms=compute_ms,
+            provenance=Provenance(served_by=self.served_by),
         )
 
     def escalate(
@@ -139,6 +145,11 @@ class Runtime(ABC):
         (a cascade's escalation): here as they came; a model with a pipeline sends the
         smallest form the cloud model takes and completes its answer."""
         return cloud.infer(inputs, output_names)
+
+    def escalation(self) -> Runtime | None:
+        """The runtime that answers this model's escalations on their own, later (a
+        cascade's cloud half); ``None`` where there is none."""
+        return None
 
     def metadata(self) -> dict[str, Any]:
         """Model metadata in the Open Inference Protocol's shape, plus Tether's facts."""
@@ -155,6 +166,20 @@ class Runtime(ABC):
                 "flops": self.flops,
             },
         }
+
+
+class ComposedRuntime(Runtime):
+    """A runtime made of others (a route, the uplink's cloud model): it overrides
+    :meth:`infer`, its outputs are what :meth:`predict` gives, and it loads nothing itself
+    (its parts are loaded by the repository and the uplink)."""
+
+    def load(self) -> None:
+        """Nothing to load of its own."""
+
+    def predict(
+        self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str] | None = None
+    ) -> dict[str, np.ndarray]:
+        return self.infer(inputs, output_names).outputs
 
 
 def synthetic_input(spec: TensorSpec, batch: int) -> np.ndarray:

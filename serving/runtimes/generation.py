@@ -12,11 +12,12 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
 
+from serving.provenance import Provenance
 from serving.runtimes.base import Runtime
 from shared.errors import InvalidInput
 
@@ -103,8 +104,9 @@ class GenerationEnd:
 
     finish_reason: FinishReason
     usage: Usage
-    #: Provenance: ``served_by``, ``route``, the model that answered, cloud facts.
-    parameters: dict[str, Any] = field(default_factory=dict)
+    #: Facts learned only while generating: the version that answered, the cloud worker.
+    model_version: str | None = None
+    cloud_worker: str | None = None
 
 
 GenerationEvent = TextDelta | GenerationEnd
@@ -179,7 +181,15 @@ class TextStream:
 
     events: Iterator[GenerationEvent]
     #: ``served_by``, ``route``, ``model`` and any fallback facts (``cloud_error``).
-    parameters: dict[str, Any]
+    provenance: Provenance
+
+    def finished(self, end: GenerationEnd) -> Provenance:
+        """The provenance completed with what the end of the generation told."""
+        return replace(
+            self.provenance,
+            model_version=end.model_version or self.provenance.model_version,
+            cloud_worker=end.cloud_worker or self.provenance.cloud_worker,
+        )
 
     def close(self) -> None:
         """Stop the generation early (frees the engine or the cloud stream)."""

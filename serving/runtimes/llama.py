@@ -176,7 +176,7 @@ class LlamaRuntime(TextGenerator):
             yield GenerationEnd(
                 "length" if finish == "length" else "stop",
                 usage,
-                {"model": self.name, "model_version": self.version},
+                model_version=self.version,
             )
         except TetherError:
             raise

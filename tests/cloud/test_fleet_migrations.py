@@ -263,6 +263,32 @@ def test_revision_0001_makes_the_schema_the_code_before_migrations_made(empty: L
             empty.execute(f"DROP TABLE IF EXISTS {fresh}{name}")
 
 
+def test_a_database_an_older_release_left_with_some_tables_gets_the_rest(empty: Legacy) -> None:
+    """The code before migrations created its tables as each was added; a database that
+    an older release left without the newer ones (the lease, the wave log, the dropped
+    counts) opens: revision 0001 adds what is missing, keeps the rest and its rows."""
+    kept = LEGACY_DDL[:6]  # devices ... rollout_events and its index
+    for statement in kept:
+        empty.execute(statement)
+    empty.execute("INSERT INTO {t}devices VALUES ('d1', 1, '0.8.0', 'cpu', '{}', '{}', '{}', 10.0)")
+    db = FleetDB(empty.url, prefix=empty.prefix)
+    try:
+        assert db.schema_revision() == fleet_migrate.head()
+        assert [d.device for d in db.list_devices()] == ["d1"]
+        db.add_drops({"bad_signature": 2})  # a table that was missing
+        assert db.intake_drops() == {"bad_signature": 2}
+        assert db.take_lease("rollouts", "ctl-a", 100.0, 5.0, seq=1) is not None
+    finally:
+        db.close()
+    fresh = f"n{uuid.uuid4().hex[:12]}_"
+    FleetDB(empty.url, prefix=fresh).close()
+    try:
+        assert _shape(empty.url, fresh) == _shape(empty.url, empty.prefix)
+    finally:
+        for name in (*TABLES, VERSION_TABLE):
+            empty.execute(f"DROP TABLE IF EXISTS {fresh}{name}")
+
+
 def _with_revision_0002(tmp_path: Path) -> Config:
     """The shipped migrations plus a throwaway 0002: a column and an index on a table
     with rows (on SQLite, a batch operation, which copies the table)."""

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+from pytest_mock import MockerFixture
 
 from harness.broker import Broker
 from tests.cloud.conftest import Asker, WorkerFactory, reference
@@ -351,3 +353,31 @@ def test_metrics_endpoint_serves_prometheus_text(make_worker: WorkerFactory, ask
         "tether_cloud_model_ready",
     ):
         assert name in text
+
+
+def test_a_reply_that_cannot_be_built_is_that_requests_500_and_the_next_is_served(
+    make_worker: WorkerFactory, asker: Asker, mocker: MockerFixture
+) -> None:
+    """A bug while building one reply (injected: no model here produces one) answers that
+    request with an error instead of leaving it to its deadline, and costs no other."""
+    import cloud.worker
+
+    real = cloud.worker.build_response
+    calls: list[int] = []
+
+    def first_breaks(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return real(*args, **kwargs)
+
+    mocker.patch.object(cloud.worker, "build_response", side_effect=first_breaks)
+    worker, _ = make_worker()
+    asker.ask("dense", rows(1))
+    (failed,) = asker.collect(1)
+    assert failed.kind == "error" and failed.header["status"] == 500
+    assert "could not reply" in failed.header["error"]
+    asker.ask("dense", rows(1))
+    (ok,) = asker.collect(1)
+    assert ok.kind == "infer_response" and len(calls) == 2
+    assert worker.metrics.sample("tether_cloud_inflight") == 0

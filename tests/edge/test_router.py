@@ -106,7 +106,7 @@ def plane(
 def infer(dp: DataPlane, name: str, x: np.ndarray = X) -> tuple[np.ndarray, dict[str, Any]]:
     request = DecodedRequest(inputs={"x": x}, datatypes={"x": "FP32"})
     prediction = dp.infer(name, None, request)
-    return prediction.outputs["y"], prediction.parameters
+    return prediction.outputs["y"], prediction.provenance.parameters()
 
 
 def sessions(repo: Path) -> tuple[ort.InferenceSession, ort.InferenceSession]:

@@ -28,12 +28,16 @@ from flask.testing import FlaskClient
 from cloud.settings import CloudSettings
 from cloud.worker import CloudWorker
 from edge.agent import EdgeAgent
+from edge.health import HealthRecorder
 from edge.settings import load_settings
 from edge.worker import build_app
 from harness.broker import BROKER_KINDS, Broker
 from models.digits import load_split
 from serving.confidence import confidence
+from serving.dataplane import Batched
 from serving.settings import RuntimeSettings
+from shared.codec import DecodedRequest
+from shared.errors import Unavailable
 from tests.conftest import REPOSITORY, ROOT
 
 CPU = ["CPUExecutionProvider"]
@@ -358,3 +362,42 @@ def test_broker_killed_and_restarted_mid_traffic(fresh_broker: Broker, tmp_path:
     finally:
         agent_of(app).close()
         worker.stop(drain=False, timeout_s=2.0)
+
+
+def test_a_late_escalation_is_answered_through_the_data_plane_by_the_cloud(
+    edge_app: Flask,
+) -> None:
+    """What the sensor bridge's corrections use: the cascade's cloud half as a runtime.
+    Its answer is the teacher's, says it corrects a degraded one, is counted as the
+    model's cloud request, and does not count towards the device version's health."""
+    agent = agent_of(edge_app)
+    plane = agent.dataplane
+    recorder = HealthRecorder()
+    plane.observers.append(recorder)
+    try:
+        late = plane.resolve_escalation("digits", None)
+        x = PIXELS[:4]
+        request = DecodedRequest(inputs={"pixels": x}, datatypes={"pixels": "FP32"})
+        counted = agent.metrics.registry.get_sample_value(
+            "tether_requests_total",
+            {"model": "digits", "version": "1", "served_by": "cloud", "route": "escalated"},
+        )
+        (answer,) = plane.infer_batch(late, [request])
+        assert isinstance(answer, Batched), answer
+        params = answer.prediction.provenance.parameters()
+        assert params["served_by"] == "cloud" and params["route"] == "escalated"
+        assert params["corrects"] == "degraded" and params["model"] == TEACHER
+        (scores,) = answer.prediction.outputs.values()
+        np.testing.assert_allclose(scores, reference(TEACHER, x), rtol=1e-5, atol=1e-6)
+        after = agent.metrics.registry.get_sample_value(
+            "tether_requests_total",
+            {"model": "digits", "version": "1", "served_by": "cloud", "route": "escalated"},
+        )
+        assert (after or 0.0) - (counted or 0.0) == 1.0
+        assert recorder.counters("digits", "1").requests == 0
+        plane.infer("digits", None, request)  # the cascade itself does count
+        assert recorder.counters("digits", "1").requests == 1
+        with pytest.raises(Unavailable):
+            plane.resolve_escalation("digits-local", None)
+    finally:
+        plane.observers.remove(recorder)

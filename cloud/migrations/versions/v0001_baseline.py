@@ -1,14 +1,19 @@
 """The fleet schema as it was before migrations (``CREATE TABLE IF NOT EXISTS``).
 
-Frozen: this revision never changes. A database that the code before Alembic created has
-exactly these tables; it is stamped with this revision instead of running it
-(:func:`cloud.fleet_migrate.upgrade`).
+Frozen: the schema this revision makes never changes. A database that the code before
+Alembic created has exactly these tables; it is stamped with this revision instead of
+running it (:func:`cloud.fleet_migrate.upgrade`). One that an older release left with only
+some of them (the code of then created its tables when it opened the database, as each was
+added) gets the missing ones here, as that code would have made them: a table that exists
+is left as it is.
 
 Revision ID: 0001
 Revises: (none)
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import sqlalchemy as sa
 from alembic import context, op
@@ -28,7 +33,15 @@ def _time(name: str, *, nullable: bool = False) -> sa.Column[float]:
 
 def upgrade() -> None:
     t = context.config.attributes["prefix"]
-    op.create_table(
+    existing = set(sa.inspect(op.get_bind()).get_table_names())
+
+    def create_table(name: str, *parts: Any, **options: Any) -> bool:
+        if name in existing:
+            return False
+        op.create_table(name, *parts, **options)
+        return True
+
+    create_table(
         f"{t}devices",
         sa.Column("device", sa.Text, primary_key=True),
         sa.Column("online", sa.Integer, nullable=False),
@@ -39,7 +52,7 @@ def upgrade() -> None:
         sa.Column("health", sa.Text, nullable=False),
         _time("last_seen"),
     )
-    op.create_table(
+    create_table(
         f"{t}manifests",
         sa.Column("model", sa.Text, nullable=False),
         sa.Column("version", sa.Integer, nullable=False),
@@ -49,7 +62,7 @@ def upgrade() -> None:
         _time("created_at"),
         sa.PrimaryKeyConstraint("model", "version"),
     )
-    op.create_table(
+    create_table(
         f"{t}rollouts",
         sa.Column("id", sa.Text, primary_key=True),
         sa.Column("rollout_key", sa.Text, nullable=False, unique=True),
@@ -64,7 +77,7 @@ def upgrade() -> None:
         _time("created_at"),
         _time("updated_at"),
     )
-    op.create_table(
+    create_table(
         f"{t}rollout_devices",
         sa.Column("rollout_id", sa.Text, nullable=False),
         sa.Column("device", sa.Text, nullable=False),
@@ -79,7 +92,7 @@ def upgrade() -> None:
         _time("updated_at", nullable=True),
         sa.PrimaryKeyConstraint("rollout_id", "device"),
     )
-    op.create_table(
+    events = create_table(
         f"{t}rollout_events",
         sa.Column(
             "id",
@@ -96,8 +109,11 @@ def upgrade() -> None:
         _time("at"),
         sqlite_autoincrement=True,
     )
-    op.create_index(f"{t}rollout_events_by_device", f"{t}rollout_events", ["rollout_id", "device"])
-    op.create_table(
+    if events:
+        op.create_index(
+            f"{t}rollout_events_by_device", f"{t}rollout_events", ["rollout_id", "device"]
+        )
+    create_table(
         f"{t}wave_log",
         sa.Column("rollout_id", sa.Text, nullable=False),
         sa.Column("wave", sa.Integer, nullable=False),
@@ -106,7 +122,7 @@ def upgrade() -> None:
         _time("at"),
         sa.PrimaryKeyConstraint("rollout_id", "wave"),
     )
-    op.create_table(
+    create_table(
         f"{t}leases",
         sa.Column("name", sa.Text, primary_key=True),
         sa.Column("holder", sa.Text, nullable=False),
@@ -114,7 +130,7 @@ def upgrade() -> None:
         _time("expires_at"),
         sa.Column("seq", sa.BigInteger, nullable=False),
     )
-    op.create_table(
+    create_table(
         f"{t}intake_drops",
         sa.Column("reason", sa.Text, primary_key=True),
         sa.Column("count", sa.BigInteger, nullable=False),

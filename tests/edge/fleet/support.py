@@ -248,14 +248,24 @@ class Controller:
                 if e.rollout_id == rollout_id and (device is None or e.device == device)
             ]
 
-    def wait(self, predicate: Callable[[], bool], timeout_s: float = 20.0) -> None:
+    def wait(
+        self, predicate: Callable[[], bool], timeout_s: float = 20.0, rollout_id: str | None = None
+    ) -> None:
         deadline = time.monotonic() + timeout_s
         with self._changed:
             while not predicate():
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise AssertionError("timed out waiting for the fleet agent")
+                    raise AssertionError(
+                        "timed out waiting for the fleet agent; its events: "
+                        + self._trace(rollout_id)
+                    )
                 self._changed.wait(min(left, 0.2))
+
+    def _trace(self, rollout_id: str | None) -> str:
+        """The events seen so far (of ``rollout_id`` when given), with their reasons."""
+        seen = [e for e in self.events if rollout_id is None or e.rollout_id == rollout_id]
+        return "; ".join(f"{e.device} {e.step} {e.reason!r}" for e in seen) or "none"
 
     def wait_step(
         self, rollout_id: str, step: str, device: str | None = None, timeout_s: float = 20.0
@@ -268,7 +278,7 @@ class Controller:
                 for e in self.events
             )
 
-        self.wait(found, timeout_s)
+        self.wait(found, timeout_s, rollout_id)
         return next(
             e
             for e in self.events

@@ -88,6 +88,11 @@ class Device:
                 "trusted_keys": keys,
                 "status_interval_s": 5.0,
                 "min_requests": 0,
+                # Four threads hammering one model on a loaded 2-core box make the p99 of a
+                # 0.3 s window noise (CI once saw an install stop short of "committed", most
+                # likely on this gate). The latency gate has its own tests
+                # (tests/shared/test_health_gate.py).
+                "max_p99_ratio": 1000.0,
                 **(fleet or {}),
             },
         )
