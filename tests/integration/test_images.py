@@ -12,8 +12,6 @@ import json
 import shutil
 import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,12 +21,13 @@ import numpy as np
 import pytest
 import tritonclient.http as httpclient
 
-from cloud.settings import CloudSettings
 from cloud.worker import CloudWorker
 from edge.sensors.bridge import SensorBridge
 from edge.settings import load_settings
 from harness.agent_process import AgentProcess
 from harness.broker import Broker, free_port
+from harness.cascade_stack import cloud_worker, edge_config, outputs, uplink_requests
+from harness.cascade_stack import post as post_url
 from harness.images import LITE0, LITE2, REPOSITORY, images_built, png_bomb, sample
 from serving.settings import RuntimeSettings
 from shared import topics
@@ -67,19 +66,8 @@ def images_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
 
 @pytest.fixture(scope="module")
 def worker(images_broker: Broker, repository: Path) -> Iterator[CloudWorker]:
-    settings = CloudSettings(
-        mqtt_url=images_broker.url,
-        worker_id=f"cw-{uuid.uuid4().hex[:6]}",
-        repository=repository,
-        models=[LITE2, PLAIN],
-        metrics_port=0,
-        drain_timeout_s=2.0,
-        runtime=RuntimeSettings(backend="onnxruntime", providers=CPU),
-    )
-    instance = CloudWorker(settings)
-    instance.start()
-    yield instance
-    instance.stop(drain=False, timeout_s=2.0)
+    with cloud_worker(images_broker.url, repository, [LITE2, PLAIN]) as instance:
+        yield instance
 
 
 @pytest.fixture(scope="module")
@@ -90,19 +78,13 @@ def agent(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[AgentProcess]:
     data = tmp_path_factory.mktemp("images-edge")
-    config = data / "edge.toml"
-    config.write_text(
-        f'repository = "{repository}"\n'
-        f'mqtt_url = "{images_broker.url}"\n'
-        'device_id = "camera-hub"\n'
-        f'models = ["{LITE0}"]\n'
-        "[runtime]\n"
-        'backend = "onnxruntime"\n'
-        'providers = ["CPUExecutionProvider"]\n'
-        "[uplink]\n"
-        "timeout_s = 20.0\n"
-        "attempt_timeout_s = 10.0\n"
-        f"[routes.{LITE2}]\n"
+    config = edge_config(
+        data / "edge.toml",
+        repository=repository,
+        broker_url=images_broker.url,
+        device_id="camera-hub",
+        models=[LITE0],
+        routes=f"[routes.{LITE2}]\n"
         'mode = "cloud"\n'
         "[routes.imagenet]\n"
         'mode = "cascade"\n'
@@ -115,7 +97,7 @@ def agent(
         'mode = "cascade"\n'
         f'local_model = "{LITE0}"\n'
         f'cloud_model = "{PLAIN}"\n'
-        "threshold = 1.0\n"
+        "threshold = 1.0\n",
     )
     process = AgentProcess(data, config=config, grpc_port=free_port())
     process.start(ready_timeout_s=60.0)
@@ -124,14 +106,7 @@ def agent(
 
 
 def post(agent: AgentProcess, model: str, body: bytes, headers: dict[str, str]) -> tuple[int, Any]:
-    request = urllib.request.Request(
-        f"{agent.url}/v2/models/{model}/infer", data=body, headers=headers, method="POST"
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
+    return post_url(f"{agent.url}/v2/models/{model}/infer", body, headers)
 
 
 def post_json_image(agent: AgentProcess, model: str, image: bytes) -> tuple[int, Any]:
@@ -147,10 +122,6 @@ def post_json_image(agent: AgentProcess, model: str, image: bytes) -> tuple[int,
         "outputs": [{"name": "labels"}, {"name": "probabilities"}],
     }
     return post(agent, model, json.dumps(body).encode(), {"Content-Type": "application/json"})
-
-
-def outputs(body: dict[str, Any]) -> dict[str, Any]:
-    return {o["name"]: o["data"] for o in body["outputs"]}
 
 
 @pytest.mark.parametrize(("image", "label"), [("chelsea", "Egyptian cat"), ("coffee", "espresso")])
@@ -182,13 +153,8 @@ def test_tritonclient_binary_jpegs_get_labels(agent: AgentProcess) -> None:
 
 @pytest.fixture
 def uplink_wire(images_broker: Broker) -> Iterator[list[Message]]:
-    """Every cloud inference request the broker carries (a plain, unshared subscription)."""
-    seen: list[Message] = []
-    client = MqttClient(images_broker.url, f"wire-{uuid.uuid4().hex[:6]}")
-    client.start()
-    client.subscribe(f"{topics.ROOT}/cloud/infer/+/+", seen.append)
-    yield seen
-    client.stop()
+    with uplink_requests(images_broker.url) as seen:
+        yield seen
 
 
 def test_tritonclient_grpc_jpegs_get_labels(agent: AgentProcess) -> None:

@@ -47,6 +47,9 @@ README_PIXELS = [
     0, 6, 13, 10, 0, 0, 0,
 ]  # fmt: skip
 
+#: The README's text request for the `news` route.
+README_TEXT = "the goalie stopped forty shots in the playoff game"
+
 #: Six Python processes starting on a loaded 2-core machine take tens of seconds; a stack
 #: that is not up by then is broken, not slow.
 START_S = 120.0
@@ -203,6 +206,22 @@ def test_tether_up_from_anywhere_on_a_stock_broker(
             assert status == 200, data
             assert data["parameters"]["served_by"] == served_by, data
             assert data["outputs"][0]["data"][0] == "Egyptian cat"
+
+        # The README's text request: a text in, a newsgroup out, on the device through the
+        # `news` cascade and from the cloud's news-mpnet (docs/models.md).
+        text_body = json.dumps(
+            {
+                "inputs": [
+                    {"name": "text", "shape": [1], "datatype": "BYTES", "data": [README_TEXT]}
+                ],
+                "outputs": [{"name": "labels"}],
+            }
+        ).encode()
+        for route, served_by in (("news", "edge"), ("news-mpnet", "cloud")):
+            status, data = post(f"{edge}/v2/models/{route}/infer", text_body)
+            assert status == 200, data
+            assert data["parameters"]["served_by"] == served_by, data
+            assert data["outputs"][0]["data"][0] == "rec.sport.hockey"
 
         # Text (docs/openai.md): a short chat on the device, a long one streamed from the
         # cloud (the size rule), and embeddings from the cloud's mpnet-base.
