@@ -88,3 +88,31 @@ def test_the_built_models_label_test_documents(name: str, report: dict) -> None:
     accuracy = float(np.mean(predicted == truth))
     # the report's accuracy is over all 7,528 documents; these 20 are a small sample of it
     assert accuracy >= 0.6, (name, accuracy, predicted, truth)
+
+
+def test_tether_calibrate_takes_the_news_route_and_labelled_text(
+    report: dict, tmp_path: Path
+) -> None:
+    from click.testing import CliRunner
+
+    from tether.calibrate_cli import calibrate_command
+
+    files = {}
+    for split in ("validation", "test"):  # 20 documents of each, spread over the groups
+        data = load_split(split)
+        rows = range(0, len(data.texts), len(data.texts) // 20)
+        lines = [f"{data.classes[data.labels[i]]}\t{data.texts[i]}" for i in rows]
+        files[split] = tmp_path / f"{split}.tsv"
+        files[split].write_text("\n".join(lines[:20]) + "\n", encoding="utf-8")
+    result = CliRunner().invoke(
+        calibrate_command,
+        [
+            "news", "--config", str(ROOT / "deploy" / "demo" / "edge.toml"),
+            "--repository", str(REPOSITORY), "--data", str(files["validation"]),
+            "--test", str(files["test"]), "--plot", str(tmp_path / "curve.png"),
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert f"cascade news: {STUDENT} (edge) over {TEACHER} (cloud)" in result.output
+    assert "data: 20 rows to choose on, 20 to report on" in result.output
+    assert (tmp_path / "curve.csv").is_file()
