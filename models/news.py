@@ -16,19 +16,29 @@ stage and a ``top_k_labels`` output stage: clients send texts and get the 20 pro
 and the newsgroup names. Texts are truncated to :data:`MAX_TOKENS` tokens in training and
 in serving alike.
 
-Embedding is the whole cost of the build (the heads train in seconds): on a 2-core machine
-all-mpnet-base-v2 embeds about 5 documents a second at 128 tokens, so the build reads 64
-tokens per text, trains the heads on a seeded, stratified :data:`TRAIN_DOCUMENTS` of the
-training split, and caches each split's embeddings on disk, keyed by the encoder graph's
-SHA-256, the dataset's version, the rows and the token count: a rebuild embeds nothing. The
-cascade's threshold is chosen on the validation split and reported on the whole test split
-(7,528 documents); ``news-report.json`` (in the repository) holds the figures
-docs/routing.md quotes, and the curve is written beside it.
+Two steps, because embedding the corpus is the whole cost (the heads train in seconds):
+
+* **Training** (``tether models build --only news --retrain-news``, by hand): embed the
+  splits, train the heads, choose the threshold on the validation split and report it on
+  the whole test split (7,528 documents). On a 2-core machine all-mpnet-base-v2 embeds about
+  13 documents a second at 64 tokens (INT8), so it reads 64 tokens per text, trains on a
+  seeded, stratified :data:`TRAIN_DOCUMENTS` of the training split, and caches each split's
+  embeddings on disk, keyed by the encoder graph's SHA-256, the dataset's version, the rows
+  and the token count: about 17 minutes the first time, 40 s from the cache. It writes the
+  two heads (small ONNX graphs), their config parameters, ``news-report.json`` (the figures
+  docs/routing.md quotes) and the curve into :data:`HEADS_DIR`, which is committed, as the
+  trained digits models are.
+* **Composing** (``tether models build``, run by ``make install``): quantize the two
+  encoders from the text repository (seconds, deterministic, cached) and append the
+  committed heads, so installing Tether embeds nothing. The report and curve are copied
+  into the repository beside the models.
 """
 
 from __future__ import annotations
 
+import filecmp
 import json
+import logging
 import shutil
 import time
 from collections.abc import Callable
@@ -67,6 +77,11 @@ DATA_VERSION = f"{newsgroups.DISTRIBUTION}-{newsgroups.VERSION}-v{newsgroups.VAL
 EMBED_BATCH = 32
 REPORT_FILE = "news-report.json"
 CURVE_FILE = "news-curve"
+#: The trained heads, their config parameters, and the training's report and curve.
+HEADS_DIR = Path(__file__).resolve().parent / "news_heads"
+PARAMETERS_FILE = "parameters.json"
+#: The head of each model, a graph from the ``embedding`` to the probabilities.
+HEAD_FILE = "{name}.head.onnx"
 #: What the threshold is chosen for on the validation split: agreement with the teacher.
 #: The validation split is a random share of the training file, where both heads score
 #: about 6 points higher than on the later-dated test split; a target of 99.5 % of the
@@ -212,7 +227,13 @@ def quantized_encoder(encoder: EmbeddingModel, text_repository: Path, cache_dir:
 
         cache_dir.mkdir(parents=True, exist_ok=True)
         partial = target.with_suffix(".partial.onnx")
-        quantize_dynamic(str(source), str(partial), weight_type=QuantType.QInt8)
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(max(level, logging.WARNING))  # a line per tensor at INFO, on the root
+        try:
+            quantize_dynamic(str(source), str(partial), weight_type=QuantType.QInt8)
+        finally:
+            root.setLevel(level)
         partial.replace(target)
     return target
 
@@ -326,13 +347,17 @@ def train_heads(
     return TrainedHeads(teacher=teacher, student=student, hard_student=hard)
 
 
-def classifier_graph(encoder_onnx: Path, head: MLP, name: str, doc: str) -> Any:
-    """The encoder graph with ``head`` appended: token tensors in, probabilities out."""
+def head_graph(head: MLP, name: str, doc: str) -> Any:
+    """A trained head as an ONNX graph: ``embedding`` in, probabilities out."""
+    return to_onnx(head, graph_name=name, doc=doc, input_name="embedding")
+
+
+def classifier_graph(encoder_onnx: Path, head_proto: Any, name: str, doc: str) -> Any:
+    """The encoder graph with the head graph appended: token tensors in, probabilities out."""
     import onnx
     from onnx import compose
 
     encoder = onnx.load(str(encoder_onnx))
-    head_proto = to_onnx(head, graph_name=name, doc=doc, input_name="embedding")
     head_proto.ir_version = encoder.ir_version
     merged = compose.merge_models(
         encoder, head_proto, io_map=[(OUTPUT, "embedding")], name=name, doc_string=doc
@@ -372,14 +397,15 @@ def model_config(
 
 def export_model(
     model: NewsModel,
-    head: MLP,
+    head: Any,
     encoder_onnx: Path,
     text_repository: Path,
     output: Path,
     classes: list[str],
     parameters: dict[str, Any],
 ) -> Path:
-    """Write ``model`` (graph, tokenizer, labels, config) into the repository ``output``."""
+    """Write ``model`` (its encoder and the head graph ``head``, tokenizer, labels, config)
+    into the repository ``output``."""
     source = text_repository / model.encoder.name / VERSION
     doc = f"{model.name}: {model.role}, 20 Newsgroups head on {model.encoder.upstream} (INT8)"
     proto = classifier_graph(encoder_onnx, head, model.name.replace("-", "_"), doc)
@@ -398,11 +424,25 @@ def export_model(
     return model_dir
 
 
-def is_built(output: Path) -> bool:
-    """Whether ``output`` holds both news models and the build's report."""
-    return (output / REPORT_FILE).is_file() and all(
-        (output / name / VERSION / "model.onnx").is_file() for name in (STUDENT_NAME, TEACHER_NAME)
+def is_built(output: Path, heads_dir: Path = HEADS_DIR) -> bool:
+    """Whether ``output`` holds both news models, composed from the heads in ``heads_dir``
+    (its report is theirs: a training run since makes it stale)."""
+    report = output / REPORT_FILE
+    return (
+        report.is_file()
+        and (heads_dir / REPORT_FILE).is_file()
+        and filecmp.cmp(report, heads_dir / REPORT_FILE, shallow=False)
+        and all(
+            (output / name / VERSION / "model.onnx").is_file()
+            for name in (STUDENT_NAME, TEACHER_NAME)
+        )
     )
+
+
+def is_trained(heads_dir: Path = HEADS_DIR) -> bool:
+    """Whether ``heads_dir`` holds both heads, their parameters and the report."""
+    names = [HEAD_FILE.format(name=n) for n in (STUDENT_NAME, TEACHER_NAME)]
+    return all((heads_dir / f).is_file() for f in (*names, PARAMETERS_FILE, REPORT_FILE))
 
 
 def build_news(
@@ -410,11 +450,49 @@ def build_news(
     text_repository: Path,
     cache_dir: Path,
     *,
+    retrain: bool = False,
+    heads_dir: Path = HEADS_DIR,
+    echo: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Compose the pair into ``output`` from the trained heads in ``heads_dir`` (training
+    them first when ``retrain`` or when there are none); the report, as written."""
+    if retrain or not is_trained(heads_dir):
+        train_news(text_repository, cache_dir, heads_dir, echo=echo)
+    compose_news(output, text_repository, cache_dir, heads_dir)
+    report = read_report(output)
+    echo(
+        f"{STUDENT_NAME} and {TEACHER_NAME} composed from the heads in {heads_dir} "
+        f"(test split: cascade {report['cascade_accuracy']:.2%}, "
+        f"{report['cascade_offload']:.1%} escalated)"
+    )
+    return report
+
+
+def compose_news(output: Path, text_repository: Path, cache_dir: Path, heads_dir: Path) -> None:
+    """Quantize the encoders and append the trained heads; copy the report and curve."""
+    import onnx
+
+    parameters = json.loads((heads_dir / PARAMETERS_FILE).read_text())
+    classes: list[str] = parameters["classes"]
+    for model in (TEACHER, STUDENT):
+        encoder = quantized_encoder(model.encoder, text_repository, cache_dir)
+        head = onnx.load(str(heads_dir / HEAD_FILE.format(name=model.name)))
+        export_model(model, head, encoder, text_repository, output, classes, parameters[model.name])
+    for name in (f"{CURVE_FILE}.png", f"{CURVE_FILE}.csv", REPORT_FILE):  # the report last
+        shutil.copyfile(heads_dir / name, output / name)
+
+
+def train_news(
+    text_repository: Path,
+    cache_dir: Path,
+    heads_dir: Path = HEADS_DIR,
+    *,
     max_tokens: int = MAX_TOKENS,
     train_documents: int = TRAIN_DOCUMENTS,
     echo: Callable[[str], None] = print,
 ) -> NewsReport:
-    """Embed, train, calibrate and export the pair into ``output``; write the report."""
+    """Embed, train and calibrate the pair; write the heads, their parameters, the report
+    and the curve into ``heads_dir``."""
     from serving.calibration import SplitScores, calibrate, format_table, plot, write_csv
 
     started = time.monotonic()
@@ -452,14 +530,9 @@ def build_news(
     test = result.test_scores
     hard = heads.hard_student.accuracy(student_x["test"], labels["test"])
     common = {"dataset": f"20 Newsgroups ({DATA_VERSION})", "max_tokens": max_tokens}
-    export_model(
-        TEACHER,
-        heads.teacher,
-        encoders[TEACHER_NAME],
-        text_repository,
-        output,
-        classes,
-        {
+    parameters: dict[str, Any] = {
+        "classes": classes,
+        TEACHER_NAME: {
             "role": "teacher",
             "encoder": f"{MPNET.name} (INT8 weights)",
             "upstream": MPNET.upstream,
@@ -470,15 +543,7 @@ def build_news(
             "intra_op_threads": 0,
             **common,
         },
-    )
-    export_model(
-        STUDENT,
-        heads.student,
-        encoders[STUDENT_NAME],
-        text_repository,
-        output,
-        classes,
-        {
+        STUDENT_NAME: {
             "role": "student",
             "encoder": f"{MINILM.name} (INT8 weights)",
             "upstream": MINILM.upstream,
@@ -493,8 +558,14 @@ def build_news(
             "intra_op_threads": 0,
             **common,
         },
-    )
-    curve = output / CURVE_FILE
+    }
+    heads_dir.mkdir(parents=True, exist_ok=True)
+    for model, head in ((TEACHER, heads.teacher), (STUDENT, heads.student)):
+        doc = f"{model.name}: the {model.role}'s head on {model.encoder.upstream} embeddings"
+        proto = head_graph(head, model.name.replace("-", "_") + "_head", doc)
+        (heads_dir / HEAD_FILE.format(name=model.name)).write_bytes(proto.SerializeToString())
+    (heads_dir / PARAMETERS_FILE).write_text(json.dumps(parameters, indent=2) + "\n")
+    curve = heads_dir / CURVE_FILE
     plot(result, curve.with_suffix(".png"))
     write_csv(result, curve.with_suffix(".csv"))
     report = NewsReport(
@@ -519,7 +590,7 @@ def build_news(
         ],
         build_seconds=round(time.monotonic() - started, 1),
     )
-    (output / REPORT_FILE).write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    (heads_dir / REPORT_FILE).write_text(json.dumps(report.to_json(), indent=2) + "\n")
     echo(report.summary())
     echo(format_table(result))
     return report

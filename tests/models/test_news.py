@@ -4,13 +4,15 @@ targets, the shipped route's threshold, and the real models on real test-split d
 from __future__ import annotations
 
 import csv
+import json
+import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from harness.news import REPOSITORY, STUDENT, TEACHER, news_built, texts_array
+from harness.news import REPOSITORY, STUDENT, TEACHER, TEXT_REPOSITORY, news_built, texts_array
 from models.news import CURVE_FILE, MAX_TOKENS, TARGET_OFFLOAD, TARGET_SHARE, read_report
 from models.newsgroups import load_split
 from models.offline import class_names, load_model
@@ -116,3 +118,29 @@ def test_tether_calibrate_takes_the_news_route_and_labelled_text(
     assert f"cascade news: {STUDENT} (edge) over {TEACHER} (cloud)" in result.output
     assert "data: 20 rows to choose on, 20 to report on" in result.output
     assert (tmp_path / "curve.csv").is_file()
+
+
+def test_make_install_composes_the_committed_heads_and_notices_retrained_ones(
+    report: dict, tmp_path: Path
+) -> None:
+    """Installing embeds nothing: the committed heads are appended to the encoders, giving
+    the very graphs the repository serves; heads trained again since (a new report) make
+    the repository stale, so the next build composes again."""
+    from models.build import default_cache_dir
+    from models.news import HEADS_DIR, REPORT_FILE, build_news, is_built
+
+    heads = tmp_path / "heads"
+    shutil.copytree(HEADS_DIR, heads)
+    output = tmp_path / "repository"
+    build_news(
+        output, TEXT_REPOSITORY, default_cache_dir() / "embeddings", heads_dir=heads, echo=str
+    )
+    assert is_built(output, heads)
+    for name in (STUDENT, TEACHER):
+        built = (output / name / "1" / "model.onnx").read_bytes()
+        assert built == (REPOSITORY / name / "1" / "model.onnx").read_bytes(), name
+    assert read_report(output) == report
+    retrained = json.loads((heads / REPORT_FILE).read_text())
+    retrained["build_seconds"] += 1.0
+    (heads / REPORT_FILE).write_text(json.dumps(retrained))
+    assert not is_built(output, heads)
