@@ -254,13 +254,18 @@ def _shape(url: str, prefix: str) -> dict[str, Any]:
 def test_revision_0001_makes_the_schema_the_code_before_migrations_made(empty: Legacy) -> None:
     for statement in LEGACY_DDL:
         empty.execute(statement)
+    assert_shaped_like_a_fresh_fleet(empty)
+
+
+def assert_shaped_like_a_fresh_fleet(database: Legacy) -> None:
+    """The tables of ``database`` have the shape 0001 gives a fleet created now."""
     fresh = f"n{uuid.uuid4().hex[:12]}_"
-    FleetDB(empty.url, prefix=fresh).close()
+    FleetDB(database.url, prefix=fresh).close()
     try:
-        assert _shape(empty.url, fresh) == _shape(empty.url, empty.prefix)
+        assert _shape(database.url, fresh) == _shape(database.url, database.prefix)
     finally:
         for name in (*TABLES, VERSION_TABLE):
-            empty.execute(f"DROP TABLE IF EXISTS {fresh}{name}")
+            database.execute(f"DROP TABLE IF EXISTS {fresh}{name}")
 
 
 def test_a_database_an_older_release_left_with_some_tables_gets_the_rest(empty: Legacy) -> None:
@@ -280,13 +285,7 @@ def test_a_database_an_older_release_left_with_some_tables_gets_the_rest(empty: 
         assert db.take_lease("rollouts", "ctl-a", 100.0, 5.0, seq=1) is not None
     finally:
         db.close()
-    fresh = f"n{uuid.uuid4().hex[:12]}_"
-    FleetDB(empty.url, prefix=fresh).close()
-    try:
-        assert _shape(empty.url, fresh) == _shape(empty.url, empty.prefix)
-    finally:
-        for name in (*TABLES, VERSION_TABLE):
-            empty.execute(f"DROP TABLE IF EXISTS {fresh}{name}")
+    assert_shaped_like_a_fresh_fleet(empty)
 
 
 def _with_revision_0002(tmp_path: Path) -> Config:
