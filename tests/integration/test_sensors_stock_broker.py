@@ -220,6 +220,17 @@ def test_a_burst_of_escalated_readings_on_a_stock_broker_loses_nothing(
     with sqlite3.connect(data_dir / "sensors" / "outbox.sqlite3") as db:
         drops = db.execute("SELECT kind, reading_id, reason FROM drops").fetchall()
     results = collector.of("result")
+    # A stock Mosquitto queues at most 1000 messages for a subscriber and drops the rest
+    # (it logs so): on a loaded machine the test's own subscriber can fall that far
+    # behind. That loss is the subscriber's; the bridge's figure is what the broker took
+    # from it (every result PUBACKed), so then its own count must show every reading.
+    broker_log = "".join(p.read_text() for p in device.workdir.glob("mosquitto-*.log"))
+    subscriber_dropped = "Outgoing messages are being dropped for client collector" in broker_log
+    sent = (stats.get("results_out") or {}) if stats else {}
+    if subscriber_dropped:
+        assert sent.get("result") == READINGS and sent.get("error") == MALFORMED, stats
+        expected = set(results)  # what reached the subscriber is checked as usual below
+        bad_ids &= collector.ids("error")
     missing = expected - set(results) - {row[1] for row in drops}
     summary = (
         f"{READINGS} readings + {MALFORMED} malformed published in {published_s:.1f}s, "
@@ -237,7 +248,8 @@ def test_a_burst_of_escalated_readings_on_a_stock_broker_loses_nothing(
     errors = collector.of("error")
     for bad_id in bad_ids:
         assert errors[bad_id][0]["reason"] == "invalid_input" and errors[bad_id][0]["error"]
-    assert "seq" in errors["bad-03"][0]["error"]  # the identity rule names the field
+    if "bad-03" in bad_ids:
+        assert "seq" in errors["bad-03"][0]["error"]  # the identity rule names the field
     routes = {bodies[0]["parameters"]["route"] for bodies in results.values()}
     if outage:
         assert routes == {"escalated", "degraded"}, routes
@@ -258,4 +270,4 @@ def test_a_burst_of_escalated_readings_on_a_stock_broker_loses_nothing(
         if kind == "result" and sensor != "bad":
             by_sensor.setdefault(sensor, []).append(seq)
     assert all(seqs == sorted(seqs) for seqs in by_sensor.values())
-    assert sum(len(s) for s in by_sensor.values()) == READINGS
+    assert sum(len(s) for s in by_sensor.values()) == len(expected)
